@@ -1,0 +1,7 @@
+"""mod_jax: streaming video-language models with Mixture-of-Depths vision computation in JAX/Flax.
+
+Implements VideoLLM-MoD (Wu et al., NeurIPS 2024, arXiv 2408.16730) on the VideoLLM-online / LIVE
+streaming base (Chen et al., CVPR 2024, arXiv 2406.11816). See README.md for the layout.
+"""
+
+__version__ = "0.1.0"

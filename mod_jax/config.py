@@ -1,0 +1,224 @@
+"""Shared configuration defaults and up-front validation.
+
+Configs are Python files (``configs/*.py``) whose ``get_config(arg)`` returns an
+``ml_collections.ConfigDict`` built on :func:`base_config`. :func:`validate` refuses impossible
+settings before anything is built, with a message naming the value and what to do.
+
+Sequence layout used everywhere (SPEC §1.2): a training row of static length
+``L = T_cap + F_cap * tokens_per_frame`` holds ``T_cap`` text slots followed by ``F_cap`` frames of
+``tokens_per_frame`` vision slots. Order in the stream is carried by explicit RoPE ``positions`` and
+``segment_ids``, so the slot layout is free and MoD can gather with static shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+# Logical axis names -> mesh axes (MaxText style: one table, physical axes appear nowhere else).
+DEFAULT_LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("vision_embed", "fsdp"),
+    ("vision_mlp", "tensor"),
+    ("vision_heads", "tensor"),
+    ("frames", None),
+    ("patches", None),
+    ("norm", None),
+    ("router", None),
+)
+
+MOD_INSERTIONS = ("none", "all", "all_deep", "interleaved", "interleaved_deep")
+MOD_SELECTIONS = ("learned", "random", "uniform")
+ROUTER_WEIGHTINGS = ("ste", "sigmoid", "score")
+
+
+def base_config() -> ConfigDict:
+  """Returns the defaults every experiment config starts from (values of the paper where it has one)."""
+  c = ConfigDict()
+  c.seed = 0
+
+  # ---------------------------------------------------------------- model
+  m = c.model = ConfigDict()
+  m.vocab_size = 256           # >= tokenizer vocabulary; padded for sharding
+  m.d_model = 128
+  m.n_layers = 4
+  m.n_heads = 4
+  m.n_kv_heads = 2
+  m.head_dim = 32
+  m.d_ff = 384
+  m.rope_theta = 10000.0
+  m.rms_norm_eps = 1e-5
+  m.tie_embeddings = False
+  m.qkv_bias = False           # True for the Qwen2 family
+  m.dtype = "float32"          # activation / compute dtype
+  m.param_dtype = "float32"
+  m.tokens_per_frame = 10      # 1 pooled token + pool_size**2 grid tokens
+
+  v = m.vision = ConfigDict()
+  v.image_size = 48
+  v.patch_size = 8
+  v.width = 96
+  v.depth = 2
+  v.n_heads = 4
+  v.mlp_dim = 256
+  v.pool_size = 3              # p: patch grid average-pooled to p x p
+  v.layer_norm_eps = 1e-6
+  v.trainable = True           # VideoLLM-online freezes a pretrained SigLIP; from scratch it must train
+
+  mod = m.mod = ConfigDict()
+  mod.insertion = "interleaved"  # one of MOD_INSERTIONS, or an explicit list of layer indices
+  mod.keep_ratio = 0.2           # r; k = ceil(r * tokens_per_frame) vision tokens kept per frame
+  mod.selection = "learned"      # LayerExpert router / random / uniform (strided)
+  mod.router_weighting = "ste"   # x <- x + g(s) f(x): ste (forward 1) | sigmoid | score
+
+  # ---------------------------------------------------------------- data
+  d = c.data = ConfigDict()
+  d.source = "procedural"      # "procedural" (generated on first use) or "folder"
+  d.dir = ""                   # folder with videos + narrations.json; "" -> cache dir for procedural
+  d.fps = 2.0                  # frames per second sampled from the video
+  d.max_frames = 24            # F_cap: frames per training row
+  d.max_text = 96              # T_cap: text slots per training row (padding counts as text)
+  d.system_prompt = "narrate what happens in the video."
+  d.num_packing_bins = 16
+  d.on_bad_video = "skip"      # "skip" (count + warn) or "fail"
+  d.worker_count = 0           # grain multiprocessing workers (0 = in-process)
+  p = d.procedural = ConfigDict()
+  p.num_train_videos = 192
+  p.num_eval_videos = 24
+  p.seconds = 12.0
+  p.native_fps = 8.0
+  p.resolution = 64
+
+  # ---------------------------------------------------------------- training
+  t = c.train = ConfigDict()
+  t.steps = 600
+  t.batch_size = 8             # global batch (rows)
+  t.learning_rate = 2e-3
+  t.warmup_steps = 50
+  t.end_learning_rate_ratio = 0.05
+  t.weight_decay = 0.01
+  t.grad_clip_norm = 1.0
+  t.stream_loss_weight = 1.0
+  t.log_every = 20
+  t.checkpoint_every = 200
+  t.max_checkpoints = 2
+  t.eval_batches = 8
+
+  # ---------------------------------------------------------------- mesh
+  mesh = c.mesh = ConfigDict()
+  mesh.shape = (-1, 1, 1)      # (data, fsdp, tensor); one -1 absorbs the remaining devices
+  mesh.axes = ("data", "fsdp", "tensor")
+  mesh.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
+  return c
+
+
+class ConfigError(ValueError):
+  """An impossible or inconsistent configuration, detected before anything is built."""
+
+
+def keep_count(keep_ratio: float, tokens_per_frame: int) -> int:
+  """k = ceil(r * N) vision tokens kept per frame in a MoD layer (SPEC §1.1)."""
+  return int(math.ceil(keep_ratio * tokens_per_frame - 1e-9))
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Fills a single -1 in ``shape`` so the product equals ``num_devices``.
+
+  Raises:
+    ConfigError: more than one -1, or the product does not match ``num_devices``.
+  """
+  shape = tuple(int(s) for s in shape)
+  if shape.count(-1) > 1:
+    raise ConfigError(f"mesh.shape={shape}: at most one -1 is allowed.")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if num_devices % known:
+      raise ConfigError(
+          f"mesh.shape={shape} cannot fill {num_devices} devices: {num_devices} is not divisible "
+          f"by {known}. Choose axis sizes whose product divides the device count.")
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  if math.prod(shape) != num_devices:
+    raise ConfigError(
+        f"mesh.shape={shape} needs {math.prod(shape)} devices but {num_devices} are available. "
+        f"Set --config.mesh.shape so the product is {num_devices} (use -1 for one axis).")
+  return shape
+
+
+def validate(config: ConfigDict, num_devices: int | None = None) -> None:
+  """Checks a config for impossible settings; raises :class:`ConfigError` naming the value.
+
+  Args:
+    config: a ConfigDict from ``base_config()`` (possibly overridden).
+    num_devices: devices the mesh must cover (``jax.device_count()``); None skips mesh checks.
+  """
+  m, d, t = config.model, config.data, config.train
+  mod = m.mod
+  p = m.vision.pool_size
+  if m.tokens_per_frame != 1 + p * p:
+    raise ConfigError(
+        f"model.tokens_per_frame={m.tokens_per_frame} but model.vision.pool_size={p} gives "
+        f"1 + p*p = {1 + p * p} (1 pooled token + p x p grid). Set one consistently.")
+  grid = m.vision.image_size // m.vision.patch_size
+  if m.vision.image_size % m.vision.patch_size:
+    raise ConfigError(f"model.vision.image_size={m.vision.image_size} is not a multiple of "
+                      f"patch_size={m.vision.patch_size}.")
+  if grid % p:
+    raise ConfigError(
+        f"patch grid {grid}x{grid} (image_size/patch_size) is not divisible by pool_size={p}; "
+        f"average pooling to {p}x{p} needs equal windows. Change image_size or pool_size.")
+  if not 0.0 < mod.keep_ratio <= 1.0:
+    raise ConfigError(f"model.mod.keep_ratio={mod.keep_ratio} must be in (0, 1] (k = ceil(r*N)).")
+  if mod.selection not in MOD_SELECTIONS:
+    raise ConfigError(f"model.mod.selection={mod.selection!r}; choose one of {MOD_SELECTIONS}.")
+  if mod.router_weighting not in ROUTER_WEIGHTINGS:
+    raise ConfigError(
+        f"model.mod.router_weighting={mod.router_weighting!r}; choose one of {ROUTER_WEIGHTINGS}.")
+  ins = mod.insertion
+  if isinstance(ins, str):
+    if ins not in MOD_INSERTIONS:
+      raise ConfigError(f"model.mod.insertion={ins!r}; choose one of {MOD_INSERTIONS} or a list "
+                        f"of layer indices.")
+  else:
+    bad = [i for i in ins if not 0 <= int(i) < m.n_layers]
+    if bad:
+      raise ConfigError(f"model.mod.insertion lists layers {bad} outside 0..{m.n_layers - 1}.")
+  if m.n_heads % m.n_kv_heads:
+    raise ConfigError(f"model.n_heads={m.n_heads} is not a multiple of n_kv_heads={m.n_kv_heads}.")
+  if m.vision.width % m.vision.n_heads:
+    raise ConfigError(f"model.vision.width={m.vision.width} is not divisible by "
+                      f"vision.n_heads={m.vision.n_heads}.")
+  if d.max_frames < 1 or d.max_text < 4:
+    raise ConfigError(f"data.max_frames={d.max_frames} must be >= 1 and data.max_text="
+                      f"{d.max_text} >= 4 (room for <bos>, prompt and stream tokens).")
+  if d.max_frames * m.tokens_per_frame + d.max_text > 1 << 20:
+    raise ConfigError("sequence length T_cap + F_cap*N exceeds 2**20 tokens.")
+  if d.on_bad_video not in ("skip", "fail"):
+    raise ConfigError(f"data.on_bad_video={d.on_bad_video!r}; choose 'skip' or 'fail'.")
+  if t.steps < 1 or t.batch_size < 1:
+    raise ConfigError(f"train.steps={t.steps} and train.batch_size={t.batch_size} must be >= 1.")
+  if t.warmup_steps >= t.steps:
+    raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be < train.steps={t.steps}.")
+  if num_devices is not None:
+    shape = resolve_mesh_shape(config.mesh.shape, num_devices)
+    axes = dict(zip(config.mesh.axes, shape))
+    batch_shards = axes.get("data", 1) * axes.get("fsdp", 1)
+    if t.batch_size % batch_shards:
+      raise ConfigError(
+          f"train.batch_size={t.batch_size} is not divisible by the batch shards data*fsdp="
+          f"{batch_shards} of mesh {shape}. Use a multiple of {batch_shards}.")
+    tp = axes.get("tensor", 1)
+    for name, value in (("n_heads", m.n_heads), ("n_kv_heads", m.n_kv_heads), ("d_ff", m.d_ff),
+                        ("vocab_size", m.vocab_size)):
+      if value % tp:
+        raise ConfigError(f"model.{name}={value} is not divisible by the tensor axis size {tp}.")
