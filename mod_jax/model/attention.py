@@ -1,0 +1,142 @@
+"""Grouped-query self-attention with RoPE, masked by positions and segment ids.
+
+Tokens are not assumed to be stored in stream order: the causal mask is built from each token's
+RoPE position and packed-sample segment id (``mask[q, k] = seg_q == seg_k != 0 and pos_k <= pos_q``).
+This is what lets a MoD layer attend over a gathered, compact set of tokens with their ORIGINAL
+positions (SPEC §1.1; γ-MoD's renumbering to 0..k-1 is deliberately not copied).
+
+Shape letters: b batch, t query tokens, s key tokens, d model width, n query heads, k KV heads,
+g query heads per KV head (n = k·g), h head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mod_jax.model.layers import dense_init
+from mod_jax.model.partitioning import param, shard
+
+_zeros = nnx.initializers.zeros_init()
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: Any = None) -> np.ndarray:
+  """RoPE inverse frequencies, float32 [head_dim // 2], incl. Llama-3 and linear scaling.
+
+  ``scaling`` is None or a mapping with ``rope_type`` in {"default", "linear", "llama3"} and
+  ``factor`` (+ ``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings``
+  for llama3), following transformers' ``modeling_rope_utils``.
+  """
+  inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+  inv = inv.astype(np.float32)
+  kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+  if kind in (None, "default"):
+    return inv
+  factor = float(scaling["factor"])
+  if kind == "linear":
+    return (inv / factor).astype(np.float32)
+  if kind == "llama3":
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old_len / low, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+  raise ValueError(f"rope scaling type {kind!r} is not supported; use default, linear or llama3.")
+
+
+def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotates halves of the head dim (transformers' ``rotate_half`` convention). Positions int32."""
+  freqs = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(emb), jnp.sin(emb)
+  x = x_btnh.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return (x * cos + rotated * sin).astype(x_btnh.dtype)
+
+
+def attention_mask(q_pos_bt, q_seg_bt, k_pos_bs, k_seg_bs) -> jax.Array:
+  """Causal-by-position, same-segment mask, bool [b, t, s]; segment 0 (padding) is never a key."""
+  same = (q_seg_bt[:, :, None] == k_seg_bs[:, None, :]) & (k_seg_bs[:, None, :] != 0)
+  return same & (k_pos_bs[:, None, :] <= q_pos_bt[:, :, None])
+
+
+def dot_product_attention(q_btnh, k_bskh, v_bskh, mask_bts) -> jax.Array:
+  """Plain-XLA GQA attention; softmax in float32. Returns [b, t, n, h] in q's dtype.
+
+  Fully masked rows (padding queries) get a uniform distribution instead of NaNs; their outputs
+  are never used by the loss.
+  """
+  b, t, n, h = q_btnh.shape
+  kh = k_bskh.shape[2]
+  q = q_btnh.reshape(b, t, kh, n // kh, h)
+  logits = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh).astype(jnp.float32) / math.sqrt(h)
+  logits = jnp.where(mask_bts[:, None, None], logits, _MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v_bskh.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
+  return out.reshape(b, t, n, h)
+
+
+class Attention(nnx.Module):
+  """Llama/Qwen2 attention: q/k/v projections (optional biases), RoPE, GQA, output projection.
+
+  Weights use einsum layouts: q ``[d, n, h]``, k/v ``[d, k, h]``, o ``[n, h, d]``.
+  """
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs, rules=None):
+    d, n, kh, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.q = param(rngs, dense_init(d), (d, n, h), ("embed", "heads", "head_dim"), pdt)
+    self.k = param(rngs, dense_init(d), (d, kh, h), ("embed", "kv_heads", "head_dim"), pdt)
+    self.v = param(rngs, dense_init(d), (d, kh, h), ("embed", "kv_heads", "head_dim"), pdt)
+    self.o = param(rngs, dense_init(n * h), (n, h, d), ("heads", "head_dim", "embed"), pdt)
+    if cfg.qkv_bias:
+      self.q_bias = param(rngs, _zeros, (n, h), ("heads", "head_dim"), pdt)
+      self.k_bias = param(rngs, _zeros, (kh, h), ("kv_heads", "head_dim"), pdt)
+      self.v_bias = param(rngs, _zeros, (kh, h), ("kv_heads", "head_dim"), pdt)
+    else:
+      self.q_bias = self.k_bias = self.v_bias = None
+    # A tuple (static), not an array: NNX would treat an array attribute as model state.
+    self.inv_freq = tuple(float(f) for f in
+                          rope_inv_freq(h, cfg.rope_theta, _as_dict(cfg.get("rope_scaling"))))
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.rules = rules
+
+  def qkv(self, x_btd: jax.Array, positions_bt: jax.Array):
+    """Projects and rotates: returns q [b, t, n, h], k and v [b, t, k, h]."""
+    x = x_btd.astype(self.dtype)
+
+    def proj(w, bias):
+      y = jnp.einsum("btd,dnh->btnh", x, w[...].astype(self.dtype))
+      return y if bias is None else y + bias[...].astype(self.dtype)
+
+    q = apply_rope(proj(self.q, self.q_bias), positions_bt, self.inv_freq)
+    k = apply_rope(proj(self.k, self.k_bias), positions_bt, self.inv_freq)
+    v = proj(self.v, self.v_bias)
+    q = shard(q, ("batch", "length", "heads", "head_dim"), self.rules)
+    k = shard(k, ("batch", "length", "kv_heads", "head_dim"), self.rules)
+    return q, k, v
+
+  def out(self, o_btnh: jax.Array) -> jax.Array:
+    return jnp.einsum("btnh,nhd->btd", o_btnh, self.o[...].astype(self.dtype))
+
+  def __call__(self, x_btd, positions_bt, segment_ids_bt) -> jax.Array:
+    """Self-attention over the given tokens. x [b, t, d]; positions, segment_ids int32 [b, t]."""
+    q, k, v = self.qkv(x_btd, positions_bt)
+    mask = attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt)
+    return self.out(dot_product_attention(q, k, v, mask))
+
+
+def _as_dict(x):
+  if x is None:
+    return None
+  return dict(x.to_dict() if hasattr(x, "to_dict") else x)

@@ -1,0 +1,192 @@
+"""Mixture-of-Depths for vision tokens: LayerExpert router, per-frame top-k, gather → block → scatter.
+
+VideoLLM-MoD (Wu et al. 2024, arXiv 2408.16730, §3.2) on the streaming base of VideoLLM-online.
+In a MoD layer, within **each frame** only the top-k of the N = tokens_per_frame vision tokens are
+processed by the decoder layer (attention + MLP); the others skip it through the residual,
+unchanged, and are absent from that layer's attention both as queries and as keys/values. Text
+tokens are always processed. Because top-k is taken inside a frame, routing is causal at frame
+granularity, so streaming inference reproduces the full forward pass.
+
+Static shapes. A row stores ``T`` text slots then ``F`` frames of ``N`` vision slots
+(``mod_jax/config.py``); k = ceil(r·N) is known at trace time, so the compact sequence a MoD layer
+runs on has exactly ``C = T + F·k`` tokens and nothing can overflow (SPEC §1.2).
+
+Worked example (T = 3, F = 2, N = 4, k = 1)::
+
+    row slots       t0 t1 t2 | v00 v01 v02 v03 | v10 v11 v12 v13
+    router scores              .1  .9  .3  .2  |  .4  .0  .8  .7
+    top-1 per frame                 ^^^                ^^^          -> idx [[1], [2]]
+    compact (C = 5) t0 t1 t2  v01  v12            (original positions and segment ids kept)
+    block output    t0' t1' t2' v01' v12'
+    scatter back    t0' t1' t2' | v00 v01+g·Δ v02 v03 | v10 v11 v12+g·Δ v13
+
+with Δ = block(compact) − compact for the routed tokens and g = g(router score) (below).
+
+Router weighting g (Mixture-of-Depths, Raposo et al. 2024, §3.5): without it the top-k choice is
+not differentiable and the router receives no gradient.
+  * ``ste``: forward value 1 (so r = 1 equals the dense model exactly), gradient of sigmoid(s);
+  * ``sigmoid``: g = sigmoid(s);
+  * ``score``: g = s (the raw router output, as in Mixture-of-Depths).
+
+Selection strategies (VideoLLM-MoD Table 3): ``learned`` (LayerExpert top-k), ``random``
+(top-k of uniform noise, a fresh draw per step and layer), ``uniform`` (fixed stride within frame).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mod_jax.config import keep_count
+from mod_jax.model.partitioning import param
+
+_zeros = nnx.initializers.zeros_init()
+
+
+def mod_layer_indices(insertion, n_layers: int) -> tuple[int, ...]:
+  """Decoder layers that route vision tokens (VideoLLM-MoD Table 2).
+
+  ``all``: every layer; ``all_deep``: layers n/2..n-1; ``interleaved``: odd layers 1, 3, …;
+  ``interleaved_deep``: odd layers of the deep half; ``none``: dense; or an explicit list.
+  """
+  if not isinstance(insertion, str):
+    return tuple(sorted(int(i) for i in insertion))
+  half = n_layers // 2
+  table = {
+      "none": (),
+      "all": tuple(range(n_layers)),
+      "all_deep": tuple(range(half, n_layers)),
+      "interleaved": tuple(range(1, n_layers, 2)),
+      "interleaved_deep": tuple(i for i in range(half, n_layers) if i % 2 == 1),
+  }
+  if insertion not in table:
+    raise ValueError(f"unknown MoD insertion {insertion!r}; choose one of {sorted(table)}.")
+  return table[insertion]
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingPlan:
+  """Static per-layer routing: ``keep[i]`` vision tokens kept per frame in layer i (N = dense)."""
+  keep: tuple[int, ...]
+  tokens_per_frame: int
+  selection: str
+  weighting: str
+
+  @classmethod
+  def from_config(cls, model_cfg) -> "RoutingPlan":
+    n = model_cfg.tokens_per_frame
+    mod = model_cfg.mod
+    routed = set(mod_layer_indices(mod.insertion, model_cfg.n_layers))
+    k = keep_count(mod.keep_ratio, n)
+    keep = tuple(k if i in routed else n for i in range(model_cfg.n_layers))
+    return cls(keep, n, mod.selection, mod.router_weighting)
+
+  def routed(self, layer: int) -> bool:
+    return self.keep[layer] < self.tokens_per_frame
+
+  def needs_router(self, layer: int) -> bool:
+    return self.routed(layer) and self.keep[layer] > 0 and self.selection == "learned"
+
+
+class LayerExpert(nnx.Module):
+  """The MoD router of one layer: a scalar score per token, Linear(d_model → 1). W [d], b []."""
+
+  def __init__(self, d_model: int, *, rngs: nnx.Rngs):
+    self.kernel = param(rngs, _zeros, (d_model,), ("embed",))
+    self.bias = param(rngs, _zeros, (), ())
+
+  def __call__(self, x_bfnd: jax.Array) -> jax.Array:
+    """Router logits, float32 [b, f, n]."""
+    x = x_bfnd.astype(jnp.float32)
+    return jnp.einsum("bfnd,d->bfn", x, self.kernel[...].astype(jnp.float32)) + self.bias[...]
+
+
+def select(scores_bfn: jax.Array | None, k: int, n: int, selection: str, batch_frames,
+           rng: jax.Array | None) -> jax.Array:
+  """Indices of the kept tokens in each frame, int32 [b, f, k], ascending within a frame.
+
+  Args:
+    scores_bfn: router logits (``learned``), ignored otherwise.
+    k, n: kept / total tokens per frame (static).
+    selection: ``learned`` | ``random`` | ``uniform``.
+    batch_frames: (b, f) for the index shape.
+    rng: PRNG key for ``random``.
+  """
+  b, f = batch_frames
+  if selection == "learned":
+    _, idx = jax.lax.top_k(scores_bfn, k)
+  elif selection == "random":
+    if rng is None:
+      raise ValueError("selection='random' needs an rng key (pass rng= to the model call).")
+    _, idx = jax.lax.top_k(jax.random.uniform(rng, (b, f, n)), k)
+  elif selection == "uniform":
+    stride = jnp.floor((jnp.arange(k) + 0.5) * n / k).astype(jnp.int32)
+    idx = jnp.broadcast_to(stride, (b, f, k))
+  else:
+    raise ValueError(f"unknown selection {selection!r}; use learned, random or uniform.")
+  return jnp.sort(idx.astype(jnp.int32), axis=-1)
+
+
+def router_gate(scores_bfk: jax.Array, weighting: str) -> jax.Array:
+  """g(s) multiplying a routed token's block update, float32 [b, f, k]."""
+  if weighting == "ste":
+    s = jax.nn.sigmoid(scores_bfk)
+    return 1.0 + s - jax.lax.stop_gradient(s)
+  if weighting == "sigmoid":
+    return jax.nn.sigmoid(scores_bfk)
+  if weighting == "score":
+    return scores_bfk
+  raise ValueError(f"unknown router weighting {weighting!r}; use ste, sigmoid or score.")
+
+
+def routed_block(block: Callable, x_bld, positions_bl, segment_ids_bl, *, num_text: int,
+                 num_frames: int, tokens_per_frame: int, k: int, selection: str,
+                 weighting: str, router: LayerExpert | None = None, rng=None):
+  """Runs ``block`` on the text tokens and the per-frame top-k vision tokens; scatters back.
+
+  Args:
+    block: ``block(x [b, c, d], positions [b, c], segment_ids [b, c]) -> [b, c, d]``, a decoder
+      layer including its residual connections.
+    x_bld: hidden states [b, l, d] with l = num_text + num_frames·tokens_per_frame (text first).
+    positions_bl, segment_ids_bl: int32 [b, l], original stream positions / packed segments.
+    k: vision tokens kept per frame, 0 <= k < tokens_per_frame (static).
+  Returns:
+    (x [b, l, d], aux) where aux holds the kept indices [b, f, k] and router statistics.
+  """
+  b, l, d = x_bld.shape
+  t, f, n = num_text, num_frames, tokens_per_frame
+  if l != t + f * n:
+    raise ValueError(f"sequence length {l} != num_text {t} + num_frames {f} x {n}.")
+  x_text, x_vis = x_bld[:, :t], x_bld[:, t:].reshape(b, f, n, d)
+  if k == 0:  # EarlyExit / LayerSkip: vision tokens skip the layer entirely.
+    y_text = block(x_text, positions_bl[:, :t], segment_ids_bl[:, :t])
+    return jnp.concatenate([y_text, x_bld[:, t:]], axis=1), {}
+
+  scores = router(x_vis) if router is not None else None
+  idx = select(scores, k, n, selection, (b, f), rng)                     # [b, f, k]
+  take = lambda a: jnp.take_along_axis(a, idx.reshape(b, f, k, *([1] * (a.ndim - 3))), axis=2)
+  x_sel = take(x_vis)                                                     # [b, f, k, d]
+  pos_sel = take(positions_bl[:, t:].reshape(b, f, n))
+  seg_sel = take(segment_ids_bl[:, t:].reshape(b, f, n))
+
+  x_c = jnp.concatenate([x_text, x_sel.reshape(b, f * k, d)], axis=1)    # [b, t + f·k, d]
+  pos_c = jnp.concatenate([positions_bl[:, :t], pos_sel.reshape(b, f * k)], axis=1)
+  seg_c = jnp.concatenate([segment_ids_bl[:, :t], seg_sel.reshape(b, f * k)], axis=1)
+  y_c = block(x_c, pos_c, seg_c)
+
+  delta = (y_c[:, t:] - x_c[:, t:]).reshape(b, f, k, d)
+  aux = {"kept_index": idx, "compact_length": x_c.shape[1]}
+  if scores is not None:
+    s_sel = jnp.take_along_axis(scores, idx, axis=2)
+    delta = delta * router_gate(s_sel, weighting)[..., None].astype(delta.dtype)
+    aux["router_logits"] = scores
+    aux["router_prob_kept"] = jnp.mean(jax.nn.sigmoid(s_sel))
+    aux["router_prob_all"] = jnp.mean(jax.nn.sigmoid(scores))
+  bi = jnp.arange(b)[:, None, None]
+  fi = jnp.arange(f)[None, :, None]
+  x_vis = x_vis.at[bi, fi, idx].add(delta)
+  return jnp.concatenate([y_c[:, :t], x_vis.reshape(b, f * n, d)], axis=1), aux

@@ -1,0 +1,50 @@
+"""Logical axis names for parameters and activations (MaxText style).
+
+Every parameter is created with a tuple of logical axis names (``embed``, ``mlp``, ``heads`` …);
+activations are constrained with :func:`shard`. The mapping to physical mesh axes lives in one
+table, ``config.mesh.logical_axis_rules`` (see ``mod_jax/config.py``). Sharding is applied
+explicitly by ``mod_jax/train/sharding.py`` (``jit`` out_shardings), never eagerly at creation, so
+the same module code builds an unsharded reference model.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+LogicalNames = tuple[str | None, ...]
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+
+def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], names: LogicalNames,
+          dtype=jnp.float32) -> nnx.Param:
+  """Creates an ``nnx.Param`` of ``shape`` annotated with logical axis ``names`` (one per dim)."""
+  if len(names) != len(shape):
+    raise ValueError(f"param shape {tuple(shape)} and logical names {names} differ in rank.")
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(names),
+                   eager_sharding=False)
+
+
+def logical_to_spec(names: LogicalNames, rules: Rules) -> PartitionSpec:
+  """Maps logical axis names to a PartitionSpec with ``rules``; unknown names are replicated."""
+  table = dict((k, tuple(v) if isinstance(v, list) else v) for k, v in rules)
+  used: set[str] = set()
+  out = []
+  for n in names:
+    axes = table.get(n) if n is not None else None
+    flat = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    flat = tuple(a for a in flat if a not in used)  # a mesh axis may shard one dim only
+    used.update(flat)
+    out.append(None if not flat else flat[0] if len(flat) == 1 else flat)
+  return PartitionSpec(*out)
+
+
+def shard(x: jax.Array, names: LogicalNames, rules: Rules | None) -> jax.Array:
+  """Constrains activation ``x`` to the sharding of its logical ``names``; no-op without a mesh."""
+  if not rules or jax.sharding.get_abstract_mesh().empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))

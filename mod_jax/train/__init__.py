@@ -1,0 +1,1 @@
+"""Training: optimizer and state (state.py), pure step (step.py), mesh (sharding.py), loop."""
