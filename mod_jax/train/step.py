@@ -47,6 +47,9 @@ def loss_fn(params, graphdef, batch, rng, stream_loss_weight: float):
       "labelled_tokens": n_text + n_frame,
   }
   for name, a in aux.items():
+    if "kept_index" in a:  # how often the pooled (CLS-like) token 0 of a frame is kept
+      metrics[f"router/{name}/pooled_token_kept"] = jnp.mean(
+          jnp.any(a["kept_index"] == 0, axis=-1).astype(jnp.float32))
     if "router_prob_kept" in a:
       metrics[f"router/{name}/prob_kept"] = a["router_prob_kept"]
       metrics[f"router/{name}/prob_all"] = a["router_prob_all"]
