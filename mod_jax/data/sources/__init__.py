@@ -1,0 +1,1 @@
+"""Data sources: a folder of videos + narrations.json, and the procedural dataset written as one."""
