@@ -93,12 +93,20 @@ def base_config() -> ConfigDict:
   d.num_packing_bins = 16
   d.on_bad_video = "skip"      # "skip" (count + warn) or "fail"
   d.worker_count = 0           # grain multiprocessing workers (0 = in-process)
+  d.cache_mb = 1024            # per-process LRU cache of decoded clips (MiB of uint8 frames)
+  d.tokenizer = ""             # tokenizer.json; "" -> {data root}/tokenizer.json
+  tok = d.tokens = ConfigDict()  # token strings of that tokenizer (each a single token)
+  tok.pad = "<pad>"
+  tok.bos = "<bos>"
+  tok.eos = "<eos>"
+  tok.vision = "<v>"
   p = d.procedural = ConfigDict()
   p.num_train_videos = 192
   p.num_eval_videos = 24
   p.seconds = 12.0
   p.native_fps = 8.0
   p.resolution = 64
+  p.seed = 0                   # the generated clips depend on this (not on the training seed)
 
   # ---------------------------------------------------------------- training
   t = c.train = ConfigDict()

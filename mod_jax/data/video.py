@@ -18,6 +18,7 @@ import os
 from typing import Any
 
 import av
+from av.video.reformatter import VideoReformatter
 import numpy as np
 
 # A decoded stream that stops more than this many seconds (and more than 2 native frames) before
@@ -128,21 +129,26 @@ def letterbox_geometry(width: int, height: int, size: int) -> tuple[int, int, in
   return new_w, new_h, (size - new_w) // 2, (size - new_h) // 2
 
 
-def frame_to_rgb(frame: av.VideoFrame, size: int) -> np.ndarray:
+def frame_to_rgb(frame: av.VideoFrame, size: int,
+                 reformatter: VideoReformatter | None = None) -> np.ndarray:
   """Resizes one decoded frame to ``size x size`` RGB, keeping aspect ratio, zero-padded.
 
-  The resize is ffmpeg's swscale through ``VideoFrame.reformat`` (area interpolation, which is
-  the right filter for downscaling).
+  The resize is ffmpeg's swscale, as ``frame.reformat(width, height, format="rgb24",
+  interpolation="AREA")`` (area averaging, the right filter for downscaling).
 
   Args:
     frame: a decoded PyAV video frame of any pixel format.
     size: output side in pixels.
+    reformatter: reuse one ``VideoReformatter`` across the frames of a video (it caches the
+      swscale context: ~50x faster than ``frame.reformat``, same pixels); None makes one.
 
   Returns:
     uint8 ``[size, size, 3]``.
   """
   new_w, new_h, left, top = letterbox_geometry(frame.width, frame.height, size)
-  rgb = frame.reformat(width=new_w, height=new_h, format="rgb24", interpolation="AREA")
+  reformatter = reformatter or VideoReformatter()
+  rgb = reformatter.reformat(frame, width=new_w, height=new_h, format="rgb24",
+                             interpolation="AREA")
   pixels = rgb.to_ndarray()
   if new_w == size and new_h == size:
     return np.ascontiguousarray(pixels, dtype=np.uint8)
@@ -190,7 +196,9 @@ def decode_video(path: str | os.PathLike[str], fps: float,
   try:
     info = _info(container)
     stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
+    if info.width * info.height >= 320 * 240:  # frame threads pay off only for larger pictures
+      stream.thread_type = "AUTO"
+    reformatter = VideoReformatter()
     frames: list[np.ndarray] = []
     prev = None            # last decoded frame with time <= the next grid time
     first_time = None
@@ -212,7 +220,7 @@ def decode_video(path: str | os.PathLike[str], fps: float,
         # Emit every grid time that this frame's arrival closes (the previous frame was shown).
         while prev is not None and (n_target is None or len(frames) < n_target) and \
             t > len(frames) / fps + _PTS_EPS_S:
-          frames.append(frame_to_rgb(prev, size))
+          frames.append(frame_to_rgb(prev, size, reformatter))
         prev = frame
         last_time = t
     except av.error.FFmpegError as e:
@@ -229,7 +237,7 @@ def decode_video(path: str | os.PathLike[str], fps: float,
           path, f"truncated: frames stop at {last_time + frame_dur:.2f}s but the container "
           f"announces {duration:.2f}s")
     while len(frames) < n_target:  # grid times after the last frame change
-      frames.append(frame_to_rgb(prev, size))
+      frames.append(frame_to_rgb(prev, size, reformatter))
   finally:
     container.close()
   timestamps = np.arange(len(frames), dtype=np.float64) / fps

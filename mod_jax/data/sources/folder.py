@@ -1,0 +1,270 @@
+"""A folder of videos with a ``narrations.json`` (Ego4D-like names); the procedural data too.
+
+Layout of one split (``{data.dir}/train``, ``{data.dir}/eval``)::
+
+  narrations.json   {"<video path relative to this folder>": {
+                       "narrations": [{"timestamp_sec": 3.5, "narration_text": "..."}, ...],
+                       "queries":    [{"timestamp_sec": 1.0, "text": "..."}, ...]   # optional
+                    }, ...}
+  <the videos>      anything PyAV decodes (mp4, mkv, webm, avi, mpg, ...)
+
+Indexing validates every video once by decoding it at ``data.fps`` (:func:`index_folder`). A
+missing, corrupt or truncated video is SKIPPED and COUNTED with a warning naming the file, or
+raises with ``on_bad_video="fail"``. Bad annotations are dropped, COUNTED by reason and reported
+in one warning per split, never silently lost:
+
+* ``missing_video``: the entry's file does not exist (the video is also counted as skipped);
+* ``malformed_entry``: the entry or its lists are not of the documented shape;
+* ``bad_time``: timestamp missing or not a number; ``negative_time``: ``< 0``;
+* ``time_beyond_duration``: later than the video's duration;
+* ``non_string_text``: text missing or not a string;
+* ``short_narration``: fewer than 2 words (videollm-online ``data/ego4d/narration.py`` keeps
+  narrations of >= 2 words); ``empty_query``: a query with no words.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import os
+import threading
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+import tqdm
+
+from mod_jax.data.video import VideoError, decode_video, probe_video
+
+ANNOTATION_FILE = "narrations.json"
+
+
+class DataWarning(UserWarning):
+  """A video or annotation was skipped (and counted)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoRecord:
+  """One usable video and its validated annotations.
+
+  Attributes:
+    path: absolute path of the video file.
+    name: its key in ``narrations.json``.
+    num_frames: T, frames at ``data.fps`` (from the validating decode).
+    duration: seconds.
+    narrations: ``(time_seconds, text)``, sorted by time.
+    queries: ``(time_seconds, text)``, sorted by time.
+  """
+  path: str
+  name: str
+  num_frames: int
+  duration: float
+  narrations: tuple[tuple[float, str], ...]
+  queries: tuple[tuple[float, str], ...]
+
+
+@dataclasses.dataclass
+class FolderStats:
+  """What indexing a split kept and dropped.
+
+  Attributes:
+    videos: usable videos.
+    skipped_videos: entries whose video is missing, corrupt or truncated.
+    skipped_paths: those files with the reason, ``"path: reason"``.
+    narrations, queries: annotations kept.
+    bad_annotations: dropped annotations by reason (see the module docstring).
+  """
+  videos: int = 0
+  skipped_videos: int = 0
+  skipped_paths: list[str] = dataclasses.field(default_factory=list)
+  narrations: int = 0
+  queries: int = 0
+  bad_annotations: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+class FrameCache:
+  """A thread-safe LRU cache of decoded clips, bounded in bytes (one per process).
+
+  Keys are ``(path, fps, size)``; values uint8 ``[T, size, size, 3]`` arrays (read-only).
+  A clip larger than the whole budget is returned but not kept. ``max_bytes = 0`` disables it.
+  """
+
+  def __init__(self, max_bytes: int):
+    self.max_bytes = int(max_bytes)
+    self._items: collections.OrderedDict[Any, np.ndarray] = collections.OrderedDict()
+    self._bytes = 0
+    self._lock = threading.Lock()
+    self.hits = self.misses = 0
+
+  def get(self, key: Any, make: Callable[[], np.ndarray]) -> np.ndarray:
+    """Returns the cached value of ``key``, or ``make()`` (stored if it fits)."""
+    with self._lock:
+      if key in self._items:
+        self._items.move_to_end(key)
+        self.hits += 1
+        return self._items[key]
+      self.misses += 1
+    value = make()
+    self.put(key, value)
+    return value
+
+  def put(self, key: Any, value: np.ndarray) -> None:
+    if value.nbytes > self.max_bytes:
+      return
+    value.setflags(write=False)
+    with self._lock:
+      if key in self._items:
+        return
+      self._items[key] = value
+      self._bytes += value.nbytes
+      while self._bytes > self.max_bytes:
+        _, old = self._items.popitem(last=False)
+        self._bytes -= old.nbytes
+
+  @property
+  def nbytes(self) -> int:
+    return self._bytes
+
+
+_CACHES: dict[int, FrameCache] = {}
+
+
+def frame_cache(max_bytes: int) -> FrameCache:
+  """The process-wide :class:`FrameCache` for this budget (created on first use)."""
+  if max_bytes not in _CACHES:
+    _CACHES[max_bytes] = FrameCache(max_bytes)
+  return _CACHES[max_bytes]
+
+
+def load_frames(path: str, fps: float, size: int, cache: FrameCache | None = None) -> np.ndarray:
+  """Decoded frames uint8 ``[T, size, size, 3]`` of ``path`` at ``fps``, through ``cache``.
+
+  Raises:
+    VideoError: the file cannot be decoded (see :func:`mod_jax.data.video.decode_video`).
+  """
+  make = lambda: decode_video(path, fps, size)[0]
+  return cache.get((path, float(fps), int(size)), make) if cache is not None else make()
+
+
+def read_annotations(split_dir: str) -> dict[str, Any]:
+  """Loads ``{split_dir}/narrations.json``.
+
+  Raises:
+    FileNotFoundError: no such file (the message shows the expected layout).
+    ValueError: not valid JSON, or not an object mapping video paths to entries.
+  """
+  path = os.path.join(split_dir, ANNOTATION_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"{path} not found. A folder dataset has one subfolder per split ('train', 'eval'), each "
+        f"with {ANNOTATION_FILE} = {{\"<video>\": {{\"narrations\": [{{\"timestamp_sec\": 1.5, "
+        f"\"narration_text\": \"...\"}}], \"queries\": [...]}}}} and the videos.")
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except ValueError as e:
+    raise ValueError(f"{path} is not valid JSON: {e}") from e
+  if not isinstance(data, dict):
+    raise ValueError(f"{path}: expected a JSON object mapping video paths to entries, got "
+                     f"{type(data).__name__}.")
+  return data
+
+
+def _valid_time(x: Any) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _parse_items(items: Any, *, text_key: str, min_words: int, short_reason: str,
+                 duration: float, bad: collections.Counter) -> list[tuple[float, str]]:
+  if items is None:
+    return []
+  if not isinstance(items, list):
+    bad["malformed_entry"] += 1
+    return []
+  out = []
+  for item in items:
+    if not isinstance(item, dict):
+      bad["malformed_entry"] += 1
+      continue
+    t, text = item.get("timestamp_sec"), item.get(text_key)
+    if not _valid_time(t):
+      bad["bad_time"] += 1
+    elif t < 0:
+      bad["negative_time"] += 1
+    elif t > duration:
+      bad["time_beyond_duration"] += 1
+    elif not isinstance(text, str):
+      bad["non_string_text"] += 1
+    elif len(text.split()) < min_words:
+      bad[short_reason] += 1
+    else:
+      out.append((float(t), " ".join(text.split())))
+  return sorted(out, key=lambda x: x[0])
+
+
+def index_folder(split_dir: str, *, fps: float, size: int, on_bad_video: str = "skip",
+                 cache: FrameCache | None = None,
+                 progress: bool = True) -> tuple[list[VideoRecord], FolderStats]:
+  """Validates a split's videos and annotations (each video decoded once, into ``cache``).
+
+  Args:
+    split_dir: folder holding ``narrations.json`` and the videos it names.
+    fps: frame rate the videos are sampled at (frames/second).
+    size: frame side in pixels (decoded frames go to ``cache`` for the pipeline).
+    on_bad_video: ``"skip"`` (count and warn) or ``"fail"`` (raise).
+    cache: where the validating decodes are kept (None: not kept).
+    progress: show a tqdm bar (only drawn for more than 64 videos).
+
+  Returns:
+    ``(records, stats)``: usable videos in sorted key order, and the counts.
+
+  Raises:
+    VideoError: a bad video with ``on_bad_video="fail"``.
+    FileNotFoundError / ValueError: see :func:`read_annotations`.
+  """
+  if on_bad_video not in ("skip", "fail"):
+    raise ValueError(f"on_bad_video={on_bad_video!r}; choose 'skip' or 'fail'.")
+  annotations = read_annotations(split_dir)
+  stats = FolderStats()
+  bad: collections.Counter[str] = collections.Counter()
+  records = []
+  names = sorted(annotations)
+  for name in tqdm.tqdm(names, desc=f"index {split_dir}", disable=not progress or len(names) <= 64,
+                        leave=False):
+    entry = annotations[name]
+    path = os.path.abspath(os.path.join(split_dir, name))
+    if not isinstance(entry, dict):
+      bad["malformed_entry"] += 1
+      continue
+    try:
+      if not os.path.exists(path):
+        bad["missing_video"] += 1
+      frames = load_frames(path, fps, size, cache)
+      info = probe_video(path)
+    except VideoError as e:
+      if on_bad_video == "fail":
+        raise
+      stats.skipped_videos += 1
+      stats.skipped_paths.append(f"{e.path}: {e.reason}")
+      warnings.warn(f"skipping video {e.path}: {e.reason} (data.on_bad_video='skip'; set "
+                    f"'fail' to stop instead)", DataWarning, stacklevel=2)
+      continue
+    num_frames = int(frames.shape[0])
+    duration = info.duration if info.duration > 0 else num_frames / fps
+    narrations = _parse_items(entry.get("narrations"), text_key="narration_text", min_words=2,
+                              short_reason="short_narration", duration=duration, bad=bad)
+    queries = _parse_items(entry.get("queries"), text_key="text", min_words=1,
+                           short_reason="empty_query", duration=duration, bad=bad)
+    records.append(VideoRecord(path=path, name=name, num_frames=num_frames, duration=duration,
+                               narrations=tuple(narrations), queries=tuple(queries)))
+    stats.narrations += len(narrations)
+    stats.queries += len(queries)
+  stats.videos = len(records)
+  stats.bad_annotations = dict(sorted(bad.items()))
+  if bad:
+    warnings.warn(f"{split_dir}/{ANNOTATION_FILE}: dropped {sum(bad.values())} bad annotations "
+                  f"{dict(bad)} (see mod_jax/data/sources/folder.py for the rules).", DataWarning,
+                  stacklevel=2)
+  return records, stats
