@@ -46,11 +46,12 @@ class Decoder(nnx.Module):
                        ("vocab", "embed"), pdt)
     self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, rules=rules)
                             for _ in range(cfg.n_layers)])
-    self.routers = nnx.Dict({str(i): mod.LayerExpert(cfg.d_model, rngs=rngs)
-                             for i in range(cfg.n_layers) if self.plan.needs_router(i)})
     self.final_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, rngs=rngs)
     self.lm_head = None if cfg.tie_embeddings else param(
         rngs, dense_init(cfg.d_model), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt)
+    # Routers last, so a MoD model and its dense counterpart draw identical weights for a seed.
+    self.routers = nnx.Dict({str(i): mod.LayerExpert(cfg.d_model, rngs=rngs)
+                             for i in range(cfg.n_layers) if self.plan.needs_router(i)})
     self.dtype = jnp.dtype(cfg.dtype)
     self.rules = rules
 

@@ -70,23 +70,27 @@ def mod_layer_indices(insertion, n_layers: int) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class RoutingPlan:
-  """Static per-layer routing: ``keep[i]`` vision tokens kept per frame in layer i (N = dense)."""
-  keep: tuple[int, ...]
+  """Static per-layer routing: ``keep[i]`` vision tokens kept per frame in layer i.
+
+  ``None`` marks a dense layer (no routing). A routed layer may keep all N tokens (r = 1: the
+  mechanism runs, and with ``ste`` weighting equals the dense layer) or none (k = 0: vision
+  tokens skip the layer, the EarlyExit / LayerSkip baselines).
+  """
+  keep: tuple[int | None, ...]
   tokens_per_frame: int
   selection: str
   weighting: str
 
   @classmethod
   def from_config(cls, model_cfg) -> "RoutingPlan":
-    n = model_cfg.tokens_per_frame
     mod = model_cfg.mod
     routed = set(mod_layer_indices(mod.insertion, model_cfg.n_layers))
-    k = keep_count(mod.keep_ratio, n)
-    keep = tuple(k if i in routed else n for i in range(model_cfg.n_layers))
-    return cls(keep, n, mod.selection, mod.router_weighting)
+    k = keep_count(mod.keep_ratio, model_cfg.tokens_per_frame)
+    keep = tuple(k if i in routed else None for i in range(model_cfg.n_layers))
+    return cls(keep, model_cfg.tokens_per_frame, mod.selection, mod.router_weighting)
 
   def routed(self, layer: int) -> bool:
-    return self.keep[layer] < self.tokens_per_frame
+    return self.keep[layer] is not None
 
   def needs_router(self, layer: int) -> bool:
     return self.routed(layer) and self.keep[layer] > 0 and self.selection == "learned"
@@ -96,7 +100,8 @@ class LayerExpert(nnx.Module):
   """The MoD router of one layer: a scalar score per token, Linear(d_model → 1). W [d], b []."""
 
   def __init__(self, d_model: int, *, rngs: nnx.Rngs):
-    self.kernel = param(rngs, _zeros, (d_model,), ("embed",))
+    # Small random init: breaks the ties a zero router would resolve to "first k tokens".
+    self.kernel = param(rngs, nnx.initializers.normal(0.02), (d_model,), ("embed",))
     self.bias = param(rngs, _zeros, (), ())
 
   def __call__(self, x_bfnd: jax.Array) -> jax.Array:
@@ -135,7 +140,7 @@ def router_gate(scores_bfk: jax.Array, weighting: str) -> jax.Array:
   """g(s) multiplying a routed token's block update, float32 [b, f, k]."""
   if weighting == "ste":
     s = jax.nn.sigmoid(scores_bfk)
-    return 1.0 + s - jax.lax.stop_gradient(s)
+    return (s - jax.lax.stop_gradient(s)) + 1.0  # exactly 1.0 forward
   if weighting == "sigmoid":
     return jax.nn.sigmoid(scores_bfk)
   if weighting == "score":
@@ -153,7 +158,7 @@ def routed_block(block: Callable, x_bld, positions_bl, segment_ids_bl, *, num_te
       layer including its residual connections.
     x_bld: hidden states [b, l, d] with l = num_text + num_frames·tokens_per_frame (text first).
     positions_bl, segment_ids_bl: int32 [b, l], original stream positions / packed segments.
-    k: vision tokens kept per frame, 0 <= k < tokens_per_frame (static).
+    k: vision tokens kept per frame, 0 <= k <= tokens_per_frame (static).
   Returns:
     (x [b, l, d], aux) where aux holds the kept indices [b, f, k] and router statistics.
   """
@@ -179,7 +184,7 @@ def routed_block(block: Callable, x_bld, positions_bl, segment_ids_bl, *, num_te
   y_c = block(x_c, pos_c, seg_c)
 
   delta = (y_c[:, t:] - x_c[:, t:]).reshape(b, f, k, d)
-  aux = {"kept_index": idx, "compact_length": x_c.shape[1]}
+  aux = {"kept_index": idx}
   if scores is not None:
     s_sel = jnp.take_along_axis(scores, idx, axis=2)
     delta = delta * router_gate(s_sel, weighting)[..., None].astype(delta.dtype)
