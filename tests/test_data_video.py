@@ -80,7 +80,8 @@ def test_truncated_stream_detected(tmp_path):
   """A file whose index survives but whose frames stop early is reported as truncated."""
   from mod_jax.data.sources.procedural import write_mp4
   path = str(tmp_path / "clip.mp4")
-  write_mp4(path, np.full((40, 32, 32, 3), 90, np.uint8), 8.0)  # 5 s
+  noise = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+  write_mp4(path, noise, 8.0)  # 5 s of noise: the media data dwarfs the index
   frames, _ = video.decode_video(path, 2.0, 32)
   assert frames.shape == (10, 32, 32, 3)
   # Move the index (moov) first, then cut the media data in half: the container still announces
@@ -95,7 +96,16 @@ def test_truncated_stream_detected(tmp_path):
       packet.stream = s_out
       dst.mux(packet)
   data = open(fast, "rb").read()
+  # Cut in the middle of a packet: the decoder fails there.
   cut = str(tmp_path / "cut.mp4")
   open(cut, "wb").write(data[:len(data) // 2])
-  with pytest.raises(video.VideoError, match="cut.mp4"):
+  with pytest.raises(video.VideoError, match="cut.mp4: decoding failed"):
     video.decode_video(cut, 2.0, 32)
+  # Cut exactly where packet 20 (t = 2.5 s) starts: demuxing ends cleanly, frames stop early.
+  with av.open(fast) as c:
+    pos = [p.pos for p in c.demux(video=0) if p.dts is not None]
+  clean = str(tmp_path / "clean_cut.mp4")
+  open(clean, "wb").write(data[:pos[20]])
+  with pytest.raises(video.VideoError, match=r"clean_cut.mp4: truncated: frames stop at 2\.50s "
+                     r"but the container announces 5\.00s"):
+    video.decode_video(clean, 2.0, 32)

@@ -1,0 +1,134 @@
+"""LIVE stream rendering against hand-written token sequences (mod_jax/data/stream.py, SPEC §2)."""
+
+import numpy as np
+import pytest
+
+from mod_jax.data import stream
+from mod_jax.data.tokenizer import StreamTokenizer, TokenizerError, build_word_tokenizer
+
+N = 2  # tokens per frame
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  return build_word_tokenizer(["go", "a", "red", "circle", "what", "is", "it"],
+                              tmp_path_factory.mktemp("tok") / "tokenizer.json")
+
+
+def ids(tok, words):
+  """Hand-written stream text -> ids, one token per name (no tokenizer logic involved)."""
+  vocab = tok.tokenizer.get_vocab()
+  return [vocab[w] for w in words]
+
+
+def render(tok, num_frames, narrations=(), queries=(), max_frames=24, max_text=64):
+  return stream.render_stream(tok, num_frames=num_frames, narrations=narrations,
+                              queries=queries, fps=2.0, system_prompt="go",
+                              tokens_per_frame=N, max_frames=max_frames, max_text=max_text)
+
+
+def test_word_tokenizer_ids(tok):
+  assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.vision_id) == (0, 1, 2, 4)
+  assert tok.stream_close_ids == (5,) and tok.stream_open_ids == (6,)
+  assert tok.interval_id == 7 and tok.newline_ids == (8,)
+  assert tok.assistant_ids == (9,) and tok.user_ids == (10,)
+  assert tok.encode("a red circle") == ids(tok, ["a", "red", "circle"])
+  assert tok.encode("]\nAssistant: a red") == ids(tok, ["]\n", "Assistant:", "a", "red"])
+  assert tok.decode(tok.encode("a red circle")) == "a red circle"
+
+
+def test_missing_special_token_is_a_clear_error(tmp_path):
+  import tokenizers
+  from tokenizers import models, pre_tokenizers
+  t = tokenizers.Tokenizer(models.WordLevel({"<unk>": 0, "<bos>": 1, "<eos>": 2, "<pad>": 3},
+                                            unk_token="<unk>"))
+  t.pre_tokenizer = pre_tokenizers.Whitespace()
+  with pytest.raises(TokenizerError, match="vision placeholder token '<v>'"):
+    StreamTokenizer(t)
+
+
+def test_three_frames_one_narration(tok):
+  """<bos>go\\n[<v><v>,<v><v>]\\nAssistant: a red circle<eos>\\n[<v><v>  (narration at 0.3 s)."""
+  windows, stats = render(tok, 3, narrations=[(0.3, "a red circle")])
+  assert len(windows) == 1 and stats.windows == 1 and stats.truncated_tokens == 0
+  w = windows[0]
+  # Positions:  0     1    2    3  4 5  6  7 8  9     10          11   12     13   14    15 16 17
+  #             <bos> go   \n   [  <v>  ,  <v>  ]\n   Assistant:  a    red    circle <eos> \n [ <v>..
+  text = ["<bos>", "go", "\n", "[", ",", "]\n", "Assistant:", "a", "red", "circle", "<eos>", "\n",
+          "["]
+  np.testing.assert_array_equal(w.text_tokens, ids(tok, text))
+  np.testing.assert_array_equal(w.text_positions, [0, 1, 2, 3, 6, 9, 10, 11, 12, 13, 14, 15, 16])
+  expected_targets = ids(tok, ["go", "\n", "["]) + [0, 0] + ids(
+      tok, ["Assistant:", "a", "red", "circle", "<eos>", "\n", "["]) + [0]
+  np.testing.assert_array_equal(w.text_targets, expected_targets)
+  np.testing.assert_array_equal(w.text_weights, [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0])
+  np.testing.assert_array_equal(w.frame_positions, [4, 7, 17])
+  np.testing.assert_array_equal(w.frame_targets, [tok.interval_id, tok.stream_close_ids[0], 0])
+  np.testing.assert_array_equal(w.frame_weights, [1, 1, 0])
+  assert w.text_tokens.dtype == np.int32 and w.text_weights.dtype == np.float32
+  assert w.frame_positions.dtype == np.int32 and w.frame_weights.dtype == np.float32
+  ex = w.to_example(np.zeros((3, 8, 8, 3), np.uint8))
+  assert ex["frames"].shape == (3, 8, 8, 3)
+
+
+def test_narration_times_round_up_to_the_frame_grid(tok):
+  # 0.5 s is exactly frame 1; 0.51 s rounds up to frame 2; beyond the end clamps to the last frame.
+  for t, frame in ((0.0, 0), (0.5, 1), (0.51, 2), (9.0, 2)):
+    (w,), _ = render(tok, 3, narrations=[(t, "a red circle")])
+    speak = np.flatnonzero(w.frame_targets == tok.stream_close_ids[0])
+    assert speak.tolist() == [frame], t
+  # Two narrations on one frame: the later one is kept, the other counted.
+  (w,), stats = render(tok, 3, narrations=[(0.6, "a red circle"), (0.9, "a circle")])
+  assert stats.replaced_narrations == 1
+  assert tok.decode(w.text_tokens[w.text_weights > 0]) == "Assistant: a circle"
+
+
+def test_query_enters_before_the_first_frame_at_or_after_it(tok):
+  """Query at 0.7 s -> before frame 2 (t = 1.0 s); its answer is narrated after frame 2."""
+  (w,), _ = render(tok, 3, narrations=[(1.0, "it is red")], queries=[(0.7, "what is it")])
+  text = ["<bos>", "go", "\n", "[", ",", "]\n", "User:", "what", "is", "it", "\n", "[", "]\n",
+          "Assistant:", "it", "is", "red", "<eos>"]
+  np.testing.assert_array_equal(w.text_tokens, ids(tok, text))
+  # <bos> go \n [ <v><v> , <v><v> ]\n User: what is it \n [ <v><v> ]\n Assistant: it is red <eos>
+  # 0     1  2  3 4    5 6 7    8 9   10    11   12 13 14 15 16   17 18  ...
+  np.testing.assert_array_equal(w.frame_positions, [4, 7, 16])
+  np.testing.assert_array_equal(w.frame_targets, [tok.interval_id] + [tok.stream_close_ids[0]] * 2)
+  np.testing.assert_array_equal(w.frame_weights, [1, 1, 1])
+  assert w.text_weights.sum() == 4  # Assistant: -> it, it -> is, is -> red, red -> <eos>
+  # A query at time 0 goes right after the system prompt.
+  (w,), _ = render(tok, 2, queries=[(0.0, "what is it")])
+  assert w.text_tokens[:9].tolist() == ids(tok, ["<bos>", "go", "\n", "User:", "what", "is",
+                                                 "it", "\n", "["])
+
+
+def test_windows_cut_mid_video(tok):
+  """F_cap = 2 frames: [frames 0-1 + the response], then [frame 2] with a fresh prefix."""
+  windows, stats = render(tok, 3, narrations=[(0.3, "a red circle")], max_frames=2)
+  assert stats.windows == 2
+  w0, w1 = windows
+  np.testing.assert_array_equal(w0.text_tokens, ids(tok, ["<bos>", "go", "\n", "[", ",", "]\n",
+                                                          "Assistant:", "a", "red", "circle",
+                                                          "<eos>"]))
+  assert w0.text_targets[-1] == 0 and w0.text_weights.sum() == 4
+  np.testing.assert_array_equal(w0.frame_targets, [tok.interval_id, tok.stream_close_ids[0]])
+  np.testing.assert_array_equal(w1.text_tokens, ids(tok, ["<bos>", "go", "\n", "["]))
+  np.testing.assert_array_equal(w1.frame_positions, [4])
+  np.testing.assert_array_equal(w1.frame_weights, [0])  # last frame, nothing after it
+  assert (w0.frame_start, w0.frame_stop, w1.frame_start, w1.frame_stop) == (0, 2, 2, 3)
+  # A silent video cut after frame 0: its target is the interval token, with weight 1.
+  windows, _ = render(tok, 3, max_frames=1)
+  assert [w.frame_targets.tolist() for w in windows] == [[tok.interval_id]] * 2 + [[0]]
+  assert [w.frame_weights.tolist() for w in windows] == [[1.0], [1.0], [0.0]]
+  # The text cap also cuts windows: every window respects both caps.
+  narr = [(0.5 * k, "a red circle") for k in range(0, 40, 2)]
+  windows, stats = render(tok, 40, narrations=narr, max_frames=8, max_text=20)
+  assert all(w.num_frames <= 8 and w.num_text <= 20 for w in windows)
+  assert sum(w.num_frames for w in windows) == 40 and stats.truncated_tokens == 0
+
+
+def test_overlong_narration_is_truncated_and_counted(tok):
+  (w,), stats = render(tok, 1, narrations=[(0.0, " ".join(["red"] * 30))], max_text=16)
+  assert w.num_text == 16
+  assert stats.truncated_windows == 1 and stats.truncated_tokens == 4 + 30 + 3 - 16
+  # The kept tokens still predict the true next token.
+  assert w.text_targets[-1] == ids(tok, ["red"])[0] and w.text_weights[-1] == 1
