@@ -47,7 +47,7 @@ import numpy as np
 from mod_jax.data.tokenizer import build_word_tokenizer
 
 # Bump when the generator's output changes for the same parameters (invalidates cached data).
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -131,7 +131,7 @@ def _shape_mask(shape: str, cx: float, cy: float, radius: float, yy: np.ndarray,
     h = (dy + radius) / (2 * radius)  # 0 at apex, 1 at base
     return (h >= 0) & (h <= 1) & (np.abs(dx) <= h * radius)
   if shape == "cross":
-    w = radius * 0.38
+    w = radius * 0.45
     return ((np.abs(dx) <= w) & (np.abs(dy) <= radius)) | (
         (np.abs(dy) <= w) & (np.abs(dx) <= radius))
   raise ValueError(f"unknown shape {shape!r}")
