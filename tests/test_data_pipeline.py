@@ -127,8 +127,12 @@ def test_train_order_depends_on_the_seed(setup):
   assert not np.array_equal(a["text_tokens"], b["text_tokens"])
 
 
-def test_eval_is_one_padded_pass_over_every_window(setup):
-  c, tok = setup
+@pytest.mark.parametrize("pad", ["<pad>", "<eos>"])
+def test_eval_is_one_padded_pass_over_every_window(setup, pad):
+  c, _ = setup
+  c = c.copy_and_resolve_references()
+  c.data.tokens.pad = pad  # padding slots carry the pad id, whatever it is
+  tok = pipeline.load_tokenizer(c)
   index = pipeline.load_split(c, "eval", tok)
   seen = 0
   batches = list(pipeline.make_dataset(c, "eval", tok))

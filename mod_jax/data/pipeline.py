@@ -40,9 +40,9 @@ are marked parsed if the program has not parsed them, as grain's workers read th
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
-from typing import Any
+from typing import Any, Sequence
+import warnings
 
 import grain
 import numpy as np
@@ -199,11 +199,14 @@ def load_split(config: ConfigDict, split: str, tokenizer: StreamTokenizer) -> Sp
     windows += [(i, w) for w in ws]
     sstats += s
   if sstats.truncated_windows:
-    import warnings  # pylint: disable=g-import-not-at-top
     warnings.warn(f"{split}: {sstats.truncated_windows} windows exceeded data.max_text="
                   f"{d.max_text} with a single frame; {sstats.truncated_tokens} text tokens "
                   f"were truncated (counted in data_stats). Raise data.max_text.",
                   folder.DataWarning, stacklevel=2)
+  if sstats.unknown_tokens:
+    warnings.warn(f"{split}: {sstats.unknown_tokens} words of the system prompt, narrations or "
+                  f"queries are not in the tokenizer {tokenizer.name} and became <unk> (counted "
+                  f"in data_stats).", folder.DataWarning, stacklevel=2)
   index = SplitIndex(split, records, windows, fstats, sstats)
   _INDEX_CACHE[key] = index
   return index
@@ -258,6 +261,18 @@ class _FinishRow(grain.transforms.Map):
                           np.unique(out["frame_segment_ids"][out["frame_segment_ids"] > 0])):
       raise AssertionError("packed text and frame segment ids name different samples.")
     return out
+
+
+class _PadRows:
+  """Batches ``rows`` packed rows, filling a short last batch with all-padding rows."""
+
+  def __init__(self, rows: int, pad_id: int):
+    self._rows, self._pad_id = rows, pad_id
+
+  def __call__(self, values: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    batch = grain.experimental.batch_and_pad(values, batch_size=self._rows)
+    batch["text_tokens"][len(values):] = self._pad_id
+    return batch
 
 
 def _length_struct(config: ConfigDict) -> dict[str, int]:
@@ -365,8 +380,7 @@ def make_dataset(config: ConfigDict, split: str, tokenizer: StreamTokenizer, *,
   it_ds = _pack(it_ds, config, tokenizer.pad_id, shuffle_bins=train).map(_FinishRow())
   if train:
     return it_ds.batch(rows, drop_remainder=True)
-  it_ds = it_ds.batch(rows, batch_fn=functools.partial(grain.experimental.batch_and_pad,
-                                                       batch_size=rows))
+  it_ds = it_ds.batch(rows, batch_fn=_PadRows(rows, tokenizer.pad_id))
   if process_count > 1:
     counts = [-(-_count_packed_rows([w for _, w in index.windows[p::process_count]], config)
                 // rows) for p in range(process_count)]

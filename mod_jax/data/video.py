@@ -2,8 +2,10 @@
 
 A video of duration ``D`` seconds sampled at ``fps`` gives the frames displayed at
 ``t_i = i / fps`` for ``i = 0, 1, ...`` while ``t_i < D``: frame ``i`` is the last decoded frame
-whose presentation time is ``<= t_i`` (what a viewer sees at that instant). VideoLLM-online samples
-2 fps the same way with ffmpeg (``data/preprocess/ffmpeg.py``: ``-vf fps=2``) before encoding.
+whose presentation time is ``<= t_i`` (what a viewer sees at that instant). Frames are scaled so
+the longer side is ``size`` and padded with black to a square, as VideoLLM-online prepares its
+2 fps videos with ffmpeg before encoding them (videollm-online ``data/utils.py::ffmpeg_once``:
+``-r fps``, ``scale=...``, ``pad=size:size``).
 
 Every failure to read a file (missing, not a container, no video stream, corrupt or truncated
 stream) raises :class:`VideoError` naming the file and the reason, so that data sources can skip

@@ -350,10 +350,15 @@ def ensure_procedural(config: Any) -> str:
   if _is_complete(root, params):
     return root
   if os.path.exists(root) and os.listdir(root):
+    try:
+      with open(os.path.join(root, "procedural.json")) as f:
+        found = f"a procedural dataset made with {json.load(f)}"
+    except (OSError, ValueError):
+      found = "no procedural.json"
     raise FileExistsError(
-        f"data.dir={root!r} exists but is not the procedural dataset for {params} (its "
-        f"procedural.json differs or is missing). Point data.dir at an empty or new directory, "
-        f"or set data.source='folder' to read it as a folder dataset.")
+        f"data.dir={root!r} exists but is not the procedural dataset for {params} (it has "
+        f"{found}); it is never overwritten. Delete it to regenerate, point data.dir at an empty "
+        f"or new directory, or set data.source='folder' to read it as a folder dataset.")
   parent = os.path.dirname(root)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(root) + ".tmp-", dir=parent)
