@@ -52,8 +52,8 @@ def test_three_frames_one_narration(tok):
   windows, stats = render(tok, 3, narrations=[(0.3, "a red circle")])
   assert len(windows) == 1 and stats.windows == 1 and stats.truncated_tokens == 0
   w = windows[0]
-  # Positions:  0     1    2    3  4 5  6  7 8  9     10          11   12     13   14    15 16 17
-  #             <bos> go   \n   [  <v>  ,  <v>  ]\n   Assistant:  a    red    circle <eos> \n [ <v>..
+  # Positions: 0     1  2  3 4-5 6 7-8 9   10         11 12  13     14    15 16 17-18
+  #            <bos> go \n [ <v> , <v> ]\n Assistant: a  red circle <eos> \n [  <v>
   text = ["<bos>", "go", "\n", "[", ",", "]\n", "Assistant:", "a", "red", "circle", "<eos>", "\n",
           "["]
   np.testing.assert_array_equal(w.text_tokens, ids(tok, text))

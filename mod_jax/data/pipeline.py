@@ -143,7 +143,8 @@ def _index_key(config: ConfigDict, root: str, split: str, tokenizer: StreamToken
 
 def _stats_key(config: ConfigDict) -> tuple:
   d = config.data
-  return (d.source, d.dir, d.fps, d.max_frames, d.max_text, d.system_prompt,
+  params = tuple(sorted(procedural.params_of(config).items())) if d.source == "procedural" else ()
+  return (d.source, d.dir, params, d.fps, d.max_frames, d.max_text, d.system_prompt,
           config.model.tokens_per_frame, _frame_size(config))
 
 
@@ -159,9 +160,11 @@ def _check_config(config: ConfigDict, split: str) -> None:
 
 
 def load_split(config: ConfigDict, split: str, tokenizer: StreamTokenizer) -> SplitIndex:
-  """Indexes a split: validates its videos (decoded once, into the frame cache) and renders
-  every video's stream into windows (:func:`mod_jax.data.stream.render_stream`). Cached per
-  process (the same config and tokenizer return the same object).
+  """Indexes a split: validates its videos and renders their streams into windows.
+
+  Each video is decoded once (into the frame cache) by :func:`folder.index_folder`; each
+  stream is cut into windows by :func:`mod_jax.data.stream.render_stream`. Cached per process
+  (the same config and tokenizer return the same object).
 
   Args:
     config: full config (``data.*``, ``model.tokens_per_frame``, ``model.vision.image_size``).

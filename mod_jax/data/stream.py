@@ -16,7 +16,8 @@ A video of ``T`` frames (sampled at ``fps``) is rendered as one stream (``N`` = 
   videollm-online does) and the replaced one is COUNTED in :class:`StreamStats`.
 * **User queries** at ``t`` seconds enter before the first frame at/after ``t``, i.e. before frame
   ``j = ceil(t * fps)`` (clamped to ``[0, T-1]``): after frame ``j-1`` as
-  ``]\\nUser: {q}\\n[``; at ``j = 0`` right after the system prompt, ``<bos>{system}\\nUser: {q}\\n[``.
+  ``]\\nUser: {q}\\n[``; at ``j = 0`` right after the system prompt:
+  ``<bos>{system}\\nUser: {q}\\n[``.
   A narration answered after frame ``j-1`` comes first: ``]\\nAssistant: r<eos>\\nUser: q\\n[``.
   Several queries before one frame follow each other: ``]\\nUser: q1\\nUser: q2\\n[``.
 

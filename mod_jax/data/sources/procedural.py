@@ -6,15 +6,15 @@ shapes and distinct colours) appear, move one grid cell left/right/up/down, chan
 disappear; some clips also carry a user query ("what colour is the square") answered at the next
 frame ("the square is red"). Narrations say what happened and when::
 
-  a red circle appears / an orange square appears / the red circle moves left / the circle turns blue /
-  the blue circle disappears / the square is green
+  a red circle appears / an orange square appears / the red circle moves left /
+  the circle turns blue / the blue circle disappears / the square is green
 
 Events are placed on the ``data.fps`` frame grid at least 2 frames apart (at most one narration
 per frame, with silent stretches between); an event's time is jittered on the native frame grid
 inside ``((k-1)/fps, k/fps]`` so it is answered after frame ``k`` and is complete in that frame.
-Moves are animated over ``min(0.25 s, 0.5 / fps)`` before the event time. The next event's change starts after frame
-``k``, so frame ``k`` shows exactly the narrated state. Colours, shapes, directions and times
-are random: the narrations cannot be predicted from text alone.
+Moves are animated over ``min(0.25 s, 0.5 / fps)`` before the event time. The next event's
+change starts after frame ``k``, so frame ``k`` shows exactly the narrated state. Colours,
+shapes, directions and times are random: the narrations cannot be predicted from text alone.
 
 Layout (exactly what a user gives as a folder, read back through
 :mod:`mod_jax.data.sources.folder`)::
