@@ -114,12 +114,19 @@ def test_narrations_match_the_pixels(tmp_path):
         shape, colour = words[1], words[3]
         assert present(k, colour) and not present(k - 1, colour)
         assert shape_of(blob(masks[k][colour])) == shape
-      else:                                 # the <shape> is <colour>  (answer to a query)
-        assert words[2] == "is"
-        shape, colour = words[1], words[3]
-        assert present(k, colour) and shape_of(blob(masks[k][colour])) == shape
+      else:                                 # the <shape> is at the <row> <col> / in the centre
+        assert words[2] == "is"             # (the answer to "where is the <shape>")
+        shape = words[1]
+        where = " ".join(words[3:])
+        objects = [blob(masks[k][c]) for c in PALETTE if present(k, c)]
+        (obj,) = [m for m in objects if shape_of(m) == shape]
+        y, x = np.argwhere(obj).mean(0)
+        row, col = ("top", "middle", "bottom")[int(y // (64 / 3))], \
+            ("left", "centre", "right")[int(x // (64 / 3))]
+        assert where == ("in the centre" if (row, col) == ("middle", "centre")
+                         else f"at the {row} {col}")
         (q,) = [q for q in entry["queries"] if math.ceil(q["timestamp_sec"] * fps - 1e-6) == k]
-        assert q["text"] == f"what colour is the {shape}"
+        assert q["text"] == f"where is the {shape}"
       checked[words[-1] if words[-1] in checked else words[-2] if words[-2] in checked
               else "is"] += 1
   assert all(v > 0 for v in checked.values()), checked

@@ -3,11 +3,12 @@
 The embedded default dataset, generated on first use, deterministically from
 ``data.procedural.seed``. Each clip is a plain background on which up to two objects (distinct
 shapes and distinct colours) appear, move one grid cell left/right/up/down, change colour and
-disappear; some clips also carry a user query ("what colour is the square") answered at the next
-frame ("the square is red"). Narrations say what happened and when::
+disappear; some clips also carry a user query ("where is the square") answered at the next
+frame ("the square is at the top left"; positions are never narrated otherwise). Narrations say
+what happened and when::
 
   a red circle appears / an orange square appears / the red circle moves left /
-  the circle turns blue / the blue circle disappears / the square is green
+  the circle turns blue / the blue circle disappears / the square is in the centre
 
 Events are placed on the ``data.fps`` frame grid at least 2 frames apart (at most one narration
 per frame, with silent stretches between); an event's time is jittered on the native frame grid
@@ -47,7 +48,7 @@ import numpy as np
 from mod_jax.data.tokenizer import build_word_tokenizer
 
 # Bump when the generator's output changes for the same parameters (invalidates cached data).
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -72,7 +73,8 @@ QUERY_PROBABILITY = 0.15
 PROMPT_WORDS = ("narrate", "what", "happens", "in", "the", "video", ".")
 VOCABULARY = tuple(sorted(
     set(COLOURS) | set(SHAPES) | set(DIRECTIONS) | set(PROMPT_WORDS) |
-    {"a", "an", "the", "appears", "disappears", "moves", "turns", "is", "what", "colour"}))
+    {"a", "an", "the", "appears", "disappears", "moves", "turns", "is", "where", "at", "in"} |
+    {"top", "middle", "bottom", "centre"}))
 
 
 @dataclasses.dataclass
@@ -155,8 +157,8 @@ class _Clip:
       if kind == "query":
         shape = sorted(objects)[int(rng.integers(len(objects)))]
         # Asked between frames k-1 and k (enters before frame k), answered after frame k.
-        self.queries.append((round((k - 0.5) / fps, 6), f"what colour is the {shape}"))
-        self.narrations.append((round(k / fps, 6), f"the {shape} is {objects[shape].colour}"))
+        self.queries.append((round((k - 0.5) / fps, 6), f"where is the {shape}"))
+        self.narrations.append((round(k / fps, 6), f"the {shape} is {_where(objects[shape].cell)}"))
       else:
         t = self._event_time(rng, k, fps, native_fps)
         self._apply(rng, kind, t, objects)
@@ -254,6 +256,13 @@ class _Clip:
       elif c.kind == "move":
         state[c.shape][1] = _cell_centre(c.cell, resolution)
     return [(s, v[0], v[1]) for s, v in state.items()]
+
+
+def _where(cell: tuple[int, int]) -> str:
+  """Words for a lattice cell: "at the top left", ..., "in the centre" (GRID = 3)."""
+  row = ("top", "middle", "bottom")[cell[1]]
+  col = ("left", "centre", "right")[cell[0]]
+  return "in the centre" if (row, col) == ("middle", "centre") else f"at the {row} {col}"
 
 
 def _pick(rng: np.random.Generator, options):
