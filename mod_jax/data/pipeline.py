@@ -34,9 +34,10 @@ known before training, see :func:`data_stats`); the map step only attaches pixel
 indexes (and so validates) the whole split, so that all processes agree on the window list they
 slice; with many hosts and much data, validate once beforehand and keep a clean folder.
 Decoded clips are kept in a per-process LRU cache of ``data.cache_mb`` MiB (the demo's 216 clips
-at 48 px are ~36 MiB); larger data decodes each window's video when it is needed. ``data.worker_count > 0``
-decodes in grain worker processes (``mp_prefetch``; each worker has its own cache; absl flags
-are marked parsed if the program has not parsed them, as grain's workers read them).
+at 48 px are ~36 MiB); larger data decodes each window's video when it is needed.
+``data.worker_count > 0`` decodes in grain worker processes (``mp_prefetch``; each worker has its
+own cache; absl flags are marked parsed if the program has not parsed them, as grain's workers
+read them).
 """
 
 from __future__ import annotations
