@@ -32,7 +32,8 @@ A row has exactly ``T_cap = data.max_text`` text slots and ``F_cap = data.max_fr
 The text of every window is rendered at index time (so windowing, truncation and all counts are
 known before training, see :func:`data_stats`); the map step only attaches pixels. Every process
 indexes (and so validates) the whole split, so that all processes agree on the window list they
-slice; with many hosts and much data, validate once beforehand and keep a clean folder.
+slice (on a large folder this repeats the validating decode on every host: no validation
+index is stored yet).
 Decoded clips are kept in a per-process LRU cache of ``data.cache_mb`` MiB (the demo's 216 clips
 at 48 px are ~36 MiB); larger data decodes each window's video when it is needed.
 ``data.worker_count > 0`` decodes in grain worker processes (``mp_prefetch``; each worker has its
