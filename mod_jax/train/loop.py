@@ -72,8 +72,12 @@ def evaluate(config, params, graphdef, mesh, tokenizer, *, max_batches: int | No
   }
 
 
-def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
+def train_and_evaluate(config, workdir: str, *, progress: bool = True,
+                       stop_after: int | None = None) -> dict:
   """Trains ``config`` in ``workdir`` (resuming if a checkpoint exists); returns a summary dict.
+
+  ``stop_after`` ends the run (with a checkpoint, without the final eval) once that many steps
+  are done, as a preemption would; a later call resumes to ``train.steps``.
 
   Raises:
     ConfigError: the config is impossible on this machine (checked before anything is built).
@@ -131,7 +135,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
                   desc="train", dynamic_ncols=True)
   last_time, last_step = time.perf_counter(), start
   with jax.set_mesh(mesh):
-    for step in range(start, t.steps):
+    end = t.steps if stop_after is None else min(stop_after, t.steps)
+    for step in range(start, end):
       batch = sharding.host_to_global(next(train_iter), mesh, rules)
       state, metrics = step_fn(state, batch)
       done = step + 1
@@ -148,10 +153,12 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
             f.write(json.dumps(history[-1]) + "\n")
         bar.set_postfix(loss=f"{m['loss']:.3f}", lm=f"{m['lm_loss']:.3f}",
                         stream=f"{m['stream_loss']:.3f}")
-      if done % t.checkpoint_every == 0 or done == t.steps:
+      if done % t.checkpoint_every == 0 or done == end:
         checkpoint.save(mngr, done, state, train_iter)
       bar.update(1)
   bar.close()
+  if end < t.steps:
+    return {"state": state, "graphdef": graphdef, "stopped_at": end}
 
   # ------------------------------------------------------------------ Evaluate
   results = evaluate(config, state.params, graphdef, mesh, tokenizer,
