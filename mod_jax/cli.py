@@ -1,46 +1,33 @@
-"""``mod-jax`` command line: ``mod-jax <command> --config configs/X.py[:arg] [--config.a.b=v] ...``.
+"""``mod-jax`` command line: ``mod-jax <command> [flags]``.
 
-Commands:
-  train   train (or resume) a model:  mod-jax train --config configs/demo.py --workdir DIR
+Commands (each is a module with an absl ``main(argv)``):
+  train   train or resume:  mod-jax train --config configs/demo.py --workdir DIR
 
 Configs are Python files with ``get_config(arg)`` (big_vision style); any field can be
-overridden on the command line, e.g. ``--config.train.steps=50``.
+overridden, e.g. ``--config.train.steps=50``. ``mod-jax <command> --help`` lists its flags.
 """
 
 from __future__ import annotations
 
-import json
-import logging
+import importlib
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import app
 
-COMMANDS = ("train",)
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-
-
-def _train(argv):
-  del argv
-  from mod_jax.train.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
-  if _CONFIG.value is None or _WORKDIR.value is None:
-    raise app.UsageError("mod-jax train needs --config and --workdir.")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  out = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  first, last = out["first_logged"], out["last_logged"]
-  print(json.dumps({"first_loss": first and first["loss"], "last_loss": last and last["loss"],
-                    "data": out["data"], **out["eval"]}, indent=2))
+# command -> module defining main(argv). Add new commands here.
+COMMANDS = {
+    "train": "mod_jax.train.main",
+}
 
 
 def main():
   if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
     print(__doc__)
-    sys.exit(2 if len(sys.argv) >= 2 and sys.argv[1] not in ("-h", "--help") else 0)
+    sys.exit(0 if len(sys.argv) >= 2 and sys.argv[1] in ("-h", "--help") else 2)
   command = sys.argv.pop(1)
-  app.run({"train": _train}[command])
+  sys.argv[0] = f"mod-jax {command}"
+  module = importlib.import_module(COMMANDS[command])
+  app.run(module.main)
 
 
 if __name__ == "__main__":
