@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import logging
 
-from absl import app
+from absl import app, flags
 
 from mod_jax import flags as mj_flags
+
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first (multi-host: TPU pods, GKE, "
+    "SLURM; coordinator and process ids come from the environment).")
 
 
 def main(argv):
@@ -16,6 +20,9 @@ def main(argv):
   if mj_flags.CONFIG.value is None or mj_flags.WORKDIR.value is None:
     raise app.UsageError("mod-jax train needs --config and --workdir.")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  if _DISTRIBUTED.value:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.distributed.initialize()
   from mod_jax.train.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
   out = train_and_evaluate(mj_flags.CONFIG.value, mj_flags.WORKDIR.value)
   first, last = out["first_logged"], out["last_logged"]
