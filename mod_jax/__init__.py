@@ -5,3 +5,12 @@ streaming base (Chen et al., CVPR 2024, arXiv 2406.11816). See README.md for the
 """
 
 __version__ = "0.1.0"
+
+
+def from_pretrained(path, **kwargs):
+  """Loads a Hugging Face / GGUF / mod_jax checkpoint: ``(model, tokenizer)``.
+
+  See :func:`mod_jax.api.from_pretrained` (imported lazily so ``import mod_jax`` stays cheap).
+  """
+  from mod_jax import api  # pylint: disable=g-import-not-at-top
+  return api.from_pretrained(path, **kwargs)

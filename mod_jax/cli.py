@@ -17,6 +17,7 @@ from absl import app
 # command -> module defining main(argv). Add new commands here.
 COMMANDS = {
     "train": "mod_jax.train.main",
+    "convert": "mod_jax.convert.main",  # mod-jax convert --from-hf DIR | --to-hf SRC --out DIR
 }
 
 

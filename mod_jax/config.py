@@ -13,6 +13,7 @@ Sequence layout used everywhere (SPEC §1.2): a training row of static length
 from __future__ import annotations
 
 import math
+import re
 from typing import Sequence
 
 import ml_collections
@@ -58,12 +59,25 @@ def base_config() -> ConfigDict:
   m.head_dim = 32
   m.d_ff = 384
   m.rope_theta = 10000.0
+  m.rope_scaling = ml_collections.FieldReference(  # None, or transformers' rope parameters, e.g.
+      None, field_type=object)  # {"rope_type": "llama3", "factor": 8.0, ...} (default/linear/llama3)
   m.rms_norm_eps = 1e-5
   m.tie_embeddings = False
   m.qkv_bias = False           # True for the Qwen2 family
   m.dtype = "float32"          # activation / compute dtype
   m.param_dtype = "float32"
   m.tokens_per_frame = 10      # 1 pooled token + pool_size**2 grid tokens
+  m.init_from = ""             # pretrained LLM loaded at step 0: HF dir, .gguf, `mod-jax convert` dir
+
+  # LoRA (SPEC §1, mod_jax/model/lora.py). rank > 0 freezes the LLM: the optimizer updates the
+  # adapters, the connector, the routers, the vision tower if vision.trainable, and `trainable`.
+  lo = m.lora = ConfigDict()
+  lo.rank = 0                  # r; 0 = no LoRA (every parameter trains)
+  lo.alpha = 16.0              # update scale alpha / r
+  lo.dropout = 0.0             # on the adapter input, training steps only
+  lo.targets = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
+  lo.param_dtype = "float32"
+  lo.trainable = ()            # regexes of more parameter paths to train, e.g. ("llm/embed",)
 
   v = m.vision = ConfigDict()
   v.image_size = 48
@@ -75,6 +89,7 @@ def base_config() -> ConfigDict:
   v.pool_size = 3              # p: patch grid average-pooled to p x p
   v.layer_norm_eps = 1e-6
   v.trainable = True           # VideoLLM-online freezes a pretrained SigLIP; from scratch it must train
+  v.init_from = ""             # pretrained SigLIP (HF SiglipVisionModel / SiglipModel dir) at step 0
 
   mod = m.mod = ConfigDict()
   mod.insertion = "interleaved"  # one of MOD_INSERTIONS, or an explicit list of layer indices
@@ -163,6 +178,37 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
   return shape
 
 
+def _validate_rope_and_lora(m: ConfigDict) -> None:
+  """model.rope_scaling and model.lora (see base_config)."""
+  from mod_jax.model.attention import rope_inv_freq  # pylint: disable=g-import-not-at-top
+  from mod_jax.model.lora import LORA_TARGETS  # pylint: disable=g-import-not-at-top
+  try:
+    rope_inv_freq(m.head_dim, m.rope_theta, m.rope_scaling)
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise ConfigError(f"model.rope_scaling={m.rope_scaling!r} is not usable ({e!r}); give None or "
+                      f"a dict with rope_type default/linear/llama3 and its fields.") from None
+  lo = m.lora
+  if lo.rank < 0:
+    raise ConfigError(f"model.lora.rank={lo.rank} must be >= 0 (0 disables LoRA).")
+  if lo.rank == 0:
+    return
+  if lo.alpha <= 0 or not 0.0 <= lo.dropout < 1.0:
+    raise ConfigError(f"model.lora.alpha={lo.alpha} must be > 0 and model.lora.dropout="
+                      f"{lo.dropout} in [0, 1).")
+  unknown = sorted(set(lo.targets) - set(LORA_TARGETS))
+  if unknown or not lo.targets:
+    raise ConfigError(f"model.lora.targets={tuple(lo.targets)}: {unknown or 'empty'}; choose "
+                      f"from {LORA_TARGETS}.")
+  if "lm_head" in lo.targets and m.tie_embeddings:
+    raise ConfigError("model.lora.targets includes 'lm_head' but model.tie_embeddings=True: a "
+                      "merged adapter would change the input embedding too. Drop 'lm_head'.")
+  for pattern in lo.trainable:
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ConfigError(f"model.lora.trainable pattern {pattern!r} is not a regex: {e}") from None
+
+
 def validate(config: ConfigDict, num_devices: int | None = None) -> None:
   """Checks a config for impossible settings; raises :class:`ConfigError` naming the value.
 
@@ -203,6 +249,7 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
       raise ConfigError(f"model.mod.insertion lists layers {bad} outside 0..{m.n_layers - 1}.")
   if m.n_heads % m.n_kv_heads:
     raise ConfigError(f"model.n_heads={m.n_heads} is not a multiple of n_kv_heads={m.n_kv_heads}.")
+  _validate_rope_and_lora(m)
   if m.vision.width % m.vision.n_heads:
     raise ConfigError(f"model.vision.width={m.vision.width} is not divisible by "
                       f"vision.n_heads={m.vision.n_heads}.")

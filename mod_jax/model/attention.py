@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mod_jax.model import lora
 from mod_jax.model.layers import dense_init
 from mod_jax.model.partitioning import param, shard
 
@@ -111,29 +112,39 @@ class Attention(nnx.Module):
     self.dtype = jnp.dtype(cfg.dtype)
     self.rules = rules
 
-  def qkv(self, x_btd: jax.Array, positions_bt: jax.Array):
-    """Projects and rotates: returns q [b, t, n, h], k and v [b, t, k, h]."""
+  def qkv(self, x_btd: jax.Array, positions_bt: jax.Array, rng: jax.Array | None = None):
+    """Projects and rotates: returns q [b, t, n, h], k and v [b, t, k, h].
+
+    ``rng`` is the LoRA dropout key (``mod_jax/model/lora.py``; training only).
+    """
     x = x_btd.astype(self.dtype)
 
-    def proj(w, bias):
-      y = jnp.einsum("btd,dnh->btnh", x, w[...].astype(self.dtype))
-      return y if bias is None else y + bias[...].astype(self.dtype)
+    def proj(name, bias, i):
+      y = jnp.einsum("btd,dnh->btnh", x, getattr(self, name)[...].astype(self.dtype))
+      y = y if bias is None else y + bias[...].astype(self.dtype)
+      delta = lora.adapter(self, name, x, lora.fold(rng, i), self.dtype)  # None without LoRA
+      return y if delta is None else y + delta
 
-    q = apply_rope(proj(self.q, self.q_bias), positions_bt, self.inv_freq)
-    k = apply_rope(proj(self.k, self.k_bias), positions_bt, self.inv_freq)
-    v = proj(self.v, self.v_bias)
+    q = apply_rope(proj("q", self.q_bias, 0), positions_bt, self.inv_freq)
+    k = apply_rope(proj("k", self.k_bias, 1), positions_bt, self.inv_freq)
+    v = proj("v", self.v_bias, 2)
     q = shard(q, ("batch", "length", "heads", "head_dim"), self.rules)
     k = shard(k, ("batch", "length", "kv_heads", "head_dim"), self.rules)
     return q, k, v
 
-  def out(self, o_btnh: jax.Array) -> jax.Array:
-    return jnp.einsum("btnh,nhd->btd", o_btnh, self.o[...].astype(self.dtype))
+  def out(self, o_btnh: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    y = jnp.einsum("btnh,nhd->btd", o_btnh, self.o[...].astype(self.dtype))
+    delta = lora.adapter(self, "o", o_btnh, lora.fold(rng, 3), self.dtype)
+    return y if delta is None else y + delta
 
-  def __call__(self, x_btd, positions_bt, segment_ids_bt) -> jax.Array:
-    """Self-attention over the given tokens. x [b, t, d]; positions, segment_ids int32 [b, t]."""
-    q, k, v = self.qkv(x_btd, positions_bt)
+  def __call__(self, x_btd, positions_bt, segment_ids_bt, rng=None) -> jax.Array:
+    """Self-attention over the given tokens. x [b, t, d]; positions, segment_ids int32 [b, t].
+
+    ``rng``: LoRA dropout key.
+    """
+    q, k, v = self.qkv(x_btd, positions_bt, rng)
     mask = attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt)
-    return self.out(dot_product_attention(q, k, v, mask))
+    return self.out(dot_product_attention(q, k, v, mask), rng)
 
 
 def _as_dict(x):

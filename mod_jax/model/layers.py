@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mod_jax.model import lora
 from mod_jax.model.partitioning import param
 
 _normal = nnx.initializers.normal
@@ -59,11 +60,13 @@ class Dense(nnx.Module):
     self.bias = param(rngs, _zeros, (d_out,), names[1:], param_dtype) if use_bias else None
     self.dtype = dtype
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """``rng``: LoRA dropout key (training only; ``mod_jax/model/lora.py``)."""
     y = jnp.einsum("...d,df->...f", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
-    return y
+    delta = lora.adapter(self, "kernel", x, rng, self.dtype)  # None without LoRA
+    return y if delta is None else y + delta
 
 
 class SwiGLU(nnx.Module):
@@ -76,5 +79,6 @@ class SwiGLU(nnx.Module):
     self.up = Dense(d_model, d_ff, ("embed", "mlp"), **kw)
     self.down = Dense(d_ff, d_model, ("mlp", "embed"), **kw)
 
-  def __call__(self, x_btd: jax.Array) -> jax.Array:
-    return self.down(jax.nn.silu(self.gate(x_btd)) * self.up(x_btd))
+  def __call__(self, x_btd: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    h = jax.nn.silu(self.gate(x_btd, lora.fold(rng, 0))) * self.up(x_btd, lora.fold(rng, 1))
+    return self.down(h, lora.fold(rng, 2))

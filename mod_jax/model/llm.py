@@ -9,11 +9,13 @@ Shape letters: b batch, l/t tokens, d model width, v vocabulary.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mod_jax.model import mod
+from mod_jax.model import lora, mod
 from mod_jax.model.attention import Attention
 from mod_jax.model.layers import RMSNorm, SwiGLU, dense_init
 from mod_jax.model.partitioning import param, shard
@@ -30,9 +32,11 @@ class DecoderLayer(nnx.Module):
                       param_dtype=jnp.dtype(cfg.param_dtype))
     self.rules = rules
 
-  def __call__(self, x_bld, positions_bl, segment_ids_bl) -> jax.Array:
-    x = x_bld + self.attn(self.input_norm(x_bld), positions_bl, segment_ids_bl).astype(x_bld.dtype)
-    x = x + self.mlp(self.post_attn_norm(x)).astype(x.dtype)
+  def __call__(self, x_bld, positions_bl, segment_ids_bl, rng=None) -> jax.Array:
+    """``rng``: LoRA dropout key (training only)."""
+    x = x_bld + self.attn(self.input_norm(x_bld), positions_bl, segment_ids_bl,
+                          lora.fold(rng, 0)).astype(x_bld.dtype)
+    x = x + self.mlp(self.post_attn_norm(x), lora.fold(rng, 1)).astype(x.dtype)
     return shard(x, ("batch", "length", "embed"), self.rules)
 
 
@@ -52,6 +56,10 @@ class Decoder(nnx.Module):
     # Routers last, so a MoD model and its dense counterpart draw identical weights for a seed.
     self.routers = nnx.Dict({str(i): mod.LayerExpert(cfg.d_model, rngs=rngs)
                              for i in range(cfg.n_layers) if self.plan.needs_router(i)})
+    lora_cfg = cfg.get("lora")
+    self.lora_dropout = bool(lora_cfg and lora_cfg.rank > 0 and lora_cfg.dropout > 0)
+    if lora_cfg and lora_cfg.rank > 0:  # adapters after everything else (same base init)
+      lora.attach(self, cfg, rngs=rngs)
     self.dtype = jnp.dtype(cfg.dtype)
     self.rules = rules
 
@@ -71,7 +79,10 @@ class Decoder(nnx.Module):
     num_text = x_bld.shape[1] - num_frames * n if num_text is None else num_text
     aux = {}
     x = x_bld
+    drop = lora.fold(rng, lora.DROPOUT_STREAM) if self.lora_dropout else None
     for i, layer in enumerate(self.layers):
+      if drop is not None:
+        layer = functools.partial(layer, rng=jax.random.fold_in(drop, i))
       if num_frames and self.plan.routed(i):
         x, aux[f"layer_{i}"] = mod.routed_block(
             layer, x, positions_bl, segment_ids_bl, num_text=num_text, num_frames=num_frames,
@@ -82,11 +93,13 @@ class Decoder(nnx.Module):
         x = layer(x, positions_bl, segment_ids_bl)
     return self.final_norm(x), aux
 
-  def logits(self, h_btd: jax.Array) -> jax.Array:
-    """LM head, float32 [b, t, v]."""
+  def logits(self, h_btd: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """LM head, float32 [b, t, v]. ``rng``: LoRA dropout key (training only)."""
     w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-    return jnp.einsum("btd,dv->btv", h_btd.astype(self.dtype), w.astype(self.dtype)).astype(
-        jnp.float32)
+    y = jnp.einsum("btd,dv->btv", h_btd.astype(self.dtype), w.astype(self.dtype))
+    drop = lora.fold(rng, lora.DROPOUT_STREAM) if self.lora_dropout else None
+    delta = lora.adapter(self, "lm_head", h_btd, lora.fold(drop, len(self.layers)), self.dtype)
+    return (y if delta is None else y + delta).astype(jnp.float32)
 
   def text_logits(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None) -> jax.Array:
     """Plain causal LM call on token ids int32 [b, t] -> logits float32 [b, t, v]."""

@@ -6,6 +6,7 @@ graphdef is static, ``TrainState`` holds arrays only, and the step is a pure fun
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import flax
@@ -35,10 +36,23 @@ def _path_str(path) -> str:
 
 
 def trainable_labels(params, model_cfg):
-  """'train' or 'frozen' per parameter; the vision tower is frozen unless vision.trainable."""
+  """'train' or 'frozen' per parameter.
+
+  The vision tower is frozen unless ``vision.trainable``. With LoRA (``lora.rank`` > 0) the LLM
+  base weights are frozen too: only adapters (paths with ``_lora``), the connector, the routers,
+  a trainable vision tower and the paths matching ``lora.trainable`` regexes are updated.
+  """
+  lora_cfg = model_cfg.get("lora")
+  lora_on = bool(lora_cfg and lora_cfg.rank > 0)
+  extra = [re.compile(p) for p in (lora_cfg.trainable if lora_on else ())]
+
   def label(path, _):
-    return "frozen" if (_path_str(path).startswith("vision/") and not model_cfg.vision.trainable) \
-        else "train"
+    p = _path_str(path)
+    if p.startswith("vision/"):
+      return "train" if model_cfg.vision.trainable or any(r.search(p) for r in extra) else "frozen"
+    if not lora_on or "_lora/" in p or p.startswith(("connector/", "llm/routers/")):
+      return "train"
+    return "train" if any(r.search(p) for r in extra) else "frozen"
   return jax.tree_util.tree_map_with_path(label, params)
 
 

@@ -75,6 +75,7 @@ def eval_step(params, batch, *, graphdef, base_rng: jax.Array, interval_id: int)
   stream-close token) and frames where it should stay silent, since silent frames dominate.
   """
   model = nnx.merge(graphdef, params)
+  model.eval()  # deterministic: no LoRA dropout (the rng is only for random routing)
   out, _ = forward_losses(model, batch, base_rng)
   correct = (out["frame_pred"] == batch["frame_targets"]).astype(jnp.float32) * out["frame_w"]
   speak = (batch["frame_targets"] != interval_id).astype(jnp.float32) * out["frame_w"]
