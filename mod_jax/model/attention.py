@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mod_jax.model import lora
 from mod_jax.model.layers import dense_init
 from mod_jax.model.partitioning import param, shard
 
@@ -117,37 +118,44 @@ class Attention(nnx.Module):
     self.rules = rules
     self.cache: KVCache | None = nnx.data(None)  # set for streaming inference only
 
-  def qkv(self, x_btd: jax.Array, positions_bt: jax.Array):
-    """Projects and rotates: returns q [b, t, n, h], k and v [b, t, k, h]."""
+  def qkv(self, x_btd: jax.Array, positions_bt: jax.Array, rng: jax.Array | None = None):
+    """Projects and rotates: returns q [b, t, n, h], k and v [b, t, k, h].
+
+    ``rng`` is the LoRA dropout key (``mod_jax/model/lora.py``; training only).
+    """
     x = x_btd.astype(self.dtype)
 
-    def proj(w, bias):
-      y = jnp.einsum("btd,dnh->btnh", x, w[...].astype(self.dtype))
-      return y if bias is None else y + bias[...].astype(self.dtype)
+    def proj(name, bias, i):
+      y = jnp.einsum("btd,dnh->btnh", x, getattr(self, name)[...].astype(self.dtype))
+      y = y if bias is None else y + bias[...].astype(self.dtype)
+      delta = lora.adapter(self, name, x, lora.fold(rng, i), self.dtype)  # None without LoRA
+      return y if delta is None else y + delta
 
-    q = apply_rope(proj(self.q, self.q_bias), positions_bt, self.inv_freq)
-    k = apply_rope(proj(self.k, self.k_bias), positions_bt, self.inv_freq)
-    v = proj(self.v, self.v_bias)
+    q = apply_rope(proj("q", self.q_bias, 0), positions_bt, self.inv_freq)
+    k = apply_rope(proj("k", self.k_bias, 1), positions_bt, self.inv_freq)
+    v = proj("v", self.v_bias, 2)
     q = shard(q, ("batch", "length", "heads", "head_dim"), self.rules)
     k = shard(k, ("batch", "length", "kv_heads", "head_dim"), self.rules)
     return q, k, v
 
-  def out(self, o_btnh: jax.Array) -> jax.Array:
-    return jnp.einsum("btnh,nhd->btd", o_btnh, self.o[...].astype(self.dtype))
+  def out(self, o_btnh: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    y = jnp.einsum("btnh,nhd->btd", o_btnh, self.o[...].astype(self.dtype))
+    delta = lora.adapter(self, "o", o_btnh, lora.fold(rng, 3), self.dtype)
+    return y if delta is None else y + delta
 
-  def __call__(self, x_btd, positions_bt, segment_ids_bt) -> jax.Array:
+  def __call__(self, x_btd, positions_bt, segment_ids_bt, rng=None) -> jax.Array:
     """Self-attention over the given tokens. x [b, t, d]; positions, segment_ids int32 [b, t].
 
     With a :class:`KVCache` attached, the tokens' keys/values are written to it first and the
-    queries attend over all cached entries (earlier calls included).
+    queries attend over all cached entries (earlier calls included). ``rng``: LoRA dropout key.
     """
-    q, k, v = self.qkv(x_btd, positions_bt)
+    q, k, v = self.qkv(x_btd, positions_bt, rng)
     if self.cache is None:
       mask = attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt)
-      return self.out(dot_product_attention(q, k, v, mask))
+      return self.out(dot_product_attention(q, k, v, mask), rng)
     k, v, k_pos, k_seg = self.cache.write(k, v, positions_bt, segment_ids_bt)
     mask = attention_mask(positions_bt, segment_ids_bt, k_pos, k_seg)
-    return self.out(dot_product_attention(q, k, v, mask))
+    return self.out(dot_product_attention(q, k, v, mask), rng)
 
 
 class KVCache(nnx.Module):
@@ -201,7 +209,6 @@ class KVCache(nnx.Module):
     unpinned = jnp.arange(size, dtype=jnp.int32) >= self.ring_start[...]
     old = unpinned[None, :] & (self.positions[...] < position)
     self.segment_ids[...] = jnp.where(old, 0, self.segment_ids[...])
-
 
 
 def _as_dict(x):

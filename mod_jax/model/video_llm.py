@@ -53,8 +53,12 @@ class VideoLLM(nnx.Module):
   def __call__(self, batch, *, rng: jax.Array | None = None):
     """Returns (text_logits f32 [b, T, V], frame_logits f32 [b, F, V], aux dict).
 
-    ``rng`` is needed only for ``selection='random'`` routing.
+    ``rng`` is needed only for ``selection='random'`` routing (and drives LoRA dropout in
+    training). Called on a plain int32 array of token ids [b, t] instead of a batch dict, this is
+    the text-only causal LM and returns logits f32 [b, t, V] (positions 0..t-1).
     """
+    if not isinstance(batch, dict):
+      return self.llm.text_logits(batch)
     n = self.tokens_per_frame
     text = self.llm.embed_tokens(batch["text_tokens"])
     b, t, d = text.shape
@@ -68,4 +72,5 @@ class VideoLLM(nnx.Module):
     segments = jnp.concatenate([batch["text_segment_ids"], v_seg], axis=1)
     h, aux = self.llm(x, positions, segments, num_text=t, num_frames=f, rng=rng)
     frame_end = h[:, t:].reshape(b, f, n, d)[:, :, -1]
-    return self.llm.logits(h[:, :t]), self.llm.logits(frame_end), aux
+    frame_rng = None if rng is None else jax.random.fold_in(rng, 1)  # LoRA dropout on lm_head
+    return self.llm.logits(h[:, :t], rng), self.llm.logits(frame_end, frame_rng), aux
