@@ -21,6 +21,7 @@ COMMANDS = {
     "train": "mod_jax.train.main",
     "stream": "mod_jax.infer.stream_main",  # mod-jax stream --workdir CKPT --video FILE
     "eval": "mod_jax.infer.eval_main",      # mod-jax eval --workdir CKPT (streaming metrics)
+    "flops": "mod_jax.analysis.main",  # mod-jax flops --config X [--json]
     "convert": "mod_jax.convert.main",  # mod-jax convert --from-hf DIR | --to-hf SRC --out DIR
 }
 

@@ -91,11 +91,18 @@ def base_config() -> ConfigDict:
   v.trainable = True           # VideoLLM-online freezes a pretrained SigLIP; from scratch it must train
   v.init_from = ""             # pretrained SigLIP (HF SiglipVisionModel / SiglipModel dir) at step 0
 
+  # Routing of vision tokens (SPEC §1.1, mod_jax/model/mod.py). insertion and keep_ratio take a
+  # str/float or a list (typed `object` so `--config.model.mod.insertion=[1,3]` works). Baselines
+  # are k = 0 settings of the same mechanism: EarlyExit(E) = insertion [E..n-1], keep_ratio 0;
+  # LayerSkip = insertion "interleaved", keep_ratio 0; Full computation = insertion "none".
   mod = m.mod = ConfigDict()
-  mod.insertion = "interleaved"  # one of MOD_INSERTIONS, or an explicit list of layer indices
-  mod.keep_ratio = 0.2           # r; k = ceil(r * tokens_per_frame) vision tokens kept per frame
+  mod.insertion = ml_collections.FieldReference(  # MOD_INSERTIONS or a list of layer indices
+      "interleaved", field_type=object)
+  mod.keep_ratio = ml_collections.FieldReference(  # r in [0, 1], or one r per routed layer;
+      0.2, field_type=object)                      # k = ceil(r * tokens_per_frame) per frame
   mod.selection = "learned"      # LayerExpert router / random / uniform (strided)
   mod.router_weighting = "ste"   # x <- x + g(s) f(x): ste (forward 1) | sigmoid | score
+  mod.router_aux_loss_weight = 0.0  # Mixture-of-Depths aux loss: BCE(router logit, kept), per layer
 
   # ---------------------------------------------------------------- data
   d = c.data = ConfigDict()
@@ -231,8 +238,6 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
     raise ConfigError(
         f"patch grid {grid}x{grid} (image_size/patch_size) is not divisible by pool_size={p}; "
         f"average pooling to {p}x{p} needs equal windows. Change image_size or pool_size.")
-  if not 0.0 < mod.keep_ratio <= 1.0:
-    raise ConfigError(f"model.mod.keep_ratio={mod.keep_ratio} must be in (0, 1] (k = ceil(r*N)).")
   if mod.selection not in MOD_SELECTIONS:
     raise ConfigError(f"model.mod.selection={mod.selection!r}; choose one of {MOD_SELECTIONS}.")
   if mod.router_weighting not in ROUTER_WEIGHTINGS:
@@ -247,6 +252,13 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
     bad = [i for i in ins if not 0 <= int(i) < m.n_layers]
     if bad:
       raise ConfigError(f"model.mod.insertion lists layers {bad} outside 0..{m.n_layers - 1}.")
+  if mod.router_aux_loss_weight < 0:
+    raise ConfigError(f"model.mod.router_aux_loss_weight={mod.router_aux_loss_weight} must be >= 0.")
+  from mod_jax.model.mod import RoutingPlan  # pylint: disable=g-import-not-at-top (import cycle)
+  try:
+    RoutingPlan.from_config(m)  # keep_ratio range, schedule length
+  except ValueError as e:
+    raise ConfigError(f"model.mod: {e}") from None
   if m.n_heads % m.n_kv_heads:
     raise ConfigError(f"model.n_heads={m.n_heads} is not a multiple of n_kv_heads={m.n_kv_heads}.")
   _validate_rope_and_lora(m)

@@ -30,6 +30,16 @@ not differentiable and the router receives no gradient.
 
 Selection strategies (VideoLLM-MoD Table 3): ``learned`` (LayerExpert top-k), ``random``
 (top-k of uniform noise, a fresh draw per step and layer), ``uniform`` (fixed stride within frame).
+
+Keep ratio: one r for every routed layer, or a schedule with one r per routed layer. The paper's
+Table 1 baselines are k = 0 settings of this same mechanism (:func:`baseline_routing`): EarlyExit(E)
+routes layers E..n-1 with k = 0 (vision tokens leave after layer E), LayerSkip routes the
+interleaved layers with k = 0, Full computation routes nothing.
+
+Auxiliary router loss (Mixture-of-Depths §3.5, γ-MoD): BCE of each vision token's router logit
+against its top-k membership, averaged over real (non-padding) frames, reported per layer as
+``aux["router_bce"]``; the train loss adds ``router_aux_loss_weight`` × its sum over layers. Per-frame
+top-k is already causal, so the loss is optional here (it calibrates the logits to a 0.5 threshold).
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from mod_jax.config import keep_count
@@ -80,20 +91,77 @@ class RoutingPlan:
   tokens_per_frame: int
   selection: str
   weighting: str
+  aux_loss_weight: float = 0.0
 
   @classmethod
   def from_config(cls, model_cfg) -> "RoutingPlan":
+    """Plan of ``model_cfg.mod`` (insertion, keep_ratio r or schedule, selection, weighting).
+
+    Raises:
+      ValueError: a keep ratio outside its range, a scalar r = 0 (ambiguous: use a schedule, see
+        :func:`baseline_routing`), or a schedule whose length is not the number of routed layers.
+    """
     mod = model_cfg.mod
-    routed = set(mod_layer_indices(mod.insertion, model_cfg.n_layers))
-    k = keep_count(mod.keep_ratio, model_cfg.tokens_per_frame)
-    keep = tuple(k if i in routed else None for i in range(model_cfg.n_layers))
-    return cls(keep, model_cfg.tokens_per_frame, mod.selection, mod.router_weighting)
+    routed = mod_layer_indices(mod.insertion, model_cfg.n_layers)
+    ratios = _keep_schedule(mod.keep_ratio, mod.insertion, routed)
+    k_of = {i: keep_count(r, model_cfg.tokens_per_frame) for i, r in zip(routed, ratios)}
+    keep = tuple(k_of.get(i) for i in range(model_cfg.n_layers))
+    return cls(keep, model_cfg.tokens_per_frame, mod.selection, mod.router_weighting,
+               float(mod.get("router_aux_loss_weight", 0.0)))
 
   def routed(self, layer: int) -> bool:
     return self.keep[layer] is not None
 
   def needs_router(self, layer: int) -> bool:
     return self.routed(layer) and self.keep[layer] > 0 and self.selection == "learned"
+
+
+def _keep_schedule(keep_ratio, insertion, routed: tuple[int, ...]) -> tuple[float, ...]:
+  """One keep ratio per routed layer from a scalar r in (0, 1] or a schedule with values in [0, 1]."""
+  if isinstance(keep_ratio, (int, float)):
+    if not 0.0 < keep_ratio <= 1.0:
+      raise ValueError(
+          f"keep_ratio={keep_ratio} must be in (0, 1] (k = ceil(r*N)). For k = 0 (vision tokens "
+          f"skip a layer: EarlyExit, LayerSkip) give one ratio per routed layer, e.g. "
+          f"keep_ratio={[0.0] * min(len(routed), 2)} with insertion={list(routed[:2])}; "
+          f"mod_jax.model.mod.baseline_routing() builds these settings.")
+    return (float(keep_ratio),) * len(routed)
+  ratios = tuple(float(r) for r in keep_ratio)
+  if len(ratios) != len(routed):
+    raise ValueError(
+        f"keep_ratio schedule has {len(ratios)} values but insertion={insertion!r} routes "
+        f"{len(routed)} layers {list(routed)}; give one ratio per routed layer, in layer order.")
+  bad = [r for r in ratios if not 0.0 <= r <= 1.0]
+  if bad:
+    raise ValueError(f"keep_ratio schedule values {bad} are outside [0, 1].")
+  return ratios
+
+
+def baseline_routing(name: str, n_layers: int, exit_layer: int | None = None) -> dict:
+  """``model.mod`` settings of VideoLLM-MoD's Table 1 baselines as k = 0 routing.
+
+  Args:
+    name: ``full`` (no routing), ``early_exit`` (vision tokens are processed by layers
+      0..E-1 and skip layers E..n-1) or ``layer_skip`` (vision tokens skip every other layer:
+      the ``interleaved`` layers 1, 3, …).
+    n_layers: decoder depth n.
+    exit_layer: E for ``early_exit``, 0 <= E < n (default n // 2).
+  Returns:
+    ``{"insertion": ..., "keep_ratio": ...}`` to set on ``config.model.mod``.
+  Raises:
+    ValueError: unknown ``name`` or ``exit_layer`` outside [0, n).
+  """
+  if name == "full":
+    return {"insertion": "none", "keep_ratio": 1.0}
+  if name == "early_exit":
+    e = n_layers // 2 if exit_layer is None else int(exit_layer)
+    if not 0 <= e < n_layers:
+      raise ValueError(f"exit_layer={exit_layer} must be in [0, {n_layers}) for {n_layers} layers.")
+    return {"insertion": list(range(e, n_layers)), "keep_ratio": [0.0] * (n_layers - e)}
+  if name == "layer_skip":
+    layers = mod_layer_indices("interleaved", n_layers)
+    return {"insertion": "interleaved", "keep_ratio": [0.0] * len(layers)}
+  raise ValueError(f"unknown baseline {name!r}; choose full, early_exit or layer_skip.")
 
 
 class LayerExpert(nnx.Module):
@@ -191,7 +259,17 @@ def routed_block(block: Callable, x_bld, positions_bl, segment_ids_bl, *, num_te
     aux["router_logits"] = scores
     aux["router_prob_kept"] = jnp.mean(jax.nn.sigmoid(s_sel))
     aux["router_prob_all"] = jnp.mean(jax.nn.sigmoid(scores))
+    aux["router_bce"] = _router_bce(scores, idx, segment_ids_bl[:, t:].reshape(b, f, n) != 0)
   bi = jnp.arange(b)[:, None, None]
   fi = jnp.arange(f)[None, :, None]
   x_vis = x_vis.at[bi, fi, idx].add(delta)
   return jnp.concatenate([y_c[:, :t], x_vis.reshape(b, f * n, d)], axis=1), aux
+
+
+def _router_bce(scores_bfn: jax.Array, idx_bfk: jax.Array, valid_bfn: jax.Array) -> jax.Array:
+  """Mean BCE of router logits [b, f, n] vs top-k membership (1 for the kept ``idx``), over
+  valid tokens; the Mixture-of-Depths auxiliary router loss. float32 []."""
+  member = jnp.any(idx_bfk[..., None, :] == jnp.arange(scores_bfn.shape[-1])[:, None], axis=-1)
+  bce = optax.sigmoid_binary_cross_entropy(scores_bfn, member.astype(jnp.float32))
+  w = valid_bfn.astype(jnp.float32)
+  return jnp.sum(bce * w) / jnp.maximum(jnp.sum(w), 1.0)

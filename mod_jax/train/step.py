@@ -46,6 +46,11 @@ def loss_fn(params, graphdef, batch, rng, stream_loss_weight: float):
                          / jnp.maximum(n_frame, 1.0),
       "labelled_tokens": n_text + n_frame,
   }
+  aux_w = model.llm.plan.aux_loss_weight  # Mixture-of-Depths router loss (mod.py), static
+  if aux_w > 0:
+    router_aux = sum(a["router_bce"] for a in aux.values() if "router_bce" in a)
+    loss = loss + aux_w * router_aux
+    metrics["loss"], metrics["router_aux_loss"] = loss, router_aux
   for name, a in aux.items():
     if "kept_index" in a:  # how often the pooled (CLS-like) token 0 of a frame is kept
       metrics[f"router/{name}/pooled_token_kept"] = jnp.mean(

@@ -1,0 +1,162 @@
+"""Dense vs MoD training steps, side by side in one process: FLOPs, memory and step time ratios.
+
+Both models are built from the same config (default ``configs/bench_paper.py``: the paper's
+proportions at CPU width), the MoD one as configured and the dense one with
+``model.mod.insertion="none"``. Each real training step (``mod_jax.train.step.train_step``,
+jitted as the train loop does, state donated) is compiled ahead of time; XLA's FLOPs and memory
+come from that executable (``mod_jax.analysis.flops``). After warm-up the two steps are timed in
+alternating order (dense, MoD, MoD, dense, ...) on the same random batch in the slot layout, and
+the medians are compared. The other processes on the machine slow both sides alike; the spread
+(interquartile range) of each side is reported with the medians.
+
+  python benchmarks/mod_vs_dense.py [--config configs/bench_paper.py] [--reps 12] [--warmup 2]
+
+The LAST stdout line is one JSON object with ``flops_ratio`` (XLA, MoD/dense), ``memory_ratio``
+(compiled step peak bytes, MoD/dense), ``time_ratio`` (median step time, MoD/dense) and details.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+from mod_jax.analysis import flops  # pylint: disable=wrong-import-position
+from mod_jax.config import validate  # pylint: disable=wrong-import-position
+from mod_jax.train import sharding  # pylint: disable=wrong-import-position
+
+
+def load_config(path: str):
+  spec = importlib.util.spec_from_file_location("bench_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
+  """A full, well-formed batch: one stream per row, every slot used (no padding).
+
+  Stream order per row: a 4-token prompt, then each frame followed by its interval token, with
+  the remaining text slots spread as narrations after evenly spaced frames. Token ids, targets
+  and pixels are random; every text and frame-end slot is labelled.
+  """
+  rng = np.random.default_rng(seed)
+  m, d = config.model, config.data
+  b, t_cap, f_cap, n = config.train.batch_size, d.max_text, d.max_frames, m.tokens_per_frame
+  extra = t_cap - 4 - f_cap
+  if extra < 0:
+    raise ValueError(f"data.max_text={t_cap} must be >= 4 + max_frames={f_cap} (prompt and one "
+                     f"interval token per frame).")
+  text_pos, frame_pos, p = list(range(4)), [], 4
+  per_frame = np.diff(np.linspace(0, extra, f_cap + 1).round().astype(int))
+  for j in range(f_cap):
+    frame_pos.append(p)
+    p += n
+    for _ in range(1 + per_frame[j]):
+      text_pos.append(p)
+      p += 1
+  row = lambda x: np.broadcast_to(np.asarray(x, np.int32), (b, len(x))).copy()
+  return {
+      "text_tokens": rng.integers(1, m.vocab_size, (b, t_cap), dtype=np.int32),
+      "text_positions": row(text_pos),
+      "text_segment_ids": np.ones((b, t_cap), np.int32),
+      "text_targets": rng.integers(1, m.vocab_size, (b, t_cap), dtype=np.int32),
+      "text_weights": np.ones((b, t_cap), np.float32),
+      "frames": rng.integers(0, 256, (b, f_cap, m.vision.image_size, m.vision.image_size, 3),
+                             dtype=np.uint8),
+      "frame_positions": row(frame_pos),
+      "frame_segment_ids": np.ones((b, f_cap), np.int32),
+      "frame_targets": rng.integers(1, m.vocab_size, (b, f_cap), dtype=np.int32),
+      "frame_weights": np.ones((b, f_cap), np.float32),
+  }
+
+
+class Side:
+  """One model: its train state, compiled step and XLA analysis."""
+
+  def __init__(self, config, batch):
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    self.state, graphdef, tx, _ = sharding.create_train_state(config, mesh)
+    self.step = flops.jit_train_step(config, graphdef, tx).lower(self.state, batch).compile()
+    self.xla = flops.xla_analysis(self.step)
+    self.analytic = flops.analytic_flops(config)["total"]
+    self.times: list[float] = []
+
+  def run(self, batch) -> float:
+    start = time.perf_counter()
+    self.state, metrics = self.step(self.state, batch)
+    jax.block_until_ready((self.state, metrics))
+    return time.perf_counter() - start
+
+
+def _iqr(xs):
+  q = np.percentile(xs, [25, 75])
+  return float(q[1] - q[0])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--config", default=os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "bench_paper.py"))
+  parser.add_argument("--reps", type=int, default=12, help="timed steps per side")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side")
+  args = parser.parse_args()
+
+  config = load_config(args.config)
+  validate(config, 1)
+  dense_config = flops.dense_counterpart(config)
+  batch = jax.device_put(random_batch(config))
+  load_start = os.getloadavg()
+  t0 = time.perf_counter()
+  dense, mod = Side(dense_config, batch), Side(config, batch)
+  compile_s = time.perf_counter() - t0
+  for _ in range(args.warmup):
+    dense.run(batch)
+    mod.run(batch)
+  for r in range(args.reps):  # ABBA order: drift in machine load hits both sides alike
+    for side in ((dense, mod) if r % 2 == 0 else (mod, dense)):
+      side.times.append(side.run(batch))
+  med = {name: statistics.median(s.times) for name, s in (("dense", dense), ("mod", mod))}
+
+  m, d = config.model, config.data
+  seq = d.max_text + d.max_frames * m.tokens_per_frame
+  print(f"config {args.config}: {m.n_layers} layers, d_model {m.d_model}, batch "
+        f"{config.train.batch_size} x {seq} tokens ({d.max_frames} frames x {m.tokens_per_frame} "
+        f"+ {d.max_text} text = {d.max_text / seq:.1%} text), insertion "
+        f"{m.mod.insertion!r}, r {m.mod.keep_ratio}, selection {m.mod.selection!r}")
+  for name, s in (("dense", dense), ("MoD", mod)):
+    print(f"{name:6s} step median {med['dense' if name == 'dense' else 'mod'] * 1e3:8.1f} ms "
+          f"(IQR {_iqr(s.times) * 1e3:6.1f} ms, {len(s.times)} reps)  XLA "
+          f"{s.xla['flops'] / 1e9:7.2f} GFLOP  analytic {s.analytic / 1e9:7.2f} GFLOP  peak "
+          f"{s.xla['peak_bytes'] / 2 ** 20:7.1f} MiB (temp {s.xla['temp_bytes'] / 2 ** 20:7.1f})")
+  result = {
+      "flops_ratio": mod.xla["flops"] / dense.xla["flops"],
+      "memory_ratio": mod.xla["peak_bytes"] / dense.xla["peak_bytes"],
+      "time_ratio": med["mod"] / med["dense"],
+      "analytic_flops_ratio": mod.analytic / dense.analytic,
+      "temp_memory_ratio": mod.xla["temp_bytes"] / dense.xla["temp_bytes"],
+      "dense_step_ms": med["dense"] * 1e3, "mod_step_ms": med["mod"] * 1e3,
+      "dense_iqr_ms": _iqr(dense.times) * 1e3, "mod_iqr_ms": _iqr(mod.times) * 1e3,
+      "dense_times_ms": [round(x * 1e3, 1) for x in dense.times],
+      "mod_times_ms": [round(x * 1e3, 1) for x in mod.times],
+      "dense_xla_gflop": dense.xla["flops"] / 1e9, "mod_xla_gflop": mod.xla["flops"] / 1e9,
+      "dense_peak_mib": dense.xla["peak_bytes"] / 2 ** 20,
+      "mod_peak_mib": mod.xla["peak_bytes"] / 2 ** 20,
+      "reps": args.reps, "warmup": args.warmup, "compile_s": compile_s,
+      "config": os.path.relpath(args.config), "device": jax.devices()[0].device_kind,
+      "cpu_count": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+  }
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,88 @@
+"""``mod-jax flops --config X [--json]``: FLOPs and memory of a training step, MoD vs dense.
+
+For the configured model and its dense counterpart (``model.mod.insertion="none"``): the analytic
+FLOPs of one training step per token class and per decoder layer (formula in
+:mod:`mod_jax.analysis.flops`), XLA's count (``compiled.cost_analysis()``) and the compiled step's
+memory (``compiled.memory_analysis()``), for the global batch ``train.batch_size`` on one device.
+
+  mod-jax flops --config configs/bench_paper.py
+  mod-jax flops --config configs/demo.py --config.model.mod.keep_ratio=0.3 --json
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app
+from absl import flags
+
+from mod_jax import flags as mj_flags
+
+JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of tables.")
+ANALYTIC_ONLY = flags.DEFINE_bool(
+    "analytic_only", False, "Skip XLA compilation (analytic count only; for configs too large "
+    "to compile on this machine).")
+
+_CLASSES = ("vision_tower", "connector", "decoder_text", "decoder_vision", "router", "routing",
+            "lm_head", "optimizer")
+
+
+def _g(x: float) -> str:
+  return f"{x / 1e9:12.3f}"
+
+
+def _mib(x: float) -> str:
+  return f"{x / 2 ** 20:12.1f}"
+
+
+def render(report: dict) -> str:
+  """Human-readable tables of an :func:`mod_jax.analysis.flops.analyze` report."""
+  c, mod, den, r = report["config"], report["mod"], report["dense"], report["ratios"]
+  has_xla = "xla" in mod
+  lines = [
+      f"batch {c['batch_size']} rows x (text {c['max_text']} + frames {c['max_frames']} x "
+      f"{c['tokens_per_frame']} tokens); {c['n_layers']} layers, d_model {c['d_model']}; "
+      f"insertion {c['insertion']!r}, keep_ratio {c['keep_ratio']}, selection "
+      f"{c['selection']!r}; device {c['device']}",
+      "",
+      "Training-step FLOPs (GFLOP, analytic)        MoD        dense    MoD/dense",
+  ]
+  ratio = lambda a, b: f"{a / b:12.3f}" if b else f"{'-':>12s}"
+  for k in _CLASSES:
+    a, b = mod["analytic"]["by_class"][k], den["analytic"]["by_class"][k]
+    lines.append(f"  {k:34s}{_g(a)}{_g(b)}{ratio(a, b)}")
+  for k in ("products", "elementwise", "total"):
+    a, b = mod["analytic"][k], den["analytic"][k]
+    lines.append(f"  {'= ' + k if k == 'total' else k:34s}{_g(a)}{_g(b)}{ratio(a, b)}")
+  if has_xla:
+    a, b = mod["xla"]["flops"], den["xla"]["flops"]
+    lines += [f"  {'XLA cost_analysis flops':34s}{_g(a)}{_g(b)}{ratio(a, b)}",
+              f"  {'XLA / analytic':34s}{mod['xla_over_analytic']:12.3f}"
+              f"{den['xla_over_analytic']:12.3f}",
+              "", "Compiled step memory (MiB, one device)        MoD        dense    MoD/dense"]
+    for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "peak_bytes"):
+      a, b = mod["xla"][k], den["xla"][k]
+      lines.append(f"  {k:34s}{_mib(a)}{_mib(b)}{ratio(a, b)}")
+  lines += ["", "Per decoder layer (GFLOP; k kept of N per frame, - = dense; compact = tokens/row)",
+            f"  {'layer':>5s} {'k':>3s} {'compact':>8s} {'MoD text':>10s} {'MoD vision':>11s} "
+            f"{'router+routing':>15s} {'dense total':>12s}"]
+  for lm, ld in zip(mod["analytic"]["per_layer"], den["analytic"]["per_layer"]):
+    k = "-" if lm["keep"] is None else str(lm["keep"])
+    lines.append(f"  {lm['layer']:5d} {k:>3s} {lm['compact_len']:8d} {lm['text'] / 1e9:10.3f} "
+                 f"{lm['vision'] / 1e9:11.3f} {(lm['router'] + lm['routing']) / 1e9:15.4f} "
+                 f"{(ld['text'] + ld['vision']) / 1e9:12.3f}")
+  lines += ["", "Ratios MoD/dense: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items())]
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if mj_flags.CONFIG.value is None:
+    raise app.UsageError("mod-jax flops needs --config, e.g. --config configs/bench_paper.py.")
+  from mod_jax.analysis import flops  # pylint: disable=g-import-not-at-top (jax after flags)
+  from mod_jax.config import validate  # pylint: disable=g-import-not-at-top
+  config = mj_flags.CONFIG.value
+  validate(config)
+  report = flops.analyze(config, with_xla=not ANALYTIC_ONLY.value)
+  print(json.dumps(report) if JSON.value else render(report))
