@@ -369,6 +369,22 @@ def _set_leaf(tree: dict, keys: tuple, leaf) -> None:
 
 
 # ===================================================================================== training
+def check_init_from(config) -> None:
+  """Checks ``model.init_from`` / ``model.vision.init_from`` against the config (metadata only),
+  so a mismatch fails before the model is built. Raises ConfigError / CheckpointError."""
+  m = config.model
+  if m.init_from:
+    if kind_of(m.init_from) == "mod_jax":
+      saved = native_config(m.init_from).model
+      check_fields(m, {k: saved.get(k) for k in _LLM_FIELDS}, "model.", m.init_from)
+      check_fields(m.vision, {k: saved.vision.get(k) for k in _VISION_FIELDS}, "model.vision.",
+                   m.init_from)
+    else:
+      check_llm(m, m.init_from)
+  if m.vision.get("init_from"):
+    check_vision(m.vision, m.vision.init_from)
+
+
 def init_from_pretrained(config, params) -> list[str]:
   """Loads ``config.model.init_from`` / ``config.model.vision.init_from`` into ``params``.
 
@@ -381,13 +397,10 @@ def init_from_pretrained(config, params) -> list[str]:
   """
   m = config.model
   lines = []
+  check_init_from(config)
   if m.init_from:
     kind = kind_of(m.init_from)
     if kind == "mod_jax":
-      saved = native_config(m.init_from).model
-      check_fields(m, {k: saved.get(k) for k in _LLM_FIELDS}, "model.", m.init_from)
-      check_fields(m.vision, {k: saved.vision.get(k) for k in _VISION_FIELDS}, "model.vision.",
-                   m.init_from)
       n, unused = load_native(params, m.init_from,
                               optional=lambda p: "_lora/" in p or p.startswith("llm/routers/"))
       if unused:

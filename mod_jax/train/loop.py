@@ -21,6 +21,7 @@ import numpy as np
 import tqdm
 
 from mod_jax.config import ConfigError, validate
+from mod_jax.convert import pretrained
 from mod_jax.data import pipeline
 from mod_jax.train import checkpoint, sharding
 from mod_jax.train.step import eval_step, train_step
@@ -84,6 +85,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True,
   """
   # ------------------------------------------------------------------ Setup
   validate(config, jax.device_count())
+  if config.model.init_from or config.model.vision.init_from:
+    pretrained.check_init_from(config)  # checkpoint vs config, before anything is built
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   if is_main:
@@ -114,6 +117,9 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True,
   start = int(jax.device_get(state.step))
   if restored is not None:
     log.info("resumed from checkpoint at step %d", restored)
+  elif config.model.init_from or config.model.vision.init_from:  # pretrained weights, in place
+    for line in pretrained.init_from_pretrained(config, state.params):
+      log.info(line)
 
   step_fn = jax.jit(
       functools.partial(train_step, graphdef=graphdef, tx=tx,

@@ -1,0 +1,122 @@
+"""VideoLLM-MoD, the paper's setup: Llama-3-8B-Instruct + SigLIP-L/16 @384, LoRA, MoD r = 0.2.
+
+VideoLLM-MoD (arXiv 2408.16730) on VideoLLM-online's LIVE recipe (showlab/videollm-online,
+``models/arguments_live.py`` and ``scripts/ego4d/narration/live1+.sh``):
+
+* LLM: Meta-Llama-3-8B-Instruct (4096 wide, 32 layers, 32 / 8 heads, vocab 128256, rope_theta
+  5e5, untied), frozen, with LoRA r = 128, alpha = 256, dropout 0.05 on q, k, v, o, gate, up,
+  down and lm_head; the connector is trained fully;
+* vision: google/siglip-large-patch16-384 (1024 wide, 24 layers, 16 heads), frozen; 10 tokens
+  per frame (pooled token + 24x24 patch grid average-pooled to 3x3); frames at 2 fps, at most
+  1200 frames (10 minutes) per sample;
+* MoD: LayerExpert routers in every other layer (interleaved), keep ratio r = 0.2 (2 of 10 vision
+  tokens per frame), straight-through router weighting;
+* optimisation: AdamW lr 2e-4, cosine, 5% warmup, 2 epochs, bf16; global batch 64 (1 per device
+  x 8 accumulation x 8 GPUs in the reference). ``train.steps`` = 2 epochs / 64 rows: set it for
+  your data (the Ego4D narration stream split gives a few thousand rows).
+
+Both checkpoints are local Hugging Face directories (safetensors; nothing is downloaded):
+
+  mod-jax train --config configs/videollm_mod_llama3_8b.py:llm=/ckpt/Meta-Llama-3-8B-Instruct,vision=/ckpt/siglip-large-patch16-384 \\
+      --config.data.source=folder --config.data.dir=/data/ego4d_narration_stream \\
+      --config.train.steps=3000 --workdir gs://bucket/videollm_mod_8b
+
+The LLM and SigLIP weights are loaded into the sharded train state at step 0
+(``model.init_from`` / ``model.vision.init_from``, checked against the architecture below before
+anything is built); the tokenizer is the LLM directory's ``tokenizer.json``. Without the arg the
+config still builds (random weights), e.g. for ``mod-jax flops`` or an AOT compile.
+
+Arg: comma-separated ``llm=DIR``, ``vision=DIR`` and optionally ``dense`` (full computation).
+"""
+
+import os
+
+from mod_jax.config import base_config
+
+SYSTEM_PROMPT = ("A multimodal AI assistant is helping users with some activities. Below is their "
+                 "conversation, interleaved with the list of video frames received by the "
+                 "assistant.")  # videollm-online models/arguments_live.py
+
+
+def _parse(arg: str | None) -> dict:
+  out = {"llm": "", "vision": "", "dense": False}
+  for part in filter(None, (arg or "").split(",")):
+    key, _, value = part.partition("=")
+    if key == "dense" and not value:
+      out["dense"] = True
+    elif key in ("llm", "vision") and value:
+      out[key] = value
+    else:
+      raise ValueError(f"configs/videollm_mod_llama3_8b.py: bad arg part {part!r}; use "
+                       f"llm=DIR,vision=DIR[,dense].")
+  return out
+
+
+def get_config(arg: str | None = None):
+  a = _parse(arg)
+  c = base_config()
+  m = c.model
+  m.vocab_size = 128256
+  m.d_model = 4096
+  m.n_layers = 32
+  m.n_heads = 32
+  m.n_kv_heads = 8
+  m.head_dim = 128
+  m.d_ff = 14336
+  m.rope_theta = 500000.0
+  m.rms_norm_eps = 1e-5
+  m.tie_embeddings = False
+  m.dtype = "bfloat16"
+  m.param_dtype = "bfloat16"
+  m.tokens_per_frame = 10
+  m.init_from = a["llm"]
+
+  v = m.vision
+  v.image_size = 384
+  v.patch_size = 16
+  v.width = 1024
+  v.depth = 24
+  v.n_heads = 16
+  v.mlp_dim = 4096
+  v.pool_size = 3
+  v.layer_norm_eps = 1e-6
+  v.trainable = False
+  v.init_from = a["vision"]
+
+  lo = m.lora
+  lo.rank = 128
+  lo.alpha = 256.0
+  lo.dropout = 0.05
+  lo.targets = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
+  lo.param_dtype = "float32"
+
+  m.mod.insertion = "none" if a["dense"] else "interleaved"
+  m.mod.keep_ratio = 0.2
+  m.mod.selection = "learned"
+
+  d = c.data
+  d.fps = 2.0
+  d.max_frames = 1200          # 10 minutes at 2 fps (videollm-online max_num_frames)
+  d.max_text = 4096            # one interval token per frame + narrations and prompts
+  d.system_prompt = SYSTEM_PROMPT
+  d.tokenizer = os.path.join(a["llm"], "tokenizer.json") if a["llm"] else ""
+  tok = d.tokens
+  tok.bos = "<|begin_of_text|>"
+  tok.eos = "<|eot_id|>"
+  tok.pad = "<|reserved_special_token_0|>"
+  tok.vision = "<|reserved_special_token_1|>"
+
+  t = c.train
+  t.batch_size = 64
+  t.learning_rate = 2e-4
+  t.steps = 3000
+  t.warmup_steps = 150         # 5%
+  t.end_learning_rate_ratio = 0.0
+  t.weight_decay = 0.0
+  t.grad_clip_norm = 1.0
+  t.log_every = 10
+  t.checkpoint_every = 500
+  t.eval_batches = 64
+
+  c.mesh.shape = (1, -1, 1)    # FSDP over all devices; add a tensor axis for long rows
+  return c
