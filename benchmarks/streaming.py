@@ -64,7 +64,9 @@ def _session(config, graphdef, params, sizes, on_full="stop"):
 
 
 def _cache_nbytes(session) -> int:
-  return int(sum(x.nbytes for x in jax.tree.leaves(session.cache)))
+  """Bytes of the per-entry cache arrays (k, v, positions, segment ids; not the 3 int32
+  counters per layer)."""
+  return int(sum(x.nbytes for x in jax.tree.leaves(session.cache) if x.ndim >= 2))
 
 
 def frames_fit(config, graphdef, params, budget: int, frames: np.ndarray) -> tuple[int, int]:

@@ -3,7 +3,6 @@ checkpoint written in ``mod-jax train``'s layout (tiny model)."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 

@@ -174,7 +174,7 @@ def test_slide_keeps_prompt_and_equals_full_pass_over_kept_stream():
 
 
 def test_stop_policy_raises_clear_error_and_writes_nothing():
-  cfg, graphdef, params = _model("")
+  cfg, graphdef, params = _model("", n_layers=1)
   plan = RoutingPlan.from_config(cfg.model)
   session = streaming.Session(graphdef, params, cfg.model, on_full="stop",
                               sizes=streaming.cache_sizes(plan, 2, 4))
@@ -189,6 +189,7 @@ def test_stop_policy_raises_clear_error_and_writes_nothing():
                                                 r"on_full='stop'.*on_full='slide'"):
     session.feed([3], frame, what="frame 2")
   assert session.ledger.used == used and session.position == 2 + 2 * 11
+  assert used == [2 + 2 * (1 + 2)]         # prompt + 2 x (interval + k = 2 kept vision tokens)
 
 
 def test_ledger_refuses_an_event_larger_than_the_cache():
@@ -298,14 +299,14 @@ def test_sampling_greedy_temperature_and_top_p():
   assert int(streaming.sample_token(logits, key, temperature=0.0, top_p=1.0,
                                     vocab_size=3)[0]) == 2
   def draw(keys, top_p):
-    return np.asarray(jax.vmap(lambda k: streaming.sample_token(
-        logits, k, temperature=1.0, top_p=top_p, vocab_size=5)[0])(keys))
+    return np.asarray(jax.jit(jax.vmap(lambda k: streaming.sample_token(
+        logits, k, temperature=1.0, top_p=top_p, vocab_size=5)[0]))(keys))
   keys = jax.random.split(key, 4000)
   full = np.bincount(draw(keys, 1.0), minlength=5) / 4000
   np.testing.assert_allclose(full, [0.1, 0.2, 0.3, 0.4, 0.0], atol=0.03)
   # top_p = 0.5: the smallest set reaching 0.5 is {0.4, 0.3}, renormalised to 4/7, 3/7.
   nucleus = np.bincount(draw(keys, 0.5), minlength=5) / 4000
   np.testing.assert_allclose(nucleus, [0, 0, 3 / 7, 4 / 7, 0], atol=0.03)
-  sharp = jax.vmap(lambda k: streaming.sample_token(logits, k, temperature=0.05, top_p=1.0,
-                                                    vocab_size=5)[0])(keys[:200])
+  sharp = jax.jit(jax.vmap(lambda k: streaming.sample_token(
+      logits, k, temperature=0.05, top_p=1.0, vocab_size=5)[0]))(keys[:200])
   assert (np.asarray(sharp) == 3).mean() > 0.99    # low temperature -> argmax

@@ -14,6 +14,7 @@ import os
 import sys
 
 from absl import app
+from absl import logging as absl_logging
 
 from mod_jax import flags as mj_flags
 from mod_jax.infer import flags as f
@@ -40,6 +41,7 @@ def run_eval(workdir: str, *, threshold: float = 0.0, output: str | None = None,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's read-only checkpoint notices
   if not mj_flags.WORKDIR.value:
     raise app.UsageError("mod-jax eval needs --workdir (a directory written by mod-jax train).")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

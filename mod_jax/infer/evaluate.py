@@ -11,7 +11,6 @@ token, exactly as videollm-online continues from its trimmed KV cache.
 from __future__ import annotations
 
 import functools
-import logging
 import time
 
 import jax
@@ -27,13 +26,13 @@ from mod_jax.data.tokenizer import StreamTokenizer
 from mod_jax.infer import metrics, streaming
 from mod_jax.model.mod import RoutingPlan
 
-log = logging.getLogger("mod_jax")
-
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _teacher_forced(params, batch, rng, *, graphdef):
   """Per-slot CE, argmax-correctness and frame-end distributions of one padded sample."""
-  text_logits, frame_logits, _ = nnx.merge(graphdef, params)(batch, rng=rng)
+  model = nnx.merge(graphdef, params)
+  model.eval()  # no LoRA dropout; the rng is only for random routing
+  text_logits, frame_logits, _ = model(batch, rng=rng)
   return {
       "text_ce": optax.softmax_cross_entropy_with_integer_labels(text_logits,
                                                                  batch["text_targets"]),

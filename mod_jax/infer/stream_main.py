@@ -17,6 +17,7 @@ import sys
 import time
 
 from absl import app
+from absl import logging as absl_logging
 
 from mod_jax import flags as mj_flags
 from mod_jax.infer import flags as f
@@ -112,6 +113,7 @@ def run_stream(workdir: str, video: str, *, output: str | None = None, fps: floa
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's read-only checkpoint notices
   if not mj_flags.WORKDIR.value or not f.VIDEO.value:
     raise app.UsageError("mod-jax stream needs --workdir (a trained model) and --video.")
   try:

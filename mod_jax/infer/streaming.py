@@ -26,6 +26,12 @@ system prompt stays. Evicted entries keep their RoPE positions' meaning: new ent
 position count, so a long slide reaches positions the model never saw in training. A write can
 never land on a live entry silently: each cache counts such writes and :class:`Session` raises.
 
+Memory: a frame adds 1 + n_i entries to layer i (its interval token, and n_i = N vision tokens
+in a dense layer, k in a MoD layer). With MoD on every other layer the frames that fit in one
+KV budget grow by 2(N + 1) / (N + k + 2) = 22/14 = 1.57× (N = 10, k = 2); counting vision entries
+only, as the paper's "1.7× longer video" does, N / ((N + k) / 2) = 1.67× (``benchmarks/
+streaming.py`` measures both).
+
 Shape letters: b batch (streams in lockstep, 1 for ``mod-jax stream``), t text tokens of a chunk,
 f frames of a chunk, v vocabulary.
 """
@@ -343,6 +349,7 @@ class Session:
                    donate_argnums=(1,))
 def _step(params, cache, batch, window, rng, *, graphdef, sampler: Sampler, vocab_size: int):
   model = nnx.merge(graphdef, params, cache)
+  model.eval()  # inference: no LoRA dropout (the rng is for sampling and random routing)
   for layer in model.llm.layers:
     layer.attn.cache.evict_before(window)
   text_logits, frame_logits, _ = model(batch, rng=rng)
