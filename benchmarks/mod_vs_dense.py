@@ -10,6 +10,11 @@ the medians are compared. The other processes on the machine slow both sides ali
 (interquartile range) of each side is reported with the medians.
 
   python benchmarks/mod_vs_dense.py [--config configs/bench_paper.py] [--reps 12] [--warmup 2]
+                                   [--probe_overhead]
+
+``--probe_overhead`` adds a third side, the MoD model with r = 1 in the same layers: routing runs
+(router, top-k, gather, scatter) but every token is kept, so its time over dense's is the
+routing overhead at N tokens per frame (an upper bound for k < N).
 
 The LAST stdout line is one JSON object with ``flops_ratio`` (XLA, MoD/dense), ``memory_ratio``
 (compiled step peak bytes, MoD/dense), ``time_ratio`` (median step time, MoD/dense) and details.
@@ -109,6 +114,8 @@ def main():
       os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "bench_paper.py"))
   parser.add_argument("--reps", type=int, default=12, help="timed steps per side")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side")
+  parser.add_argument("--probe_overhead", action="store_true",
+                      help="also time the MoD model at r = 1 (routing without savings)")
   args = parser.parse_args()
 
   config = load_config(args.config)
@@ -118,12 +125,18 @@ def main():
   load_start = os.getloadavg()
   t0 = time.perf_counter()
   dense, mod = Side(dense_config, batch), Side(config, batch)
+  sides = [dense, mod]
+  if args.probe_overhead:
+    probe_config = flops.dense_counterpart(config)
+    probe_config.model.mod.insertion = config.model.mod.insertion
+    probe = Side(probe_config, batch)
+    sides.append(probe)
   compile_s = time.perf_counter() - t0
   for _ in range(args.warmup):
-    dense.run(batch)
-    mod.run(batch)
-  for r in range(args.reps):  # ABBA order: drift in machine load hits both sides alike
-    for side in ((dense, mod) if r % 2 == 0 else (mod, dense)):
+    for side in sides:
+      side.run(batch)
+  for r in range(args.reps):  # ABBA order: drift in machine load hits all sides alike
+    for side in (sides if r % 2 == 0 else sides[::-1]):
       side.times.append(side.run(batch))
   med = {name: statistics.median(s.times) for name, s in (("dense", dense), ("mod", mod))}
 
@@ -155,6 +168,14 @@ def main():
       "config": os.path.relpath(args.config), "device": jax.devices()[0].device_kind,
       "cpu_count": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
   }
+  if args.probe_overhead:
+    result.update(
+        overhead_probe_time_ratio=statistics.median(probe.times) / med["dense"],
+        overhead_probe_flops_ratio=probe.xla["flops"] / dense.xla["flops"],
+        overhead_probe_times_ms=[round(x * 1e3, 1) for x in probe.times])
+    print(f"r=1 probe step median {statistics.median(probe.times) * 1e3:8.1f} ms: routing "
+          f"overhead at k = N is {result['overhead_probe_time_ratio'] - 1:+.1%} of the dense "
+          f"step (XLA FLOPs {result['overhead_probe_flops_ratio'] - 1:+.1%})")
   print(json.dumps(result))
 
 

@@ -93,8 +93,9 @@ def base_config() -> ConfigDict:
 
   # Routing of vision tokens (SPEC §1.1, mod_jax/model/mod.py). insertion and keep_ratio take a
   # str/float or a list (typed `object` so `--config.model.mod.insertion=[1,3]` works). Baselines
-  # are k = 0 settings of the same mechanism: EarlyExit(E) = insertion [E..n-1], keep_ratio 0;
-  # LayerSkip = insertion "interleaved", keep_ratio 0; Full computation = insertion "none".
+  # are k = 0 settings of the same mechanism (mod.baseline_routing): EarlyExit(E) = insertion
+  # [E..n-1] with keep_ratio [0.0]*(n-E); LayerSkip = "interleaved" with one 0.0 per routed layer;
+  # Full computation = insertion "none".
   mod = m.mod = ConfigDict()
   mod.insertion = ml_collections.FieldReference(  # MOD_INSERTIONS or a list of layer indices
       "interleaved", field_type=object)

@@ -3,7 +3,7 @@
 ``mod-jax flops --config X`` (:mod:`mod_jax.analysis.main`) reports these for the configured model
 and for its dense counterpart (the same config with ``model.mod.insertion = "none"``).
 
-Analytic count (FLOPs = 2 × multiply-adds, matrix products only; per row, times the batch)
+Analytic count (FLOPs = 2 × multiply-adds of products + element-wise estimate; per row × batch)
 -----------------------------------------------------------------------------------------------
 Notation: d model width, n / n_kv query / KV heads, h head dim, f MLP width, V vocabulary; a row
 has T text slots and F frames of N vision tokens (SPEC §1.2). Decoder layer i keeps k_i vision
@@ -28,11 +28,19 @@ Training step = forward + backward. The backward of a product costs two forward 
 gradient with respect to each operand), so most terms count 3×. Exceptions: where one operand
 needs no gradient, 2× (the patch embedding, whose input is pixels; the connector's first layer
 when the vision tower is frozen; the one-hot gather and scatter, whose one-hot operand is
-constant), and a frozen vision tower counts 1× (forward only, ``stop_gradient``).
+constant; with LoRA, ``model.lora.rank`` = ρ > 0, every frozen base projection of the LLM), and a
+frozen vision tower counts 1× (forward only, ``stop_gradient``). A LoRA adapter on a projection
+d_in → d_out adds 2·ρ·(d_in + d_out) per token, 3×.
 
-Not counted: element-wise work (norms, RoPE, softmax, masks, activations, the optimizer update),
-which XLA does count; on the tiny test config it is a few percent of the total (the test bounds
-the difference at 5%) and it shrinks as the width grows.
+Element-wise work is estimated from an op count of the forward pass (3× in training, like the
+products): per token and decoder layer 10·d (two RMSNorms, two residual adds) + 4·(n + n_kv)·h
+(RoPE) + 5·f (SiLU gate) + (6n + 5)·c_i (scale, mask, max, subtract, sum, divide per attention
+logit; the c_i-wide mask); LayerNorm 7, tanh-GELU 8, exact GELU ~10, bias 1 per element in the
+vision tower and connector; 5 per logit for the cross-entropy; 16 per trainable parameter for
+clipping and AdamW. Transcendentals (exp, rsqrt, tanh) are not FLOPs in XLA's count either. This
+term is a few percent of the total on the tiny test config and less at larger widths; the test
+bounds analytic vs XLA at 5%. XLA well above the analytic count means the compiled step does
+work the formula deems unnecessary (e.g. weight gradients of frozen parameters).
 
 XLA count and memory
 --------------------
@@ -57,7 +65,7 @@ from flax import nnx
 from mod_jax.config import ConfigDict
 from mod_jax.model.mod import RoutingPlan
 from mod_jax.train.sharding import build_model
-from mod_jax.train.state import TrainState, make_optimizer
+from mod_jax.train.state import TrainState, make_optimizer, trainable_labels
 from mod_jax.train.step import train_step
 
 
@@ -102,15 +110,25 @@ def analytic_flops(config: ConfigDict) -> dict[str, Any]:
   t_cap, frames, tpf = dt.max_text, dt.max_frames, m.tokens_per_frame
   lin_p = 2 * d * hd * (2 * n + 2 * nkv) + 6 * d * f                       # products / token
   lin_e = 8 * d + 2 * d + 4 * (n + nkv) * hd + 5 * f                       # element-wise / token
+  # LoRA (rank > 0): base weights frozen, so their products count 2x; adapters x·A·B count 3x.
+  lora = m.get("lora")
+  rank = int(lora.rank) if lora is not None else 0
+  targets = set(lora.targets) if rank else set()
+  base = 2 if rank else 3
+  shapes = {"q": (d, n * hd), "k": (d, nkv * hd), "v": (d, nkv * hd), "o": (n * hd, d),
+            "gate": (d, f), "up": (d, f), "down": (f, d)}
+  lora_p = sum(2 * rank * (i + o) for t, (i, o) in shapes.items() if t in targets)
+  lora_e = sum(2 * o for t, (_, o) in shapes.items() if t in targets)      # scale, add
   acc = _Acc()
 
   layers = []
   for i in range(m.n_layers):
     k = tpf if plan.keep[i] is None else plan.keep[i]
     c = t_cap + frames * k
-    per_tok_p, per_tok_e = lin_p + 4 * n * hd * c, lin_e + (6 * n + 5) * c
-    text = acc.add(3, per_tok_p, per_tok_e, count=t_cap)
-    vision = acc.add(3, per_tok_p, per_tok_e, count=frames * k)
+    per_tok_p, per_tok_e = 4 * n * hd * c + lora_p, lin_e + lora_e + (6 * n + 5) * c
+    text = acc.add(base, lin_p, count=t_cap) + acc.add(3, per_tok_p, per_tok_e, count=t_cap)
+    vision = (acc.add(base, lin_p, count=frames * k)
+              + acc.add(3, per_tok_p, per_tok_e, count=frames * k))
     router = acc.add(3, 2 * d * frames * tpf if plan.needs_router(i) else 0)
     routing = acc.add(2, 2 * 2 * d * frames * k * tpf if plan.routed(i) and k > 0 else 0)
     layers.append(LayerCount(layer=i, keep=plan.keep[i], compact_len=c, text=bsz * text,
@@ -133,10 +151,11 @@ def analytic_flops(config: ConfigDict) -> dict[str, Any]:
   # logit: log-softmax and argmax) at the T text slots and F frame ends.
   connector = (acc.add(3 if v.trainable else 2, 2 * w * d, 11 * d, count=frames * tpf)
                + acc.add(3, 2 * d * d, d, count=frames * tpf))
-  lm_head = acc.add(3, 2 * d * voc, 5 * voc, count=t_cap + frames)
+  head_lora = 2 * rank * (d + voc) if "lm_head" in targets else 0
+  lm_head = (acc.add(base, 2 * d * voc, 5 * voc, count=t_cap + frames)
+             + acc.add(3, head_lora, 2 * voc if head_lora else 0, count=t_cap + frames))
   per_row_fwd = acc.forward
-  n_params = _parameter_count(config)
-  optimizer = 16.0 * n_params                                # clip + AdamW per parameter
+  optimizer = 16.0 * _trainable_parameter_count(config)     # clip + AdamW per parameter
 
   by_class = {
       "vision_tower": bsz * tower,
@@ -169,9 +188,11 @@ class _Acc:
     return count * multiplier * (products + elementwise)
 
 
-def _parameter_count(config: ConfigDict) -> int:
-  abstract = nnx.eval_shape(lambda: build_model(config))
-  return int(sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))))
+def _trainable_parameter_count(config: ConfigDict) -> int:
+  params = nnx.state(nnx.eval_shape(lambda: build_model(config)), nnx.Param)
+  labels = trainable_labels(params, config.model)
+  return int(sum(x.size for x, lab in zip(jax.tree.leaves(params), jax.tree.leaves(labels))
+                 if lab == "train"))
 
 
 def abstract_batch(config: ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
