@@ -134,7 +134,9 @@ def rope_from_hf(hf: Mapping[str, Any], where: str = "config.json"):
   for key in needed:
     if scaling.get(key) is None:
       raise CheckpointError(f"{where}: rope type {kind!r} needs field {key!r}.")
-  return float(theta), {"rope_type": kind, **{k: float(scaling[k]) for k in needed}}
+  typed = {k: int(scaling[k]) if k == "original_max_position_embeddings" else float(scaling[k])
+           for k in needed}
+  return float(theta), {"rope_type": kind, **typed}
 
 
 def llm_fields(hf: Mapping[str, Any], where: str = "config.json") -> dict:
