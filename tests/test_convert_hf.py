@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 import configs.tiny as tiny_config
 from mod_jax import api
 from mod_jax.config import ConfigError
-from mod_jax.convert import export, hf, pretrained
+from mod_jax.convert import export, pretrained
 from mod_jax.convert import main as convert_main
 from mod_jax.convert.hf import CheckpointError
 
@@ -203,6 +203,34 @@ def test_convert_command_roundtrip(tmp_path):
   c.model.d_ff = 72
   with pytest.raises(ConfigError, match=r"model.d_ff=72 but the checkpoint has 71"):
     pretrained.init_from_pretrained(c, state)
+
+
+def test_init_from_loads_into_a_sharded_train_state(tmp_path):
+  """Training's init_from fills an FSDP x tensor sharded state in place, shardings unchanged."""
+  import jax
+  from mod_jax.train import sharding
+  c = _tiny()
+  m = c.model
+  torch.manual_seed(8)
+  ref_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
+      num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
+      num_key_value_heads=m.n_kv_heads, head_dim=m.head_dim, rms_norm_eps=m.rms_norm_eps,
+      rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+      tie_word_embeddings=False))
+  m.init_from = _save(ref_model, tmp_path / "llm")
+  c.mesh.shape = (1, 2, 2)
+  mesh = sharding.make_mesh(c, devices=jax.devices()[:4])
+  state, graphdef, _, _ = sharding.create_train_state(c, mesh)
+  before = {p: v.get_value().sharding for p, v in state.params.flat_state()}
+  assert pretrained.init_from_pretrained(c, state.params)
+  after = {p: v.get_value().sharding for p, v in state.params.flat_state()}
+  assert after == before and any(not s.is_fully_replicated for s in after.values())
+  model = nnx.merge(graphdef, state.params)
+  ids = IDS % m.vocab_size
+  with jax.set_mesh(mesh):
+    ours = np.asarray(_call(model, jnp.asarray(ids, jnp.int32)))
+  assert np.abs(ours - _hf_logits(ref_model, ids)).max() <= 1e-4
 
 
 # ------------------------------------------------------------------------------ malformed input

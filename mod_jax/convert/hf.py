@@ -45,7 +45,6 @@ import os
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 LLM_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -233,7 +232,7 @@ def llm_hf_config(m, dtype: str = "float32") -> dict:
       "rope_parameters": rope_parameters,                      # transformers 5
       "rope_theta": float(m.rope_theta),                       # transformers 4
       "rope_scaling": scaling,
-      "max_position_embeddings": 131072,
+      "max_position_embeddings": 131072,  # not tracked by mod_jax; RoPE numerics ignore it
       "dtype": dtype,
   }
   if not m.qkv_bias:
@@ -548,8 +547,9 @@ def write_safetensors(tensors: Iterable[tuple[str, Any]], directory: str, *,
       current, size = {}, 0
 
   total = 0
+  cpu = jax.local_devices(backend="cpu")[0]
   for name, array in tensors:
-    array = jnp.asarray(array)
+    array = jax.device_put(np.asarray(array), cpu)  # host memory, whatever the default device
     nbytes = array.size * array.dtype.itemsize
     if current and size + nbytes > max_shard_bytes:
       flush()

@@ -22,12 +22,10 @@ import functools
 import json
 import math
 import os
-from typing import Any, Iterable
 
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from mod_jax.config import ConfigError, base_config
 from mod_jax.convert import hf
@@ -125,7 +123,7 @@ def check_fields(cfg, fields: dict, prefix: str, where: str) -> None:
       bad.append(f"{prefix}{k}={have!r} but the checkpoint has {want!r}")
   if bad:
     raise ConfigError(f"config does not match {where}: " + "; ".join(bad) + ". Set these fields "
-                      f"(or build the config from the checkpoint with mod_jax.from_pretrained).")
+                      "(or build the config from the checkpoint with mod_jax.from_pretrained).")
 
 
 # ===================================================================================== loading
@@ -412,9 +410,3 @@ def init_from_pretrained(config, params) -> list[str]:
     n = load_vision(params["vision"], m.vision, m.vision.init_from)
     lines.append(f"loaded {n} vision tensors from {m.vision.init_from}")
   return lines
-
-
-def named_arrays(state) -> Iterable[tuple[str, Any]]:
-  """(path string, array) of every parameter of an ``nnx.State``."""
-  for p, v in state.flat_state():
-    yield "/".join(map(str, p)), v[...]
