@@ -65,7 +65,10 @@ class Decoder(nnx.Module):
 
   def embed_tokens(self, tokens_bt: jax.Array) -> jax.Array:
     """int32 [b, t] -> [b, t, d] in the compute dtype."""
-    x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.dtype)
+    # Gather rows from a table replicated along vocab (all-gathered over its 'vocab' shards):
+    # GSPMD cannot gather from a vocab-sharded table without rematerialising it whole.
+    table = shard(self.embed[...], (None, "embed"), self.rules)
+    x = jnp.take(table, tokens_bt, axis=0).astype(self.dtype)
     return shard(x, ("batch", "length", "embed"), self.rules)
 
   def __call__(self, x_bld, positions_bl, segment_ids_bl, *, num_text: int | None = None,
