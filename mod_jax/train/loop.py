@@ -24,6 +24,7 @@ from mod_jax.config import ConfigError, validate
 from mod_jax.convert import pretrained
 from mod_jax.data import pipeline
 from mod_jax.train import checkpoint, sharding
+from mod_jax.train.state import trainable_labels
 from mod_jax.train.step import eval_step, train_step
 
 log = logging.getLogger("mod_jax")
@@ -124,7 +125,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True,
   step_fn = jax.jit(
       functools.partial(train_step, graphdef=graphdef, tx=tx,
                         stream_loss_weight=config.train.stream_loss_weight,
-                        base_rng=jax.random.key(config.seed)),
+                        base_rng=jax.random.key(config.seed),
+                        trainable=trainable_labels(state.params, config.model)),
       in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
       donate_argnums=0)
 

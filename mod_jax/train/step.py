@@ -62,13 +62,21 @@ def loss_fn(params, graphdef, batch, rng, stream_loss_weight: float):
 
 
 def train_step(state: TrainState, batch, *, graphdef, tx, stream_loss_weight: float,
-               base_rng: jax.Array):
-  """One AdamW step. Pure: jit it with shardings (``mod_jax/train/loop.py``)."""
+               base_rng: jax.Array, trainable=None):
+  """One AdamW step. Pure: jit it with shardings (``mod_jax/train/loop.py``).
+
+  ``trainable``: optional 'train'/'frozen' labels (``state.trainable_labels``); the reported
+  ``grad_norm`` then covers trainable parameters only, so XLA can drop frozen weights' gradients
+  (under LoRA most of the model) instead of computing them just for the metric.
+  """
   rng = jax.random.fold_in(base_rng, state.step)
   grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, graphdef, batch, rng,
                                                    stream_loss_weight)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  if trainable is not None:
+    grads = jax.tree.map(lambda g, l: g if l == "train" else jnp.zeros((), g.dtype), grads,
+                         trainable)
   metrics["grad_norm"] = optax.tree.norm(grads)
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
