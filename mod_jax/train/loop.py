@@ -2,7 +2,7 @@
 
 Run it with ``mod-jax train --config configs/demo.py --workdir DIR``. Resumes from the latest
 checkpoint in ``{workdir}/checkpoints`` (model, optimizer and data-iterator state).
-Outputs in ``workdir``: ``config.json``, ``checkpoints/``, ``tensorboard/`` event files,
+Outputs in ``workdir``: ``config.json``, ``tokenizer.json``, ``checkpoints/``, ``tensorboard/`` event files,
 ``metrics.jsonl`` (the logged train metrics) and ``eval.json`` (held-out metrics).
 """
 
@@ -90,9 +90,6 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True,
     pretrained.check_init_from(config)  # checkpoint vs config, before anything is built
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(config)
   rules = sharding.rules_of(config)
   log.info("mesh %s over %d devices", dict(mesh.shape), jax.device_count())
@@ -103,6 +100,12 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True,
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
                       f"{config.model.vocab_size}; raise --config.model.vocab_size.")
+  if is_main:  # the run's config, pointing at a copy of its tokenizer (for stream / convert)
+    saved = config.copy_and_resolve_references()
+    saved.data.tokenizer = os.path.abspath(os.path.join(workdir, "tokenizer.json"))
+    tokenizer.tokenizer.save(saved.data.tokenizer)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(saved.to_json_best_effort(indent=2))
   train_ds = pipeline.make_dataset(config, "train", tokenizer, process_index=jax.process_index(),
                                    process_count=jax.process_count())
   train_iter = iter(train_ds)
