@@ -6,8 +6,9 @@ proportions at CPU width), the MoD one as configured and the dense one with
 jitted as the train loop does, state donated) is compiled ahead of time; XLA's FLOPs and memory
 come from that executable (``mod_jax.analysis.flops``). After warm-up the two steps are timed in
 alternating order (dense, MoD, MoD, dense, ...) on the same random batch in the slot layout, and
-the medians are compared. The other processes on the machine slow both sides alike; the spread
-(interquartile range) of each side is reported with the medians.
+the medians are compared (``time_ratio``), as is the median of per-round ratios, each MoD step
+against the dense step next to it (``time_ratio_paired``, robust to slow drifts in machine
+load). The spread (interquartile range) of each side is reported with the medians.
 
   python benchmarks/mod_vs_dense.py [--config configs/bench_paper.py] [--reps 12] [--warmup 2]
                                    [--probe_overhead]
@@ -33,11 +34,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
+from flax import nnx  # pylint: disable=wrong-import-position
 
 from mod_jax.analysis import flops  # pylint: disable=wrong-import-position
 from mod_jax.config import validate  # pylint: disable=wrong-import-position
 from mod_jax.train import sharding  # pylint: disable=wrong-import-position
+from mod_jax.train.state import TrainState  # pylint: disable=wrong-import-position
 
 
 def load_config(path: str):
@@ -89,8 +93,11 @@ class Side:
   """One model: its train state, compiled step and XLA analysis."""
 
   def __init__(self, config, batch):
-    mesh = sharding.make_mesh(config, jax.devices()[:1])
-    self.state, graphdef, tx, _ = sharding.create_train_state(config, mesh)
+    # Eager init (one device): jitting the init of 32 layers costs minutes of XLA compile on CPU.
+    _, graphdef, tx = flops.abstract_train_state(config)
+    params = nnx.state(sharding.build_model(config), nnx.Param)
+    self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                            opt_state=tx.init(params))
     self.step = flops.jit_train_step(config, graphdef, tx).lower(self.state, batch).compile()
     self.xla = flops.xla_analysis(self.step)
     self.analytic = flops.analytic_flops(config)["total"]
@@ -155,6 +162,8 @@ def main():
       "flops_ratio": mod.xla["flops"] / dense.xla["flops"],
       "memory_ratio": mod.xla["peak_bytes"] / dense.xla["peak_bytes"],
       "time_ratio": med["mod"] / med["dense"],
+      # Median of the per-round ratios: each MoD step against the dense step next to it in time.
+      "time_ratio_paired": statistics.median(a / b for a, b in zip(mod.times, dense.times)),
       "analytic_flops_ratio": mod.analytic / dense.analytic,
       "temp_memory_ratio": mod.xla["temp_bytes"] / dense.xla["temp_bytes"],
       "dense_step_ms": med["dense"] * 1e3, "mod_step_ms": med["mod"] * 1e3,
