@@ -4,9 +4,11 @@ Commands (each is a module with an absl ``main(argv)``):
   train   train or resume:  mod-jax train --config configs/demo.py --workdir DIR
   stream  live narration of a video:  mod-jax stream --workdir DIR --video FILE [--fps 2]
   eval    streaming metrics (LM-PPL, TimeDiff, Fluency, LM-Correctness):  mod-jax eval --workdir DIR
+  flops   analytic and XLA FLOPs, compiled memory, MoD vs dense:  mod-jax flops --config X [--json]
+  convert HF safetensors / GGUF import and HF export:  mod-jax convert --from-hf DIR --out DIR
 
 Configs are Python files with ``get_config(arg)`` (big_vision style); any field can be
-overridden, e.g. ``--config.train.steps=50``. ``mod-jax <command> --help`` lists its flags.
+overridden, e.g. ``--config.train.steps=50``. ``mod-jax <command> --helpfull`` lists its flags.
 """
 
 from __future__ import annotations
