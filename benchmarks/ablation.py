@@ -5,7 +5,7 @@ fixed step budget and fixed seeds, through ``mod_jax.train.loop.train_and_evalua
 held-out LM-PPL and streaming-decision accuracy with the training-step FLOPs ratio to dense
 (analytic count, ``mod_jax.analysis.flops``; it agrees with XLA's count to < 0.5% on this model).
 
-  python benchmarks/ablation.py --steps 300 --seeds 0 --workdir /tmp/mod_ablation
+  python benchmarks/ablation.py --steps 300 --seeds 0,1,2,3,4 --workdir /tmp/mod_ablation
 
 Rows (``--rows`` picks a subset): dense (Full computation); learned / random / uniform selection
 at r = 0.2 interleaved; EarlyExit(E = n/2) and LayerSkip (k = 0 routing); insertion all /
@@ -85,36 +85,56 @@ def run_row(name: str, overrides: dict, args, seed: int) -> dict:
                                 "lm_token_accuracy", "text_tokens", "frame_decisions")}}
 
 
+def _mean_sem(vals: list[float]) -> tuple[float, float]:
+  """Mean and standard error of the mean (0 for a single value)."""
+  sem = statistics.stdev(vals) / len(vals) ** 0.5 if len(vals) > 1 else 0.0
+  return statistics.fmean(vals), sem
+
+
 def table(results: list[dict], rows: dict) -> tuple[str, list[dict]]:
-  """Markdown table (mean over seeds, ± half the range when several) and the aggregated rows."""
-  lines = ["| row | paper table | FLOPs ratio | LM-PPL | stream acc. | speak recall | seeds |",
-           "|---|---|---|---|---|---|---|"]
+  """Markdown table (mean ± s.e.m. over seeds) and the aggregated rows.
+
+  Besides the raw metrics, each row's LM-PPL is compared with dense and with learned r = 0.2
+  interleaved seed by seed (same data order and initialisation seed): the paired relative
+  difference ``ppl_row / ppl_ref - 1`` in percent, averaged over the seeds both rows have. Seed
+  noise at this budget is large, so the paired difference is the number to read.
+  """
+  by_seed = {ref: {r["seed"]: r["lm_ppl"] for r in results if r["row"] == ref}
+             for ref in ("dense", "learned_r0.2_interleaved")}
+  lines = ["| row | paper table | FLOPs ratio | LM-PPL | ΔPPL vs dense | ΔPPL vs learned | "
+           "stream acc. | speak recall | seeds |",
+           "|---|---|---|---|---|---|---|---|---|"]
   agg = []
   for name, (paper, _) in rows.items():
-    rs = [r for r in results if r["row"] == name]
+    rs = sorted((r for r in results if r["row"] == name), key=lambda r: r["seed"])
     if not rs:
       continue
-
-    def cell(key, fmt):
-      vals = [r[key] for r in rs]
-      mean = statistics.fmean(vals)
-      spread = f" ± {(max(vals) - min(vals)) / 2:{fmt}}" if len(vals) > 1 else ""
-      return mean, f"{mean:{fmt}}{spread}"
-
-    ppl, ppl_s = cell("lm_ppl", ".3f")
-    acc, acc_s = cell("stream_accuracy", ".3f")
-    rec, rec_s = cell("speak_recall", ".3f")
-    lines.append(f"| {name} | {paper} | {rs[0]['flops_ratio']:.3f} | {ppl_s} | {acc_s} | "
-                 f"{rec_s} | {','.join(str(r['seed']) for r in rs)} |")
-    agg.append({"row": name, "flops_ratio": rs[0]["flops_ratio"], "lm_ppl": ppl,
-                "stream_accuracy": acc, "speak_recall": rec, "seeds": [r["seed"] for r in rs]})
+    cells, out = [], {"row": name, "flops_ratio": rs[0]["flops_ratio"]}
+    for key in ("lm_ppl", "dppl_dense", "dppl_learned", "stream_accuracy", "speak_recall"):
+      if key.startswith("dppl"):
+        ref = by_seed["dense" if key == "dppl_dense" else "learned_r0.2_interleaved"]
+        vals = [100 * (r["lm_ppl"] / ref[r["seed"]] - 1) for r in rs if r["seed"] in ref]
+        sign, digits, unit = "+", 1, "%"
+      else:
+        vals, sign, digits, unit = [r[key] for r in rs], "", 3, ""
+      if not vals:
+        cells.append("")
+        continue
+      mean, sem = _mean_sem(vals)
+      out[key], out[key + "_sem"] = mean, sem
+      cells.append(f"{mean:{sign}.{digits}f}{unit}"
+                   + (f" ± {sem:.{digits}f}" if len(vals) > 1 else ""))
+    seeds = [r["seed"] for r in rs]
+    lines.append(f"| {name} | {paper} | {rs[0]['flops_ratio']:.3f} | " + " | ".join(cells)
+                 + f" | {','.join(map(str, seeds))} |")
+    agg.append({**out, "seeds": seeds})
   return "\n".join(lines), agg
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--steps", type=int, default=300)
-  parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
+  parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated training seeds")
   parser.add_argument("--rows", default="", help="comma-separated subset of rows (default all)")
   parser.add_argument("--train_videos", type=int, default=480)
   parser.add_argument("--eval_videos", type=int, default=96)
