@@ -9,7 +9,9 @@ held-out LM-PPL and streaming-decision accuracy with the training-step FLOPs rat
 
 Rows (``--rows`` picks a subset): dense (Full computation); learned / random / uniform selection
 at r = 0.2 interleaved; EarlyExit(E = n/2) and LayerSkip (k = 0 routing); insertion all /
-all_deep / interleaved_deep at r = 0.2 (learned); r = 0.1 and 0.3 interleaved (learned).
+all_deep / interleaved_deep at r = 0.2 (learned); r = 0.1 and 0.3 interleaved (learned); router
+weighting g = sigmoid(s) and g = s instead of the straight-through default (learned r = 0.2).
+Each record also keeps the router statistics of the last logged training step.
 Finished rows are appended to ``{workdir}/results.jsonl`` and skipped when the script is run
 again (so an interrupted ablation resumes). Prints a markdown table; the LAST stdout line is one
 JSON object ``{"rows": [...], "settings": {...}}``.
@@ -47,6 +49,8 @@ def _rows(n_layers: int) -> dict[str, tuple[str, dict]]:
       "interleaved_deep": ("2: insertion interleaved_deep", {"insertion": "interleaved_deep"}),
       "r0.1": ("r sweep: r = 0.1", {"keep_ratio": 0.1}),
       "r0.3": ("r sweep: r = 0.3", {"keep_ratio": 0.3}),
+      "learned_sigmoid": ("-: weighting g = sigmoid(s)", {"router_weighting": "sigmoid"}),
+      "learned_score": ("-: weighting g = s (as MoD)", {"router_weighting": "score"}),
   }
 
 
@@ -81,6 +85,7 @@ def run_row(name: str, overrides: dict, args, seed: int) -> dict:
   ev = out["eval"]
   return {"row": name, "seed": seed, "flops_ratio": ratio, "train_eval_seconds": seconds,
           "final_train_loss": out["last_logged"]["loss"],
+          **{k: v for k, v in out["last_logged"].items() if k.startswith("router/")},
           **{k: ev[k] for k in ("lm_ppl", "stream_accuracy", "speak_recall", "silent_accuracy",
                                 "lm_token_accuracy", "text_tokens", "frame_decisions")}}
 
@@ -165,7 +170,7 @@ def main():
       done.append(res)
       with open(log_path, "a") as f:
         f.write(json.dumps(res) + "\n")
-  results = [r for r in done if r["row"] in chosen and r["seed"] in seeds
+  results = [r for r in done if r["seed"] in seeds  # all rows: dense / learned are references
              and r.get("steps") == args.steps and r.get("videos") == settings["videos"]]
   text, agg = table(results, {k: rows[k] for k in chosen})
   print(text)
