@@ -114,14 +114,14 @@ def table(results: list[dict], rows: dict) -> tuple[str, list[dict]]:
     rs = sorted((r for r in results if r["row"] == name), key=lambda r: r["seed"])
     if not rs:
       continue
+    paired = lambda ref: [100 * (r["lm_ppl"] / ref[r["seed"]] - 1) for r in rs if r["seed"] in ref]
+    columns = (("lm_ppl", [r["lm_ppl"] for r in rs], "", 3, ""),
+               ("dppl_dense", paired(by_seed["dense"]), "+", 1, "%"),
+               ("dppl_learned", paired(by_seed["learned_r0.2_interleaved"]), "+", 1, "%"),
+               ("stream_accuracy", [r["stream_accuracy"] for r in rs], "", 3, ""),
+               ("speak_recall", [r["speak_recall"] for r in rs], "", 3, ""))
     cells, out = [], {"row": name, "flops_ratio": rs[0]["flops_ratio"]}
-    for key in ("lm_ppl", "dppl_dense", "dppl_learned", "stream_accuracy", "speak_recall"):
-      if key.startswith("dppl"):
-        ref = by_seed["dense" if key == "dppl_dense" else "learned_r0.2_interleaved"]
-        vals = [100 * (r["lm_ppl"] / ref[r["seed"]] - 1) for r in rs if r["seed"] in ref]
-        sign, digits, unit = "+", 1, "%"
-      else:
-        vals, sign, digits, unit = [r[key] for r in rs], "", 3, ""
+    for key, vals, sign, digits, unit in columns:
       if not vals:
         cells.append("")
         continue

@@ -34,7 +34,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 from flax import nnx  # pylint: disable=wrong-import-position
 
@@ -95,9 +94,7 @@ class Side:
   def __init__(self, config, batch):
     # Eager init (one device): jitting the init of 32 layers costs minutes of XLA compile on CPU.
     _, graphdef, tx = flops.abstract_train_state(config)
-    params = nnx.state(sharding.build_model(config), nnx.Param)
-    self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                            opt_state=tx.init(params))
+    self.state = TrainState.create(nnx.state(sharding.build_model(config), nnx.Param), tx)
     self.step = flops.jit_train_step(config, graphdef, tx).lower(self.state, batch).compile()
     self.xla = flops.xla_analysis(self.step)
     self.analytic = flops.analytic_flops(config)["total"]

@@ -216,8 +216,7 @@ def abstract_train_state(config: ConfigDict):
   tx = make_optimizer(config, abs_params)
 
   def init():
-    params = nnx.state(build_model(config), nnx.Param)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return TrainState.create(nnx.state(build_model(config), nnx.Param), tx)
 
   return jax.eval_shape(init), graphdef, tx
 

@@ -2,8 +2,8 @@
 
 Run it with ``mod-jax train --config configs/demo.py --workdir DIR``. Resumes from the latest
 checkpoint in ``{workdir}/checkpoints`` (model, optimizer and data-iterator state).
-Outputs in ``workdir``: ``config.json``, ``tokenizer.json``, ``checkpoints/``, ``tensorboard/`` event files,
-``metrics.jsonl`` (the logged train metrics) and ``eval.json`` (held-out metrics).
+Outputs in ``workdir``: ``config.json``, ``tokenizer.json``, ``checkpoints/``, ``tensorboard/``
+event files, ``metrics.jsonl`` (the logged train metrics) and ``eval.json`` (held-out metrics).
 """
 
 from __future__ import annotations

@@ -70,9 +70,7 @@ def create_train_state(config, mesh: Mesh):
   tx = make_optimizer(config, abs_params)
 
   def init():
-    params = nnx.state(build_model(config, rules), nnx.Param)
-    return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                      opt_state=tx.init(params))
+    return TrainState.create(nnx.state(build_model(config, rules), nnx.Param), tx)
 
   abs_state = jax.eval_shape(init)
   # Optimizer moments follow their parameter's sharding; counters are replicated.

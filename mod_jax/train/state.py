@@ -22,6 +22,11 @@ class TrainState:
   params: Any            # nnx.State of nnx.Param
   opt_state: Any         # optax state
 
+  @classmethod
+  def create(cls, params, tx: optax.GradientTransformation) -> "TrainState":
+    """Step 0: ``params`` (an ``nnx.State``) with ``tx``'s freshly initialised optimizer state."""
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
 
 def learning_rate_schedule(train_cfg) -> optax.Schedule:
   """Linear warmup to ``learning_rate`` then cosine decay to ``end_learning_rate_ratio``·lr."""
