@@ -90,3 +90,46 @@ def test_frame_cache_is_bounded():
   calls = []
   cache.get("a", lambda: calls.append(1) or a)
   assert calls == [1]
+
+
+def test_invalid_utf8_entries_are_dropped_counted_and_named(tmp_path):
+  """Raw invalid bytes and an escaped lone surrogate: only those entries go, the file is used."""
+  d = tmp_path / "train"
+  d.mkdir()
+  shutil.copy(BIKES, d / "bikes.mp4")
+  annotations = {
+      "bikes.mp4": {
+          "narrations": [{"timestamp_sec": 1.2, "narration_text": "a cyclist rides past"},
+                         {"timestamp_sec": 2.0, "narration_text": "RAW_BYTES"},
+                         {"timestamp_sec": 3.0, "narration_text": "a caf\udce9 sign"},
+                         {"timestamp_sec": 4.0, "narration_text": "two cars drive by"}],
+          "queries": [{"timestamp_sec": 0.5, "text": "what RAW_BYTES?"},
+                      {"timestamp_sec": 0.7, "text": "what is happening?"}],
+      },
+      "RAW_KEY.mp4": {"narrations": [{"timestamp_sec": 1.0, "narration_text": "a cyclist"}]},
+  }
+  text = json.dumps(annotations).encode("utf-8", "surrogatepass")  # "\udce9" stays an escape
+  assert b"\\udce9" in text
+  # Latin-1 bytes, not UTF-8: 0xE9 starts a 3-byte sequence that "l" cannot continue; 0xFF never
+  # occurs in UTF-8.
+  text = text.replace(b"RAW_BYTES", b"the caf\xe9 lights").replace(b"RAW_KEY", b"\xffclip")
+  with pytest.raises(UnicodeDecodeError):
+    text.decode("utf-8")
+  (d / "narrations.json").write_bytes(text)
+  with pytest.warns(folder.DataWarning) as record:
+    records, stats = folder.index_folder(str(d), fps=2.0, size=16)
+  (r,) = records
+  assert r.name == "bikes.mp4"
+  assert r.narrations == ((1.2, "a cyclist rides past"), (4.0, "two cars drive by"))
+  assert r.queries == ((0.7, "what is happening?"),)
+  assert stats.narrations == 2 and stats.queries == 1
+  assert stats.bad_annotations == {"invalid_utf8": 4}
+  messages = "\n".join(str(w.message) for w in record)
+  assert os.path.join(str(d), "narrations.json") in messages
+  for entry in ("'bikes.mp4' narrations[1]", "'bikes.mp4' narrations[2]",
+                "'bikes.mp4' queries[0]", "video path '\\udcffclip.mp4'"):
+    assert entry in messages, entry
+  assert "dropped 4 entries that are not valid UTF-8" in messages
+  # Every kept text reaches the tokenizer as valid UTF-8.
+  for _, t in r.narrations + r.queries:
+    t.encode("utf-8")

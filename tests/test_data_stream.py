@@ -61,7 +61,8 @@ def test_three_frames_one_narration(tok):
   expected_targets = ids(tok, ["go", "\n", "["]) + [0, 0] + ids(
       tok, ["Assistant:", "a", "red", "circle", "<eos>", "\n", "["]) + [0]
   np.testing.assert_array_equal(w.text_targets, expected_targets)
-  np.testing.assert_array_equal(w.text_weights, [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0])
+  # videollm-online's labels: from the ]\n slot (target Assistant:) to the last word (target <eos>).
+  np.testing.assert_array_equal(w.text_weights, [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0])
   np.testing.assert_array_equal(w.frame_positions, [4, 7, 17])
   np.testing.assert_array_equal(w.frame_targets, [tok.interval_id, tok.stream_close_ids[0], 0])
   np.testing.assert_array_equal(w.frame_weights, [1, 1, 0])
@@ -80,7 +81,8 @@ def test_narration_times_round_up_to_the_frame_grid(tok):
   # Two narrations on one frame: the later one is kept, the other counted.
   (w,), stats = render(tok, 3, narrations=[(0.6, "a red circle"), (0.9, "a circle")])
   assert stats.replaced_narrations == 1
-  assert tok.decode(w.text_tokens[w.text_weights > 0]) == "Assistant: a circle"
+  np.testing.assert_array_equal(w.text_targets[w.text_weights > 0],
+                                ids(tok, ["Assistant:", "a", "circle", "<eos>"]))
 
 
 def test_query_enters_before_the_first_frame_at_or_after_it(tok):
@@ -94,7 +96,9 @@ def test_query_enters_before_the_first_frame_at_or_after_it(tok):
   np.testing.assert_array_equal(w.frame_positions, [4, 7, 16])
   np.testing.assert_array_equal(w.frame_targets, [tok.interval_id] + [tok.stream_close_ids[0]] * 2)
   np.testing.assert_array_equal(w.frame_weights, [1, 1, 1])
-  assert w.text_weights.sum() == 4  # Assistant: -> it, it -> is, is -> red, red -> <eos>
+  # Only the response is learned: ]\n -> Assistant:, Assistant: -> it, ..., red -> <eos>; the
+  # query's ]\n -> User: (text slot 5) is not.
+  np.testing.assert_array_equal(np.flatnonzero(w.text_weights), [12, 13, 14, 15, 16])
   # A query at time 0 goes right after the system prompt.
   (w,), _ = render(tok, 2, queries=[(0.0, "what is it")])
   assert w.text_tokens[:9].tolist() == ids(tok, ["<bos>", "go", "\n", "User:", "what", "is",
@@ -109,12 +113,21 @@ def test_windows_cut_mid_video(tok):
   np.testing.assert_array_equal(w0.text_tokens, ids(tok, ["<bos>", "go", "\n", "[", ",", "]\n",
                                                           "Assistant:", "a", "red", "circle",
                                                           "<eos>"]))
-  assert w0.text_targets[-1] == 0 and w0.text_weights.sum() == 4
+  assert w0.text_targets[-1] == 0
+  np.testing.assert_array_equal(w0.text_weights, [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 0])
   np.testing.assert_array_equal(w0.frame_targets, [tok.interval_id, tok.stream_close_ids[0]])
   np.testing.assert_array_equal(w1.text_tokens, ids(tok, ["<bos>", "go", "\n", "["]))
   np.testing.assert_array_equal(w1.frame_positions, [4])
   np.testing.assert_array_equal(w1.frame_weights, [0])  # last frame, nothing after it
   assert (w0.frame_start, w0.frame_stop, w1.frame_start, w1.frame_stop) == (0, 2, 2, 3)
+  # A window whose FIRST frame is answered: its ]\n slot right after the prefix is learned.
+  windows, _ = render(tok, 3, narrations=[(0.5, "a red circle")], max_frames=1)
+  w1 = windows[1]
+  np.testing.assert_array_equal(w1.text_tokens, ids(tok, ["<bos>", "go", "\n", "[", "]\n",
+                                                          "Assistant:", "a", "red", "circle",
+                                                          "<eos>"]))
+  np.testing.assert_array_equal(w1.text_weights, [0, 0, 0, 0, 1, 1, 1, 1, 1, 0])
+  np.testing.assert_array_equal(w1.frame_targets, [tok.stream_close_ids[0]])
   # A silent video cut after frame 0: its target is the interval token, with weight 1.
   windows, _ = render(tok, 3, max_frames=1)
   assert [w.frame_targets.tolist() for w in windows] == [[tok.interval_id]] * 2 + [[0]]
@@ -132,3 +145,57 @@ def test_overlong_narration_is_truncated_and_counted(tok):
   assert stats.truncated_windows == 1 and stats.truncated_tokens == 4 + 30 + 3 - 16
   # The kept tokens still predict the true next token.
   assert w.text_targets[-1] == ids(tok, ["red"])[0] and w.text_weights[-1] == 1
+
+
+@pytest.fixture(scope="module")
+def bpe_like_tok(tmp_path_factory):
+  """A tokenizer where ']\\n', 'Assistant:' and 'User:' are two tokens each, as in byte-level BPEs
+  (SmolLM2's encodes ']\\n' as ']' '\\n' and 'User:' as 'User' ':')."""
+  import tokenizers
+  from tokenizers import models, pre_tokenizers
+  specials = ["<pad>", "<bos>", "<eos>", "<unk>", "<v>", "[", ",", "\n"]
+  words = ["]", "Assistant", "User", ":", "go", "a", "red", "circle", "what", "is", "it"]
+  t = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + words)},
+                                            unk_token="<unk>"))
+  t.pre_tokenizer = pre_tokenizers.Whitespace()
+  t.add_special_tokens([tokenizers.AddedToken(w, special=True, normalized=False)
+                        for w in specials])
+  path = tmp_path_factory.mktemp("bpe_like") / "tokenizer.json"
+  t.save(str(path))
+  return StreamTokenizer.from_file(path)
+
+
+def test_labels_equal_videollm_online_with_a_multi_token_stream_close(bpe_like_tok):
+  """A query (0.3 s -> before frame 1), a response after frame 1, another after the last frame.
+
+  Expected labels written by hand from videollm-online (``get_learn_ranges`` + ``data_collator``):
+  learn ranges are each stream's closing ']\\n' (after its last frame) and each
+  'Assistant: text<eos>'; the slot before every token of a range is labelled with that token. So ']' -> '\\n' is learned
+  before the query and before each response; '\\n' -> 'User' is not; '\\n' -> 'Assistant' is.
+  """
+  tok = bpe_like_tok
+  assert len(tok.stream_close_ids) == 2 and len(tok.assistant_ids) == 2
+  (w,), _ = stream.render_stream(
+      tok, num_frames=3, narrations=[(0.5, "a red circle"), (1.0, "it is red")],
+      queries=[(0.3, "what is it")], fps=2.0, system_prompt="go", tokens_per_frame=N,
+      max_frames=8, max_text=64)
+  # (position, token, target, learned) per text slot; frames at positions 4, 15, 27.
+  table = [
+      (0, "<bos>", "go", 0), (1, "go", "\n", 0), (2, "\n", "[", 0), (3, "[", None, 0),
+      (6, "]", "\n", 1), (7, "\n", "User", 0), (8, "User", ":", 0), (9, ":", "what", 0),
+      (10, "what", "is", 0), (11, "is", "it", 0), (12, "it", "\n", 0), (13, "\n", "[", 0),
+      (14, "[", None, 0),
+      (17, "]", "\n", 1), (18, "\n", "Assistant", 1), (19, "Assistant", ":", 1),
+      (20, ":", "a", 1), (21, "a", "red", 1), (22, "red", "circle", 1), (23, "circle", "<eos>", 1),
+      (24, "<eos>", "\n", 0), (25, "\n", "[", 0), (26, "[", None, 0),
+      (29, "]", "\n", 1), (30, "\n", "Assistant", 1), (31, "Assistant", ":", 1),
+      (32, ":", "it", 1), (33, "it", "is", 1), (34, "is", "red", 1), (35, "red", "<eos>", 1),
+      (36, "<eos>", None, 0)]
+  vocab = tok.tokenizer.get_vocab()
+  np.testing.assert_array_equal(w.text_positions, [p for p, *_ in table])
+  np.testing.assert_array_equal(w.text_tokens, [vocab[t] for _, t, _, _ in table])
+  np.testing.assert_array_equal(w.text_targets, [vocab[t] if t else 0 for _, _, t, _ in table])
+  np.testing.assert_array_equal(w.text_weights, [x for *_, x in table])
+  np.testing.assert_array_equal(w.frame_positions, [4, 15, 27])
+  np.testing.assert_array_equal(w.frame_targets, [vocab["]"]] * 3)
+  np.testing.assert_array_equal(w.frame_weights, [1, 1, 1])

@@ -124,12 +124,12 @@ def test_stream_rejects_a_corrupt_video_naming_it(workdir, tmp_path):
 
 def test_eval_metrics_on_held_out_split(workdir, tmp_path):
   """With threshold 1 every frame end speaks: each 3-frame turn answers 2 frames early, so
-  TimeDiff = 2 frames / 2 fps = 1 s and Fluency = (3 - 2) / (3 + 4) (4 LM targets: 3 words +
-  <eos>), through the real eval pipeline."""
+  TimeDiff = 2 frames / 2 fps = 1 s and Fluency = (3 - 2) / (3 + 5) (5 LM targets, as in
+  videollm-online: Assistant: after ]\\n, 3 words, <eos>), through the real eval pipeline."""
   out = tmp_path / "eval.json"
   result = run_eval(str(workdir), threshold=1.0, output=str(out), progress=False)
   assert (result["samples"], result["turns"]) == (1, 2)
   assert result["time_diff"] == pytest.approx(1.0)
-  assert result["fluency"] == pytest.approx(1 / 7)
+  assert result["fluency"] == pytest.approx(1 / 8)
   assert result["lm_ppl"] > 1.0 and 0.0 <= result["lm_correctness"] <= 1.0
   assert json.loads(out.read_text())["time_diff"] == pytest.approx(1.0)

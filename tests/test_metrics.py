@@ -153,3 +153,34 @@ def test_aggregate_means_over_samples_and_frames_to_seconds():
   assert out["fluency"] == pytest.approx(2.5 / 3)
   assert out["lm_correctness"] == pytest.approx(2 / 3)
   assert (out["samples"], out["turns"], out["samples_without_turns"]) == (3, 3, 1)
+
+
+def test_a_rendered_stream_counts_the_references_labels_per_turn(tmp_path):
+  """LM tokens per turn are videollm-online's labels: ]\\n -> Assistant: .. last word -> <eos>.
+
+  Stream (N = 2; query at 0.3 s before frame 1, responses after frames 1 and 2), positions:
+  <bos>0 go1 \\n2 [3 <v>4-5 ]\\n6 User:7 what8 is9 it10 \\n11 [12 <v>13-14 ]\\n15 Assistant:16 a17
+  red18 circle19 <eos>20 \\n21 [22 <v>23-24 ]\\n25 Assistant:26 it27 is28 red29 <eos>30.
+  Turn 1 = [0, 21): LM slots 15..19 (5; the query's ]\\n at 6 is not one), frames 0, 1.
+  Turn 2 = [21, 31): LM slots 25..29 (5), frame 2.
+  """
+  from mod_jax.data import stream
+  from mod_jax.data.tokenizer import build_word_tokenizer
+  tok = build_word_tokenizer(["go", "a", "red", "circle", "what", "is", "it"],
+                             tmp_path / "tokenizer.json")
+  (w,), _ = stream.render_stream(
+      tok, num_frames=3, narrations=[(0.5, "a red circle"), (1.0, "it is red")],
+      queries=[(0.3, "what is it")], fps=2.0, system_prompt="go", tokens_per_frame=N,
+      max_frames=8, max_text=64)
+  np.testing.assert_array_equal(w.frame_positions, [4, 13, 23])
+  pos = w.text_positions
+  sample = metrics.SampleStream(
+      text_tokens=w.text_tokens, text_positions=pos, text_weights=w.text_weights,
+      text_ce=pos / 10.0, text_correct=pos != 17, frame_positions=w.frame_positions,
+      frame_weights=w.frame_weights, frame_speak=np.array([False, True, True]))
+  r = metrics.evaluate_sample(sample, eos_id=tok.eos_id, late_fn=_never)
+  assert r.frame_diffs == [0, 0] and r.turns == 2
+  # Mean CE 1.5..1.9 in turn 1, 2.5..2.9 in turn 2.
+  assert r.lm_ppl == pytest.approx((math.exp(1.7) + math.exp(2.7)) / 2)
+  assert r.lm_correctness == pytest.approx((2 / 5 + 5 / 5) / 2)         # slot 17 is wrong
+  assert r.fluency == pytest.approx(((2 + 2) / (2 + 5) + (1 + 5) / (1 + 5)) / 2)

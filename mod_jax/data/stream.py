@@ -22,12 +22,21 @@ A video of ``T`` frames (sampled at ``fps``) is rendered as one stream (``N`` = 
   Several queries before one frame follow each other: ``]\\nUser: q1\\nUser: q2\\n[``.
 
 Labels (the split slot layout the model consumes; positions are stream positions, 0-based, and
-``<v>`` tokens occupy positions too):
+``<v>`` tokens occupy positions too). They are videollm-online's: ``get_learn_ranges`` marks
+character ranges of the text (a response from ``Assistant:`` through its ``<eos>``; after a
+stream's last frame its whole ``]\\n``) and ``data_collator`` labels the token BEFORE each token of
+a range with that token, i.e. a slot is learned iff its next token lies in a range:
 
 * text slots: ``text_tokens`` / ``text_positions``; ``text_targets`` is the next stream token when
-  it is text, else 0; ``text_weights`` is 1.0 where the target is part of an assistant response
-  (its words and its ``<eos>``): at the last token of ``Assistant:`` and at each response token but
-  ``<eos>``. Everything else (system prompt, tags, queries, ``,``, ``]\\n``, ``[``) has weight 0.
+  it is text, else 0; ``text_weights`` is 1.0 at the slots whose target is a token of
+  ``Assistant: {text}<eos>``: the last token of the ``]\\n`` before it (target: the first token of
+  ``Assistant:``), each token of ``Assistant:``, and each response word (the last one's target is
+  ``<eos>``). When ``]\\n`` is several tokens (SmolLM2's BPE splits it into ``]`` ``\\n``), the
+  slots of its tokens but the last are learned too, before a response and before a query alike
+  (their targets are the rest of ``]\\n``, in the reference's stream range); with a one-token
+  ``]\\n`` there is no such slot. Everything else has weight 0: the system prompt,
+  ``,``, ``[``, ``\\n``, ``<eos>`` (target ``\\n``), queries with their ``User:`` tag, and the slot
+  before ``User:`` (a query is not a response).
 * frame slots: ``frame_positions`` is the position of the frame's first ``<v>``; ``frame_targets``
   is the stream decision at its last ``<v>``: the interval token when another frame follows,
   ``]\\n``'s first id when a response or query follows; ``frame_weights`` is 1.0 where that is
@@ -36,10 +45,11 @@ Labels (the split slot layout the model consumes; positions are stream positions
 Windows: a stream longer than ``max_frames`` frames or ``max_text`` text tokens is cut into
 consecutive windows (greedy, as many frames as fit), each a sample that starts with
 ``<bos>{system}\\n`` and, for the window's first frame, the queries entering before it, then
-``[``. A window ending after frame ``i`` keeps frame ``i``'s response (it belongs to what was seen)
-but not the ``,`` / ``\\n[`` re-opening; frame ``i``'s target still comes from the full stream
-(interval token with weight 1 when the next frame is in the next window). Queries entering before
-frame ``i+1`` move to the next window's prefix. A single frame whose prefix and response exceed
+``[``. A window ending after frame ``i`` keeps frame ``i``'s response (it belongs to what was seen;
+labelled as above, its ``]\\n`` slot included, also when frame ``i`` is the window's first) but
+not the ``,`` / ``\\n[`` re-opening; frame ``i``'s target still comes from the full stream (interval
+token with weight 1 when the next frame is in the next window). Queries entering before frame
+``i+1`` move to the next window's prefix. A single frame whose prefix and response exceed
 ``max_text`` is kept with its text truncated to the first ``max_text`` tokens; the dropped tokens
 are COUNTED (targets of kept tokens still name the true next token).
 """
@@ -154,16 +164,17 @@ class StreamWindow:
 
 
 class _Piece:
-  """A run of stream tokens: ``ids`` and, per token, whether it is an assistant-response target."""
-  __slots__ = ("ids", "response")
+  """A run of stream tokens: ``ids`` and, per token, whether it is learned as the target of the
+  slot before it (the reference's learn ranges, module docstring)."""
+  __slots__ = ("ids", "learn")
 
-  def __init__(self, ids: Sequence[int] = (), response: Sequence[bool] | None = None):
+  def __init__(self, ids: Sequence[int] = (), learn: Sequence[bool] | bool = False):
     self.ids = list(ids)
-    self.response = list(response) if response is not None else [False] * len(self.ids)
+    self.learn = list(learn) if not isinstance(learn, bool) else [learn] * len(self.ids)
 
   def __iadd__(self, other: "_Piece") -> "_Piece":
     self.ids += other.ids
-    self.response += other.response
+    self.learn += other.learn
     return self
 
   def __len__(self) -> int:
@@ -227,13 +238,16 @@ def render_stream(tokenizer: StreamTokenizer, *, num_frames: int,
       p += nl
     return p
 
+  def stream_close() -> _Piece:  # "]\n" after a frame: its first id is the frame's target
+    close = tok.stream_close_ids
+    return _Piece(close, [False] + [True] * (len(close) - 1))
+
   def response(frame: int) -> _Piece:  # "]\nAssistant: text<eos>" (or empty)
     if frame not in response_at:
       return _Piece()
-    words = response_at[frame]
-    ids = list(tok.stream_close_ids) + list(tok.assistant_ids) + words + [tok.eos_id]
-    n_head = len(tok.stream_close_ids) + len(tok.assistant_ids)
-    return _Piece(ids, [False] * n_head + [True] * (len(words) + 1))
+    p = stream_close()
+    p += _Piece(list(tok.assistant_ids) + response_at[frame] + [tok.eos_id], learn=True)
+    return p
 
   def prefix(frame: int) -> _Piece:  # window start before `frame`: "<bos>{sys}\n{queries}["
     p = _Piece(system.ids)
@@ -251,9 +265,9 @@ def render_stream(tokenizer: StreamTokenizer, *, num_frames: int,
     if len(head) == 0 and len(nxt) == 0:
       full = _Piece([tok.interval_id] if i + 1 < num_frames else [])
     else:
-      full = _Piece(head.ids, head.response)
+      full = _Piece(head.ids, head.learn)
       if len(head) == 0:
-        full += _Piece(tok.stream_close_ids)
+        full += stream_close()
       elif len(nxt) or i + 1 < num_frames:
         full += nl
       full += nxt
@@ -291,28 +305,28 @@ def _build_window(tok: StreamTokenizer, pre: _Piece, after_full: list[_Piece],
                   tokens_per_frame: int, max_text: int) -> StreamWindow:
   """Lays out window ``[start, stop)`` and derives positions, targets and weights."""
   ids: list[int] = list(pre.ids)
-  response = list(pre.response)
+  learn = list(pre.learn)
   is_text = [True] * len(pre)
   frame_pos = []
   for i in range(start, stop):
     frame_pos.append(len(ids))
     ids += [tok.vision_id] * tokens_per_frame
-    response += [False] * tokens_per_frame
+    learn += [False] * tokens_per_frame
     is_text += [False] * tokens_per_frame
     tail = after_full[i] if i + 1 < stop else after_cut[i]
     ids += tail.ids
-    response += tail.response
+    learn += tail.learn
     is_text += [True] * len(tail)
   ids_a = np.asarray(ids, np.int32)
   text_mask = np.asarray(is_text, bool)
-  resp = np.asarray(response, bool)
+  learn_a = np.asarray(learn, bool)
   pos = np.flatnonzero(text_mask)
   nxt = pos + 1
   in_range = nxt < len(ids_a)
   nxt_c = np.minimum(nxt, len(ids_a) - 1)
   nxt_is_text = in_range & text_mask[nxt_c]
   targets = np.where(nxt_is_text, ids_a[nxt_c], 0).astype(np.int32)
-  weights = (in_range & resp[nxt_c]).astype(np.float32)
+  weights = (in_range & learn_a[nxt_c]).astype(np.float32)  # the collator's one-token shift
   truncated = max(0, len(pos) - max_text)
   if truncated:
     pos, targets, weights = pos[:max_text], targets[:max_text], weights[:max_text]

@@ -7,7 +7,10 @@ A sample is one teacher-forced stream. It is split into **turns** at every ``<eo
 covers stream positions ``[start_r, stop_r)`` with ``stop_r`` = (position of the r-th ``<eos>``)
 + 1; whatever follows the last ``<eos>`` belongs to no turn. In a turn:
 
-* the **LM tokens** are the text slots with an assistant-response target (``text_weights > 0``);
+* the **LM tokens** are the labelled text slots (``text_weights > 0``): as in the reference, the
+  ``]\\n`` slot before ``Assistant:`` (its target is ``Assistant:``), the tag, and the response
+  up to its last word (target ``<eos>``) — :mod:`mod_jax.data.stream` sets these weights from
+  videollm-online's learn ranges, so a turn counts exactly the reference's labels;
 * the **stream targets** are the labelled frame ends (``frame_weights > 0``), in stream order;
   the last one is the frame after which the model should speak.
 
@@ -84,7 +87,7 @@ class SampleStream:
   Attributes:
     text_tokens: int ``[T]`` token ids of the text slots.
     text_positions: int ``[T]`` stream positions.
-    text_weights: float ``[T]``; > 0 where the slot's target is an assistant-response token.
+    text_weights: float ``[T]``; > 0 where the slot is labelled (``mod_jax.data.stream``).
     text_ce: float ``[T]`` cross-entropy (nats) of the target at each slot (used where weighted).
     text_correct: bool ``[T]``: the argmax at the slot is its target.
     frame_positions: int ``[F]`` position of each frame's first vision token.

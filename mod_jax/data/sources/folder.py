@@ -18,6 +18,10 @@ in one warning per split, never silently lost:
 * ``bad_time``: timestamp missing or not a number; ``negative_time``: ``< 0``;
 * ``time_beyond_duration``: later than the video's duration;
 * ``non_string_text``: text missing or not a string;
+* ``invalid_utf8``: a text (or the entry's video path) that is not valid UTF-8: raw invalid bytes
+  in the file, or an escaped lone surrogate such as ``"\\udce9"``; each one is also named in a
+  warning (file, video, list and index). The file is decoded with ``errors="surrogateescape"``,
+  so such a text spoils neither the JSON parse nor the other entries;
 * ``short_narration``: fewer than 2 words (videollm-online ``data/ego4d/narration.py`` keeps
   narrations of >= 2 words); ``empty_query``: a query with no words.
 """
@@ -154,6 +158,9 @@ def read_annotations(split_dir: str) -> dict[str, Any]:
   Raises:
     FileNotFoundError: no such file (the message shows the expected layout).
     ValueError: not valid JSON, or not an object mapping video paths to entries.
+
+  Invalid UTF-8 bytes inside strings do not fail the parse: they are kept as lone surrogates
+  (``errors="surrogateescape"``) for :func:`index_folder` to drop and count (``invalid_utf8``).
   """
   path = os.path.join(split_dir, ANNOTATION_FILE)
   if not os.path.isfile(path):
@@ -161,9 +168,10 @@ def read_annotations(split_dir: str) -> dict[str, Any]:
         f"{path} not found. A folder dataset has one subfolder per split ('train', 'eval'), each "
         f"with {ANNOTATION_FILE} = {{\"<video>\": {{\"narrations\": [{{\"timestamp_sec\": 1.5, "
         f"\"narration_text\": \"...\"}}], \"queries\": [...]}}}} and the videos.")
+  with open(path, "rb") as f:
+    raw = f.read()
   try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
+    data = json.loads(raw.decode("utf-8", errors="surrogateescape"))
   except ValueError as e:
     raise ValueError(f"{path} is not valid JSON: {e}") from e
   if not isinstance(data, dict):
@@ -176,15 +184,27 @@ def _valid_time(x: Any) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _is_utf8(text: str) -> bool:
+  """False for a string holding lone surrogates (invalid bytes or escapes like "\\udce9")."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:
+    return False
+  return True
+
+
 def _parse_items(items: Any, *, text_key: str, min_words: int, short_reason: str,
-                 duration: float, bad: collections.Counter) -> list[tuple[float, str]]:
+                 duration: float, bad: collections.Counter, where: str,
+                 invalid: list[str]) -> list[tuple[float, str]]:
+  """Valid ``(time, text)`` items of one list; drops are counted in ``bad`` (and, for invalid
+  UTF-8, described in ``invalid`` as ``{where}[{index}]: {text!r}``)."""
   if items is None:
     return []
   if not isinstance(items, list):
     bad["malformed_entry"] += 1
     return []
   out = []
-  for item in items:
+  for i, item in enumerate(items):
     if not isinstance(item, dict):
       bad["malformed_entry"] += 1
       continue
@@ -197,6 +217,9 @@ def _parse_items(items: Any, *, text_key: str, min_words: int, short_reason: str
       bad["time_beyond_duration"] += 1
     elif not isinstance(text, str):
       bad["non_string_text"] += 1
+    elif not _is_utf8(text):
+      bad["invalid_utf8"] += 1
+      invalid.append(f"{where}[{i}]: {text[:60]!r}")
     elif len(text.split()) < min_words:
       bad[short_reason] += 1
     else:
@@ -229,11 +252,16 @@ def index_folder(split_dir: str, *, fps: float, size: int, on_bad_video: str = "
   annotations = read_annotations(split_dir)
   stats = FolderStats()
   bad: collections.Counter[str] = collections.Counter()
+  invalid: list[str] = []  # invalid-UTF-8 entries, named in a warning
   records = []
   names = sorted(annotations)
   for name in tqdm.tqdm(names, desc=f"index {split_dir}", disable=not progress or len(names) <= 64,
                         leave=False):
     entry = annotations[name]
+    if not _is_utf8(name):
+      bad["invalid_utf8"] += 1
+      invalid.append(f"video path {name!r} (the whole entry)")
+      continue
     path = os.path.abspath(os.path.join(split_dir, name))
     if not isinstance(entry, dict):
       bad["malformed_entry"] += 1
@@ -254,15 +282,23 @@ def index_folder(split_dir: str, *, fps: float, size: int, on_bad_video: str = "
     num_frames = int(frames.shape[0])
     duration = info.duration if info.duration > 0 else num_frames / fps
     narrations = _parse_items(entry.get("narrations"), text_key="narration_text", min_words=2,
-                              short_reason="short_narration", duration=duration, bad=bad)
+                              short_reason="short_narration", duration=duration, bad=bad,
+                              where=f"{name!r} narrations", invalid=invalid)
     queries = _parse_items(entry.get("queries"), text_key="text", min_words=1,
-                           short_reason="empty_query", duration=duration, bad=bad)
+                           short_reason="empty_query", duration=duration, bad=bad,
+                           where=f"{name!r} queries", invalid=invalid)
     records.append(VideoRecord(path=path, name=name, num_frames=num_frames, duration=duration,
                                narrations=tuple(narrations), queries=tuple(queries)))
     stats.narrations += len(narrations)
     stats.queries += len(queries)
   stats.videos = len(records)
   stats.bad_annotations = dict(sorted(bad.items()))
+  if invalid:
+    shown = "; ".join(invalid[:10]) + (f"; and {len(invalid) - 10} more" if len(invalid) > 10
+                                       else "")
+    warnings.warn(f"{split_dir}/{ANNOTATION_FILE}: dropped {len(invalid)} entries that are not "
+                  f"valid UTF-8 ('invalid_utf8'; the rest of the file is used): {shown}",
+                  DataWarning, stacklevel=2)
   if bad:
     warnings.warn(f"{split_dir}/{ANNOTATION_FILE}: dropped {sum(bad.values())} bad annotations "
                   f"{dict(bad)} (see mod_jax/data/sources/folder.py for the rules).", DataWarning,
