@@ -43,3 +43,28 @@ def synthetic_batch(config, batch_size: int, seed: int = 0, frames_per_sample=No
   out = {k: np.stack(v).astype(np.float32 if "weights" in k else np.int32) for k, v in b.items()}
   out["frames"] = rng.integers(0, 256, (batch_size, f_cap, size, size, 3), dtype=np.uint8)
   return out
+
+
+def ordered_row(x, positions, segment_ids, num_text, tokens_per_frame):
+  """A layout row (text slots, then frames) in stream order, as the decoder sees it.
+
+  Returns (x [b, l, d] in stream order, ``rows.TokenInfo``, ``rows.StreamLayout``); bring a
+  stream-order result back to the layout with ``rows.take(y, layout.inverse)``.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mod_jax.model import rows  # pylint: disable=g-import-not-at-top
+  positions, segment_ids = jnp.asarray(positions), jnp.asarray(segment_ids)
+  layout = rows.stream_layout(positions, segment_ids, num_text=num_text,
+                              tokens_per_frame=tokens_per_frame)
+  seq = rows.TokenInfo(layout.to_stream(positions), layout.to_stream(segment_ids))
+  return layout.to_stream(jnp.asarray(x)), seq, layout
+
+
+def frame_scores_router(scores_bfn, layout):
+  """A stand-in router returning fixed per-frame scores [b, f, n] as stream-order logits [b, l]."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  scores = jnp.asarray(scores_bfn, jnp.float32)
+  b, f, n = scores.shape
+  text = jnp.zeros((b, layout.num_text), jnp.float32)
+  flat = layout.to_stream(jnp.concatenate([text, scores.reshape(b, f * n)], axis=1))
+  return lambda x: flat

@@ -8,15 +8,15 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from mod_jax.model import mod
+from mod_jax.model import mod, rows
 from mod_jax.model.video_llm import VideoLLM
-from tests.helpers import synthetic_batch
+from tests.helpers import frame_scores_router, ordered_row, synthetic_batch
 
 
 def _plus_one_block(seen):
   """A stand-in decoder layer: adds 1 to every token it processes, records what it saw."""
-  def block(x, positions, segment_ids):
-    seen.append((x.shape, np.asarray(positions), np.asarray(segment_ids)))
+  def block(x, seq):
+    seen.append((x.shape, np.asarray(seq.positions), np.asarray(seq.segment_ids)))
     return x + 1.0
   return block
 
@@ -29,10 +29,10 @@ def test_top_k_per_frame_processed_and_text_always():
   pos = jnp.broadcast_to(jnp.arange(t + f * n, dtype=jnp.int32) + 100, (b, t + f * n))
   seg = jnp.ones((b, t + f * n), jnp.int32)
   seen = []
-  y, aux = mod.routed_block(_plus_one_block(seen), x, pos, seg, num_text=t, num_frames=f,
-                            tokens_per_frame=n, k=k, selection="learned", weighting="ste",
-                            router=lambda xv: scores)
-  processed = np.asarray(y[..., 0]) == 1.0
+  x_s, seq, layout = ordered_row(x, pos, seg, t, n)
+  y, aux = mod.routed_block(_plus_one_block(seen), x_s, seq, layout, k=k, selection="learned",
+                            weighting="ste", router=frame_scores_router(scores, layout))
+  processed = np.asarray(rows.take(y, layout.inverse)[..., 0]) == 1.0
   expected = np.zeros((b, t + f * n), bool)
   expected[:, :t] = True                       # text always processed
   for bi, frames in enumerate([[1, 2], [0, 3]]):   # argmax per frame
@@ -52,9 +52,10 @@ def test_keeps_exactly_k_per_frame(k):
   scores = jax.random.normal(jax.random.key(0), (b, f, n))
   x = jnp.zeros((b, t + f * n, d))
   pos = jnp.arange(t + f * n, dtype=jnp.int32)[None]
-  y, _ = mod.routed_block(_plus_one_block([]), x, pos, jnp.ones_like(pos), num_text=t,
-                          num_frames=f, tokens_per_frame=n, k=k, selection="learned",
-                          weighting="ste", router=lambda xv: scores)
+  x_s, seq, layout = ordered_row(x, pos, jnp.ones_like(pos), t, n)
+  y, _ = mod.routed_block(_plus_one_block([]), x_s, seq, layout, k=k, selection="learned",
+                          weighting="ste", router=frame_scores_router(scores, layout))
+  y = rows.take(y, layout.inverse)
   vis = np.asarray(y[0, t:, 0]).reshape(f, n)
   assert (vis.sum(axis=1) == k).all()
   if k:

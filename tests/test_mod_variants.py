@@ -19,7 +19,7 @@ from mod_jax.model import mod
 from mod_jax.model.llm import DecoderLayer
 from mod_jax.model.video_llm import VideoLLM, frame_token_layout
 from mod_jax.train.step import loss_fn
-from tests.helpers import synthetic_batch
+from tests.helpers import frame_scores_router, ordered_row, synthetic_batch
 
 N_LAYERS = 4  # tiny config
 UNIFORM_2_OF_10 = (2, 7)  # floor((j + 0.5) * 10 / 2), j = 0, 1
@@ -98,14 +98,15 @@ def test_insertion_routes_exactly_its_layers(insertion, layers, monkeypatch):
   """Each layer sees the tokens it should: routed layers T + F·k tokens, with the kept vision
   tokens at their original positions; the others the whole row. Output equals the oracle."""
   c = _config(insertion=insertion, selection="uniform")
+  c.model.scan_layers = False  # the recording below needs concrete values, not scan tracers
   model, batch = _model_and_batch(c)
   seen = {}
   original = DecoderLayer.__call__
   index = {id(layer): i for i, layer in enumerate(model.llm.layers)}
 
-  def recording(self, x, positions, segment_ids):
+  def recording(self, x, positions, segment_ids, rng=None, **kw):
     seen[index[id(self)]] = np.asarray(positions)
-    return original(self, x, positions, segment_ids)
+    return original(self, x, positions, segment_ids, rng, **kw)
 
   monkeypatch.setattr(DecoderLayer, "__call__", recording)
   got = model(batch)
@@ -120,7 +121,10 @@ def test_insertion_routes_exactly_its_layers(insertion, layers, monkeypatch):
     else:
       want = np.concatenate([batch["text_positions"],
                              (fpos[:, :, None] + np.arange(n)).reshape(2, -1)], axis=1)
-    np.testing.assert_array_equal(seen[i], want, err_msg=f"layer {i}")
+    # The layer sees the row in stream order: the same positions, ascending within the sample.
+    np.testing.assert_array_equal(np.sort(seen[i]), np.sort(want), err_msg=f"layer {i}")
+    real = seen[i][:, :(np.asarray(batch["text_segment_ids"]) != 0).sum(1).min()]
+    assert (np.diff(real, axis=1) > 0).all(), f"layer {i} is not in stream order"
   assert seen[layers[0]].shape[1] == t + f * 2
   _assert_logits_match(got, _oracle_logits(model, batch, _uniform_kept(layers, UNIFORM_2_OF_10)),
                        batch)
@@ -164,9 +168,9 @@ def test_learned_selection_follows_router_scores():
   x[0, t:, 0] = [.3, .9, .1, .5, .2,   # frame 0: keep 1, 3
                  .8, .0, .7, .1, .6]   # frame 1: keep 0, 2
   pos = jnp.arange(t + f * n, dtype=jnp.int32)[None]
-  _, aux = mod.routed_block(lambda xc, p, s: xc, jnp.asarray(x), pos, jnp.ones_like(pos),
-                            num_text=t, num_frames=f, tokens_per_frame=n, k=k,
-                            selection="learned", weighting="ste", router=router)
+  x_s, seq, layout = ordered_row(x, pos, jnp.ones_like(pos), t, n)
+  _, aux = mod.routed_block(lambda xc, sc: xc, x_s, seq, layout, k=k, selection="learned",
+                            weighting="ste", router=router)
   np.testing.assert_array_equal(np.asarray(aux["kept_index"]), [[[1, 3], [0, 2]]])
 
 
@@ -266,27 +270,29 @@ def test_router_bce_is_bce_of_logits_against_membership():
   x = jnp.zeros((b, t + f * n, d))
   pos = jnp.arange(t + f * n, dtype=jnp.int32)[None]
   seg = jnp.array([[1] + [1] * (2 * n) + [0] * n])  # frame 2 is padding: not counted
-  _, aux = mod.routed_block(lambda xc, p, s: xc, x, pos, seg, num_text=t, num_frames=f,
-                            tokens_per_frame=n, k=k, selection="learned", weighting="ste",
-                            router=lambda xv: jnp.asarray(scores, jnp.float32))
+  x_s, seq, layout = ordered_row(x, pos, seg, t, n)
+  _, aux = mod.routed_block(lambda xc, sc: xc, x_s, seq, layout, k=k, selection="learned",
+                            weighting="ste", router=frame_scores_router(scores, layout))
   member = np.zeros((f, n))
   member[0, 0] = member[1, 1] = 1.0          # argmax of frames 0 and 1
   s = scores[0, :2]
   bce = -(member[:2] * np.log(1 / (1 + np.exp(-s))) +
           (1 - member[:2]) * np.log(1 - 1 / (1 + np.exp(-s))))
-  np.testing.assert_allclose(float(aux["router_bce"]), bce.mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(aux["router_bce_sum"] / aux["router_bce_count"]), bce.mean(),
+                             rtol=1e-5)
 
 
 def test_aux_loss_weight_adds_to_the_training_loss():
   c = _config(router_aux_loss_weight=0.5)
   model, batch = _model_and_batch(c)
   graphdef, params = nnx.split(model, nnx.Param)
-  loss, metrics = loss_fn(params, graphdef, batch, jax.random.key(0), 1.0)
+  loss, metrics = loss_fn(params, graphdef, batch, jax.random.key(0), stream_loss_weight=1.0)
   _, _, aux = model(batch)
-  bce_sum = sum(float(aux[f"layer_{i}"]["router_bce"]) for i in (1, 3))
+  bce_sum = sum(float(aux[f"layer_{i}"]["router_bce_sum"] / aux[f"layer_{i}"]["router_bce_count"])
+                for i in (1, 3))
   assert bce_sum > 0
   np.testing.assert_allclose(float(metrics["router_aux_loss"]), bce_sum, rtol=1e-5)
   c0 = _config()
   loss0, _ = loss_fn(params, nnx.split(VideoLLM(c0.model, rngs=nnx.Rngs(0)), nnx.Param)[0],
-                     batch, jax.random.key(0), 1.0)
+                     batch, jax.random.key(0), stream_loss_weight=1.0)
   np.testing.assert_allclose(float(loss) - float(loss0), 0.5 * bce_sum, rtol=1e-4)

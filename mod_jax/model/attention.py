@@ -1,14 +1,22 @@
-"""Grouped-query self-attention with RoPE, masked by positions and segment ids.
+"""Grouped-query self-attention with RoPE; the decoder's attention layer and its KV cache.
 
-Tokens are not assumed to be stored in stream order: the causal mask is built from each token's
-RoPE position and packed-sample segment id (``mask[q, k] = seg_q == seg_k != 0 and pos_k <= pos_q``).
-This is what lets a MoD layer attend over a gathered, compact set of tokens with their ORIGINAL
-positions (SPEC §1.1; γ-MoD's renumbering to 0..k-1 is deliberately not copied).
+Two masks, one meaning (``mask[q, k] = seg_q == seg_k != 0 and pos_k <= pos_q``):
 
-Streaming inference attaches a :class:`KVCache` to a layer (``Attention.cache``; None in training,
-so the training path is unchanged). A call then writes its keys/values into the cache and attends
-over every cached entry, with the same position/segment mask; in a MoD layer the call sees only the
-text and kept vision tokens, so only those are cached (``mod_jax.infer.streaming``).
+* **Stream order** (training and evaluation): the decoder keeps each row in stream order
+  (``mod_jax/model/rows.py``), so the mask is causal in slot order within a segment and any
+  kernel can run it: ``attention_ops.attend`` dispatches to ``xla`` | ``blockwise`` | ``splash``
+  | ``cudnn`` (``model.attention``). A MoD layer's compact sequence is a subsequence in the same
+  order, with the ORIGINAL positions (γ-MoD's renumbering to 0..k-1 is deliberately not copied).
+* **By position** (any slot order; the reference, and the KV-cache path): the mask is built from
+  each token's RoPE position and segment id, materialising the [t, s] scores.
+
+RoPE tables (cos, sin) are computed once per forward pass from the positions and shared by every
+layer (:func:`rope_tables`).
+
+Streaming inference attaches a :class:`KVCache` to a layer (``Attention.cache``; None in training).
+A call then writes its keys/values into the cache and attends over every cached entry with the
+position mask; in a MoD layer the call sees only the text and kept vision tokens, so only those
+are cached (``mod_jax.infer.streaming``).
 
 Shape letters: b batch, t query tokens, s key tokens, d model width, n query heads, k KV heads,
 g query heads per KV head (n = k·g), h head dim.
@@ -17,14 +25,16 @@ g query heads per KV head (n = k·g), h head dim.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mod_jax.model import lora
+from jax.ad_checkpoint import checkpoint_name
+
+from mod_jax.model import attention_ops, lora
 from mod_jax.model.layers import dense_init
 from mod_jax.model.partitioning import param, shard
 
@@ -59,11 +69,26 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Any = None) -> np.ndarra
   raise ValueError(f"rope scaling type {kind!r} is not supported; use default, linear or llama3.")
 
 
-def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-  """Rotates halves of the head dim (transformers' ``rotate_half`` convention). Positions int32."""
+class Rope(NamedTuple):
+  """RoPE tables of a row: cos and sin, float32 [b, t, head_dim] (``rotate_half`` layout).
+
+  Computed once per forward pass from the positions (:func:`rope_tables`) and shared by q, k and
+  every decoder layer; a MoD layer gathers the rows of its compact sequence.
+  """
+  cos: jax.Array
+  sin: jax.Array
+
+
+def rope_tables(positions_bt: jax.Array, inv_freq) -> Rope:
+  """cos/sin of ``positions`` (int32 [b, t]) times ``inv_freq`` (float32 [head_dim // 2])."""
   freqs = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
-  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-  cos, sin = jnp.cos(emb), jnp.sin(emb)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return Rope(jnp.cos(emb), jnp.sin(emb))
+
+
+def apply_rope(x_btnh: jax.Array, rope: Rope) -> jax.Array:
+  """Rotates halves of the head dim (transformers' ``rotate_half`` convention), in float32."""
+  cos, sin = rope.cos[:, :, None, :], rope.sin[:, :, None, :]
   x = x_btnh.astype(jnp.float32)
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -85,7 +110,8 @@ def dot_product_attention(q_btnh, k_bskh, v_bskh, mask_bts) -> jax.Array:
   b, t, n, h = q_btnh.shape
   kh = k_bskh.shape[2]
   q = q_btnh.reshape(b, t, kh, n // kh, h)
-  logits = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh).astype(jnp.float32) / math.sqrt(h)
+  logits = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh,
+                      preferred_element_type=jnp.float32) / math.sqrt(h)
   logits = jnp.where(mask_bts[:, None, None], logits, _MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1).astype(v_bskh.dtype)
   out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
@@ -115,15 +141,21 @@ class Attention(nnx.Module):
     self.inv_freq = tuple(float(f) for f in
                           rope_inv_freq(h, cfg.rope_theta, _as_dict(cfg.get("rope_scaling"))))
     self.dtype = jnp.dtype(cfg.dtype)
+    self.implementation = cfg.get("attention", "xla")
+    self.block_size = int(cfg.get("attention_block_size", 512))
     self.rules = rules
     self.cache: KVCache | None = nnx.data(None)  # set for streaming inference only
 
-  def qkv(self, x_btd: jax.Array, positions_bt: jax.Array, rng: jax.Array | None = None):
+  def qkv(self, x_btd: jax.Array, positions_bt: jax.Array, rng: jax.Array | None = None,
+          rope: Rope | None = None):
     """Projects and rotates: returns q [b, t, n, h], k and v [b, t, k, h].
 
-    ``rng`` is the LoRA dropout key (``mod_jax/model/lora.py``; training only).
+    ``rope``: the row's tables (:func:`rope_tables`), computed here from ``positions`` if None.
+    ``rng`` is the LoRA dropout key (``mod_jax/model/lora.py``; training only). The projections
+    are named ``query_proj`` / ``key_proj`` / ``value_proj`` for remat policies.
     """
     x = x_btd.astype(self.dtype)
+    rope = rope_tables(positions_bt, self.inv_freq) if rope is None else rope
 
     def proj(name, bias, i):
       y = jnp.einsum("btd,dnh->btnh", x, getattr(self, name)[...].astype(self.dtype))
@@ -131,9 +163,9 @@ class Attention(nnx.Module):
       delta = lora.adapter(self, name, x, lora.fold(rng, i), self.dtype)  # None without LoRA
       return y if delta is None else y + delta
 
-    q = apply_rope(proj("q", self.q_bias, 0), positions_bt, self.inv_freq)
-    k = apply_rope(proj("k", self.k_bias, 1), positions_bt, self.inv_freq)
-    v = proj("v", self.v_bias, 2)
+    q = checkpoint_name(apply_rope(proj("q", self.q_bias, 0), rope), "query_proj")
+    k = checkpoint_name(apply_rope(proj("k", self.k_bias, 1), rope), "key_proj")
+    v = checkpoint_name(proj("v", self.v_bias, 2), "value_proj")
     q = shard(q, ("batch", "length", "heads", "head_dim"), self.rules)
     k = shard(k, ("batch", "length", "kv_heads", "head_dim"), self.rules)
     return q, k, v
@@ -143,18 +175,27 @@ class Attention(nnx.Module):
     delta = lora.adapter(self, "o", o_btnh, lora.fold(rng, 3), self.dtype)
     return y if delta is None else y + delta
 
-  def __call__(self, x_btd, positions_bt, segment_ids_bt, rng=None) -> jax.Array:
+  def __call__(self, x_btd, positions_bt, segment_ids_bt, rng=None, *, rope: Rope | None = None,
+               ordered: bool = False) -> jax.Array:
     """Self-attention over the given tokens. x [b, t, d]; positions, segment_ids int32 [b, t].
 
-    With a :class:`KVCache` attached, the tokens' keys/values are written to it first and the
-    queries attend over all cached entries (earlier calls included). ``rng``: LoRA dropout key.
+    ``ordered=True`` promises the tokens are in stream order (``mod_jax/model/rows.py``): the
+    mask is then causal in slot order within a segment and runs on the configured kernel
+    (``attention_ops.attend``). Otherwise the mask is built from positions (any slot order;
+    the reference path, materialising the [t, t] scores). With a :class:`KVCache` attached, the
+    tokens' keys/values are written to it first and the queries attend over all cached entries
+    (earlier calls included). ``rng``: LoRA dropout key.
     """
-    q, k, v = self.qkv(x_btd, positions_bt, rng)
-    if self.cache is None:
-      mask = attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt)
+    q, k, v = self.qkv(x_btd, positions_bt, rng, rope)
+    if self.cache is not None:
+      k, v, k_pos, k_seg = self.cache.write(k, v, positions_bt, segment_ids_bt)
+      mask = attention_mask(positions_bt, segment_ids_bt, k_pos, k_seg)
       return self.out(dot_product_attention(q, k, v, mask), rng)
-    k, v, k_pos, k_seg = self.cache.write(k, v, positions_bt, segment_ids_bt)
-    mask = attention_mask(positions_bt, segment_ids_bt, k_pos, k_seg)
+    if ordered:
+      o = attention_ops.attend(q, k, v, segment_ids_bt, segment_ids_bt, causal=True,
+                               implementation=self.implementation, block_size=self.block_size)
+      return self.out(o, rng)
+    mask = attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt)
     return self.out(dot_product_attention(q, k, v, mask), rng)
 
 

@@ -10,15 +10,51 @@ Shape letters: b batch, l/t tokens, d model width, v vocabulary.
 from __future__ import annotations
 
 import functools
+from typing import Hashable, Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from mod_jax.model import lora, mod
-from mod_jax.model.attention import Attention
+from mod_jax.model import rows
+from mod_jax.model.attention import Attention, rope_tables
 from mod_jax.model.layers import RMSNorm, SwiGLU, dense_init
 from mod_jax.model.partitioning import param, shard
+
+
+REMAT_POLICIES = {
+    "none": None,                                                     # keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,                 # recompute the whole layer
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # MaxText "minimal"
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(   # MaxText "save_qkv_proj"
+        "query_proj", "key_proj", "value_proj"),
+}
+
+
+def layer_runs(kinds: Sequence[Hashable]) -> tuple[tuple[int, int, int], ...]:
+  """Splits a layer stack into runs of a repeating cycle: ``(start, period, repeats)``.
+
+  ``kinds[i]`` is what makes layer i different (its routing); a run repeats the cycle
+  ``kinds[start:start + period]`` ``repeats`` times, and is scanned (one compiled body) when
+  repeats > 1. Periods 1 and 2 are tried, the one covering more layers wins (ties: 1), e.g.
+  ``interleaved`` over 32 layers is one run (0, 2, 16); ``all_deep`` is (0, 1, 16), (16, 1, 16);
+  an arbitrary list falls back to short runs.
+  """
+  runs, i, n = [], 0, len(kinds)
+  while i < n:
+    best = (1, 1)
+    for period in (1, 2):
+      reps = 1 if i + period <= n else 0
+      while reps and i + (reps + 1) * period <= n and (
+          tuple(kinds[i + reps * period:i + (reps + 1) * period]) == tuple(kinds[i:i + period])):
+        reps += 1
+      if reps * period > best[0] * best[1]:
+        best = (period, reps)
+    runs.append((i, *best))
+    i += best[0] * best[1]
+  return tuple(runs)
 
 
 class DecoderLayer(nnx.Module):
@@ -32,10 +68,13 @@ class DecoderLayer(nnx.Module):
                       param_dtype=jnp.dtype(cfg.param_dtype))
     self.rules = rules
 
-  def __call__(self, x_bld, positions_bl, segment_ids_bl, rng=None) -> jax.Array:
-    """``rng``: LoRA dropout key (training only)."""
+  def __call__(self, x_bld, positions_bl, segment_ids_bl, rng=None, *, rope=None,
+               ordered: bool = False) -> jax.Array:
+    """x [b, l, d]; positions, segment ids int32 [b, l]. ``rope``: the row's RoPE tables (else
+    computed from positions); ``ordered``: tokens are in stream order (kernel attention, see
+    ``Attention``); ``rng``: LoRA dropout key (training only)."""
     x = x_bld + self.attn(self.input_norm(x_bld), positions_bl, segment_ids_bl,
-                          lora.fold(rng, 0)).astype(x_bld.dtype)
+                          lora.fold(rng, 0), rope=rope, ordered=ordered).astype(x_bld.dtype)
     x = x + self.mlp(self.post_attn_norm(x), lora.fold(rng, 1)).astype(x.dtype)
     return shard(x, ("batch", "length", "embed"), self.rules)
 
@@ -61,6 +100,7 @@ class Decoder(nnx.Module):
     if lora_cfg and lora_cfg.rank > 0:  # adapters after everything else (same base init)
       lora.attach(self, cfg, rngs=rngs)
     self.dtype = jnp.dtype(cfg.dtype)
+    self.scan_layers = bool(cfg.get("scan_layers", True))
     self.rules = rules
 
   def embed_tokens(self, tokens_bt: jax.Array) -> jax.Array:
@@ -71,43 +111,171 @@ class Decoder(nnx.Module):
     x = jnp.take(table, tokens_bt, axis=0).astype(self.dtype)
     return shard(x, ("batch", "length", "embed"), self.rules)
 
-  def __call__(self, x_bld, positions_bl, segment_ids_bl, *, num_text: int | None = None,
-               num_frames: int = 0, rng: jax.Array | None = None):
+  def __call__(self, x_bld: jax.Array, seq: rows.TokenInfo,
+               layout: rows.StreamLayout | None = None, *, rng: jax.Array | None = None,
+               remat: str = "none", ordered: bool = True):
     """Runs all layers; returns (final-normed hidden [b, l, d], aux per routed layer).
 
-    The row holds ``num_text`` text slots then ``num_frames`` frames of ``tokens_per_frame``
-    slots (``num_text`` defaults to all of l, i.e. text only, where no layer routes anything).
+    Args:
+      x_bld: embedded tokens [b, l, d], in stream order when ``ordered``.
+      seq: their positions, segment ids and (optionally) RoPE tables; tables are computed here
+        once for all layers when absent.
+      layout: where the frames are (``rows.StreamLayout``); None for text only, where no layer
+        routes anything.
+      rng: routing key (``random`` selection) and LoRA dropout key.
+      remat: a key of ``REMAT_POLICIES`` (``train.remat``), applied to each scanned cycle or
+        layer.
+      ordered: tokens are in stream order, so attention runs on the configured kernel; False
+        uses the position mask (any order; the reference).
+    Raises:
+      ValueError: an unknown ``remat`` policy.
     """
-    n = self.plan.tokens_per_frame
-    num_text = x_bld.shape[1] - num_frames * n if num_text is None else num_text
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
+    if seq.rope is None:
+      seq = seq._replace(rope=rope_tables(seq.positions, self.layers[0].attn.inv_freq))
+    if layout is not None and layout.frame_start.shape[1] == 0:
+      layout = None
+    drop = lora.fold(rng, lora.DROPOUT_STREAM) if self.lora_dropout else None
     aux = {}
     x = x_bld
-    drop = lora.fold(rng, lora.DROPOUT_STREAM) if self.lora_dropout else None
-    for i, layer in enumerate(self.layers):
-      if drop is not None:
-        layer = functools.partial(layer, rng=jax.random.fold_in(drop, i))
-      if num_frames and self.plan.routed(i):
-        x, aux[f"layer_{i}"] = mod.routed_block(
-            layer, x, positions_bl, segment_ids_bl, num_text=num_text, num_frames=num_frames,
-            tokens_per_frame=n, k=self.plan.keep[i], selection=self.plan.selection,
-            weighting=self.plan.weighting, router=self.routers.get(str(i)),
-            rng=None if rng is None else jax.random.fold_in(rng, i))
-      else:
-        x = layer(x, positions_bl, segment_ids_bl)
+    n = len(self.layers)
+    if self.layers[0].attn.cache is not None:  # streaming: the caches are mutated in place
+      x, aux = self._run(0, n, 1, x, seq, layout, rng, drop, ordered, "none")
+      return self.final_norm(x), aux
+    kinds = [(self.plan.keep[i] if layout is not None else None, str(i) in self.routers)
+             for i in range(n)]
+    runs = layer_runs(kinds) if self.scan_layers else tuple((i, 1, 1) for i in range(n))
+    for start, period, reps in runs:
+      x, run_aux = self._run(start, period, reps, x, seq, layout, rng, drop, ordered, remat)
+      aux.update(run_aux)
     return self.final_norm(x), aux
 
+  def _routed_or_dense(self, block, keep, router, x, seq, layout, rng):
+    """``block(x, seq)``, through ``mod.routed_block`` when ``keep`` (the plan's k) is set."""
+    if layout is None or keep is None:
+      return block(x, seq), {}
+    return mod.routed_block(block, x, seq, layout, k=keep, selection=self.plan.selection,
+                            weighting=self.plan.weighting, router=router, rng=rng)
+
+  def _run(self, start, period, reps, x, seq, layout, rng, drop, ordered, remat):
+    """Layers ``start .. start + period·reps - 1``: a cycle of ``period`` layers repeated
+    ``reps`` times, as one ``lax.scan`` over parameters stacked along a new leading axis when
+    reps > 1 (one compiled body whatever the depth; MaxText's scanned layers). Each cycle is
+    rematerialised with ``REMAT_POLICIES[remat]``. Returns (x, {"layer_i": aux}).
+    """
+    if reps == 1 and remat == "none":  # no transform: call the modules themselves
+      out = {}
+      for i in range(start, start + period):
+        lrng = None if drop is None else jax.random.fold_in(drop, i)
+        x, a = self._routed_or_dense(functools.partial(_block, self.layers[i], lrng, ordered),
+                                     self.plan.keep[i], self.routers.get(str(i)), x, seq,
+                                     layout, lora.fold(rng, i))
+        out.update({f"layer_{i}": a} if a else {})
+      return x, out
+    parts = []
+    for j in range(period):
+      members = [start + r * period + j for r in range(reps)]
+      layer_gd, _ = nnx.split(self.layers[members[0]])
+      layer_st = [nnx.split(self.layers[i])[1] for i in members]
+      has_router = str(members[0]) in self.routers
+      router_gd = nnx.split(self.routers[str(members[0])])[0] if has_router else None
+      router_st = [nnx.split(self.routers[str(i)])[1] for i in members] if has_router else None
+      parts.append((layer_gd, layer_st, router_gd, router_st))
+
+    def cycle(x, states, r):
+      auxes = []
+      for j, ((layer_gd, _, router_gd, _), (layer_st, router_st)) in enumerate(zip(parts,
+                                                                                      states)):
+        i = start + r * period + j
+        layer = nnx.merge(layer_gd, layer_st)
+        router = None if router_gd is None else nnx.merge(router_gd, router_st)
+        lrng = None if drop is None else jax.random.fold_in(drop, i)
+        block = functools.partial(_block, layer, lrng, ordered)
+        x, a = self._routed_or_dense(block, self.plan.keep[start + j], router, x, seq, layout,
+                                     lora.fold(rng, i))
+        auxes.append(a)
+      return x, auxes
+
+    policy = REMAT_POLICIES[remat]
+    if remat != "none":
+      cycle = jax.checkpoint(cycle, policy=policy, prevent_cse=reps == 1)
+    if reps == 1:
+      states = [(p[1][0], None if p[3] is None else p[3][0]) for p in parts]
+      x, auxes = cycle(x, states, 0)
+      return x, {f"layer_{start + j}": a for j, a in enumerate(auxes) if a}
+    stack = lambda sts: jax.tree.map(lambda *a: jnp.stack(a), *sts)
+    states = [(stack(p[1]), None if p[3] is None else stack(p[3])) for p in parts]
+
+    def body(x, xs):
+      st, r = xs
+      return cycle(x, st, r)
+    x, auxes = jax.lax.scan(body, x, (states, jnp.arange(reps, dtype=jnp.int32)))
+    out = {}
+    for j, a in enumerate(auxes):
+      for r in range(reps):
+        if a:
+          out[f"layer_{start + r * period + j}"] = jax.tree.map(lambda v, r=r: v[r], a)
+    return x, out
+
   def logits(self, h_btd: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-    """LM head, float32 [b, t, v]. ``rng``: LoRA dropout key (training only)."""
+    """LM head, float32 [b, t, v] (accumulated in float32). ``rng``: LoRA dropout key."""
     w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-    y = jnp.einsum("btd,dv->btv", h_btd.astype(self.dtype), w.astype(self.dtype))
+    y = jnp.einsum("btd,dv->btv", h_btd.astype(self.dtype), w.astype(self.dtype),
+                   preferred_element_type=jnp.float32)
     drop = lora.fold(rng, lora.DROPOUT_STREAM) if self.lora_dropout else None
     delta = lora.adapter(self, "lm_head", h_btd, lora.fold(drop, len(self.layers)), self.dtype)
-    return (y if delta is None else y + delta).astype(jnp.float32)
+    return y if delta is None else y + delta.astype(jnp.float32)
+
+  def cross_entropy(self, h_bmd: jax.Array, targets_bm: jax.Array, rng: jax.Array | None = None,
+                    *, chunk: int = 512):
+    """LM head + token cross-entropy in chunks of ``chunk`` slots, never all logits at once.
+
+    Each chunk's logits [b, chunk, V] (float32) are computed, reduced to the CE and the argmax,
+    and dropped; the backward pass recomputes them (``jax.checkpoint``), so memory is
+    O(b · chunk · V) instead of O(b · m · V) (the 8B config: 5,296 slots x 128,256 vocab would
+    be 2.5 GiB per row in float32).
+
+    Args:
+      h_bmd: final-normed hidden states [b, m, d] at the slots that carry a loss.
+      targets_bm: int32 [b, m] next-token ids.
+      rng: LoRA dropout key (training only).
+      chunk: slots per chunk (static); m need not be a multiple.
+    Returns:
+      (ce float32 [b, m], argmax int32 [b, m]).
+    """
+    b, m, d = h_bmd.shape
+    c = max(1, min(chunk, m))
+    nc = -(-m // c)
+    pad = nc * c - m
+    h = jnp.pad(h_bmd, ((0, 0), (0, pad), (0, 0))).reshape(b, nc, c, d).swapaxes(0, 1)
+    tg = jnp.pad(targets_bm, ((0, 0), (0, pad))).reshape(b, nc, c).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(xs):
+      h_c, t_c, j = xs
+      logits = self.logits(h_c, lora.fold(rng, j))
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, t_c)
+      return ce, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    ce, pred = jax.lax.map(one, (h, tg, jnp.arange(nc, dtype=jnp.int32)))
+    unchunk = lambda a: a.swapaxes(0, 1).reshape(b, nc * c)[:, :m]
+    return unchunk(ce), unchunk(pred)
 
   def text_logits(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None) -> jax.Array:
-    """Plain causal LM call on token ids int32 [b, t] -> logits float32 [b, t, v]."""
+    """Plain causal LM call on token ids int32 [b, t] -> logits float32 [b, t, v].
+
+    Without ``positions`` the tokens are 0..t-1 in order (kernel attention); with them, the
+    position mask is used (any order)."""
     b, t = tokens_bt.shape
-    if positions_bt is None:
+    ordered = positions_bt is None
+    if ordered:
       positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    h, _ = self(self.embed_tokens(tokens_bt), positions_bt, jnp.ones((b, t), jnp.int32))
+    seq = rows.TokenInfo(positions_bt, jnp.ones((b, t), jnp.int32))
+    h, _ = self(self.embed_tokens(tokens_bt), seq, ordered=ordered)
     return self.logits(h)
+
+
+def _block(layer: DecoderLayer, rng, ordered: bool, x_bld, seq: rows.TokenInfo) -> jax.Array:
+  """``layer`` as a ``block(x, seq)`` callable for ``mod.routed_block``."""
+  return layer(x_bld, seq.positions, seq.segment_ids, rng, rope=seq.rope, ordered=ordered)

@@ -7,18 +7,21 @@ unchanged, and are absent from that layer's attention both as queries and as key
 tokens are always processed. Because top-k is taken inside a frame, routing is causal at frame
 granularity, so streaming inference reproduces the full forward pass.
 
-Static shapes. A row stores ``T`` text slots then ``F`` frames of ``N`` vision slots
-(``mod_jax/config.py``); k = ceil(r·N) is known at trace time, so the compact sequence a MoD layer
-runs on has exactly ``C = T + F·k`` tokens and nothing can overflow (SPEC §1.2).
+Static shapes. The decoder keeps a row in stream order (``mod_jax/model/rows.py``): text and
+frames interleaved as in the stream, frame f's N tokens contiguous at ``frame_start[f]``. k =
+ceil(r·N) is known at trace time and every frame keeps exactly k tokens (padding frames too), so
+the compact sequence has exactly ``C = T + F·k`` tokens and nothing can overflow (SPEC §1.2). The
+compact sequence is the kept slots IN STREAM ORDER (a stable sort of the keep flags), so it keeps
+the kernel-friendly mask "causal in slot order within a segment" with the original positions.
 
-Worked example (T = 3, F = 2, N = 4, k = 1)::
+Worked example (one sample, T = 3 text slots, F = 2, N = 4, k = 1)::
 
-    row slots       t0 t1 t2 | v00 v01 v02 v03 | v10 v11 v12 v13
-    router scores              .1  .9  .3  .2  |  .4  .0  .8  .7
-    top-1 per frame                 ^^^                ^^^          -> idx [[1], [2]]
-    compact (C = 5) t0 t1 t2  v01  v12            (original positions and segment ids kept)
-    block output    t0' t1' t2' v01' v12'
-    scatter back    t0' t1' t2' | v00 v01+g·Δ v02 v03 | v10 v11 v12+g·Δ v13
+    stream slots    t0 v00 v01 v02 v03 t1 v10 v11 v12 v13 t2
+    router scores       .1  .9  .3  .2      .4  .0  .8  .7
+    top-1 per frame         ^^^                     ^^^          -> idx [[1], [2]]
+    compact (C = 5) t0 v01 t1 v12 t2        (stream order; original positions and segments)
+    block output    t0' v01' t1' v12' t2'
+    scatter back    t0' v00 v01+g·Δ v02 v03 t1' v10 v11 v12+g·Δ v13 t2'
 
 with Δ = block(compact) − compact for the routed tokens and g = g(router score) (below).
 
@@ -37,9 +40,10 @@ routes layers E..n-1 with k = 0 (vision tokens leave after layer E), LayerSkip r
 interleaved layers with k = 0, Full computation routes nothing.
 
 Auxiliary router loss (Mixture-of-Depths §3.5, γ-MoD): BCE of each vision token's router logit
-against its top-k membership, averaged over real (non-padding) frames, reported per layer as
-``aux["router_bce"]``; the train loss adds ``router_aux_loss_weight`` × its sum over layers. Per-frame
-top-k is already causal, so the loss is optional here (it calibrates the logits to a 0.5 threshold).
+against its top-k membership, averaged over real (non-padding) frames; each layer reports the
+sum and count (``aux["router_bce_sum"]``, ``aux["router_bce_count"]``) so that accumulated
+micro-batches give the full-batch mean; the train loss adds ``router_aux_loss_weight`` × the sum
+over layers of the means. Per-frame top-k is already causal, so the loss is optional here (it calibrates the logits to a 0.5 threshold).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ import optax
 from flax import nnx
 
 from mod_jax.config import keep_count
+from mod_jax.model import rows
 from mod_jax.model.partitioning import param
 
 _zeros = nnx.initializers.zeros_init()
@@ -172,10 +177,10 @@ class LayerExpert(nnx.Module):
     self.kernel = param(rngs, nnx.initializers.normal(0.02), (d_model,), ("embed",))
     self.bias = param(rngs, _zeros, (), ())
 
-  def __call__(self, x_bfnd: jax.Array) -> jax.Array:
-    """Router logits, float32 [b, f, n]."""
-    x = x_bfnd.astype(jnp.float32)
-    return jnp.einsum("bfnd,d->bfn", x, self.kernel[...].astype(jnp.float32)) + self.bias[...]
+  def __call__(self, x_bld: jax.Array) -> jax.Array:
+    """Router logits, float32 [b, l] (one per token; only vision tokens' are used)."""
+    x = x_bld.astype(jnp.float32)
+    return jnp.einsum("bld,d->bl", x, self.kernel[...].astype(jnp.float32)) + self.bias[...]
 
 
 def select(scores_bfn: jax.Array | None, k: int, n: int, selection: str, batch_frames,
@@ -204,75 +209,84 @@ def select(scores_bfn: jax.Array | None, k: int, n: int, selection: str, batch_f
   return jnp.sort(idx.astype(jnp.int32), axis=-1)
 
 
-def router_gate(scores_bfk: jax.Array, weighting: str) -> jax.Array:
-  """g(s) multiplying a routed token's block update, float32 [b, f, k]."""
+def router_gate(scores: jax.Array, weighting: str) -> jax.Array:
+  """g(s) multiplying a routed token's block update, float32, same shape as ``scores``."""
   if weighting == "ste":
-    s = jax.nn.sigmoid(scores_bfk)
+    s = jax.nn.sigmoid(scores)
     return (s - jax.lax.stop_gradient(s)) + 1.0  # exactly 1.0 forward
   if weighting == "sigmoid":
-    return jax.nn.sigmoid(scores_bfk)
+    return jax.nn.sigmoid(scores)
   if weighting == "score":
-    return scores_bfk
+    return scores
   raise ValueError(f"unknown router weighting {weighting!r}; use ste, sigmoid or score.")
 
 
-def routed_block(block: Callable, x_bld, positions_bl, segment_ids_bl, *, num_text: int,
-                 num_frames: int, tokens_per_frame: int, k: int, selection: str,
-                 weighting: str, router: LayerExpert | None = None, rng=None):
+def routed_block(block: Callable, x_bld, seq: rows.TokenInfo, layout: rows.StreamLayout, *, k: int,
+                 selection: str, weighting: str, router: Callable | None = None, rng=None):
   """Runs ``block`` on the text tokens and the per-frame top-k vision tokens; scatters back.
 
   Args:
-    block: ``block(x [b, c, d], positions [b, c], segment_ids [b, c]) -> [b, c, d]``, a decoder
-      layer including its residual connections.
-    x_bld: hidden states [b, l, d] with l = num_text + num_frames·tokens_per_frame (text first).
-    positions_bl, segment_ids_bl: int32 [b, l], original stream positions / packed segments.
-    k: vision tokens kept per frame, 0 <= k <= tokens_per_frame (static).
+    block: ``block(x [b, c, d], seq_c) -> [b, c, d]``, a decoder layer including its residual
+      connections; ``seq_c`` is ``seq`` gathered to the compact sequence.
+    x_bld: hidden states [b, l, d] in stream order.
+    seq: the tokens' positions, segment ids and RoPE tables (``rows.TokenInfo``, [b, l, ...]),
+      gathered with the tokens so the block sees their ORIGINAL values.
+    layout: where the frames are (``rows.StreamLayout``: ``frame_start``, ``frame_of``,
+      ``offset``; l = T + F·N).
+    k: vision tokens kept per frame, 0 <= k <= N (static).
+    selection, weighting: see :func:`select` and :func:`router_gate`.
+    router: ``router(x [b, l, d]) -> logits float32 [b, l]`` (``learned`` selection).
+    rng: PRNG key for ``random`` selection.
   Returns:
-    (x [b, l, d], aux) where aux holds the kept indices [b, f, k] and router statistics.
+    (x [b, l, d], aux) where aux holds the kept indices [b, f, k] (within each frame) and
+    router statistics.
+  Raises:
+    ValueError: k outside [0, N].
   """
-  b, l, d = x_bld.shape
-  t, f, n = num_text, num_frames, tokens_per_frame
-  if l != t + f * n:
-    raise ValueError(f"sequence length {l} != num_text {t} + num_frames {f} x {n}.")
-  x_text, x_vis = x_bld[:, :t], x_bld[:, t:].reshape(b, f, n, d)
+  b, l, _ = x_bld.shape
+  n = layout.tokens_per_frame
+  f = layout.frame_start.shape[1]
+  if not 0 <= k <= n:
+    raise ValueError(f"k={k} must be in [0, tokens_per_frame={n}].")
+  is_vis = layout.is_vision
+  aux, scores = {}, None
   if k == 0:  # EarlyExit / LayerSkip: vision tokens skip the layer entirely.
-    y_text = block(x_text, positions_bl[:, :t], segment_ids_bl[:, :t])
-    return jnp.concatenate([y_text, x_bld[:, t:]], axis=1), {}
-
-  scores = router(x_vis) if router is not None else None
-  idx = select(scores, k, n, selection, (b, f), rng)                     # [b, f, k]
-  # Gather and scatter as one-hot contractions over the N slots of a frame: exact (HIGHEST
-  # precision; each output sums one product with 1.0), and far cheaper than XLA scatter on CPU
-  # and TPU for N ~ 10 (cost b·f·k·N·d, noise next to the block).
-  onehot = jax.nn.one_hot(idx, n, dtype=x_vis.dtype)                     # [b, f, k, n]
-  hi = jax.lax.Precision.HIGHEST
-  x_sel = jnp.einsum("bfkn,bfnd->bfkd", onehot, x_vis, precision=hi)     # [b, f, k, d]
-  take = lambda a: jnp.take_along_axis(a, idx, axis=2)
-  pos_sel = take(positions_bl[:, t:].reshape(b, f, n))
-  seg_sel = take(segment_ids_bl[:, t:].reshape(b, f, n))
-
-  x_c = jnp.concatenate([x_text, x_sel.reshape(b, f * k, d)], axis=1)    # [b, t + f·k, d]
-  pos_c = jnp.concatenate([positions_bl[:, :t], pos_sel.reshape(b, f * k)], axis=1)
-  seg_c = jnp.concatenate([segment_ids_bl[:, :t], seg_sel.reshape(b, f * k)], axis=1)
-  y_c = block(x_c, pos_c, seg_c)
-
-  delta = (y_c[:, t:] - x_c[:, t:]).reshape(b, f, k, d)
-  aux = {"kept_index": idx}
+    keep = ~is_vis
+  else:
+    scores = router(x_bld) if router is not None else None                  # [b, l]
+    frame_slots = layout.frame_tokens()                                     # [b, f, n]
+    scores_bfn = None if scores is None else jnp.take_along_axis(
+        scores, frame_slots.reshape(b, f * n), axis=1).reshape(b, f, n)
+    idx = select(scores_bfn, k, n, selection, (b, f), rng)                  # [b, f, k]
+    # keep[j]: text, or the offset of vision slot j is among its frame's kept indices.
+    kept_of_slot = jnp.take_along_axis(idx, jnp.maximum(layout.frame_of, 0)[..., None], axis=1)
+    keep = ~is_vis | jnp.any(kept_of_slot == layout.offset[..., None], axis=-1)
+    aux["kept_index"] = idx
+  c = l - f * (n - k)                                        # = T + F·k, static
+  perm = rows.sort_permutation((~keep).astype(jnp.int32))   # kept slots first, stream order
+  cidx = perm[:, :c]
+  back = jnp.minimum(rows.inverse_permutation(perm), c)      # compact index of a slot (c: none)
+  x_c = rows.gather_rows(x_bld, cidx, back)
+  y_c = block(x_c, seq.take(cidx))
   if scores is not None:
-    s_sel = jnp.take_along_axis(scores, idx, axis=2)
-    delta = delta * router_gate(s_sel, weighting)[..., None].astype(delta.dtype)
-    aux["router_logits"] = scores
-    aux["router_prob_kept"] = jnp.mean(jax.nn.sigmoid(s_sel))
-    aux["router_prob_all"] = jnp.mean(jax.nn.sigmoid(scores))
-    aux["router_bce"] = _router_bce(scores, idx, segment_ids_bl[:, t:].reshape(b, f, n) != 0)
-  x_vis = x_vis + jnp.einsum("bfkn,bfkd->bfnd", onehot, delta, precision=hi)
-  return jnp.concatenate([y_c[:, :t], x_vis.reshape(b, f * n, d)], axis=1), aux
+    vis_c = rows.take(is_vis, cidx)[..., None]
+    gate_c = rows.take(router_gate(scores, weighting), cidx)[..., None]
+    y_c = jnp.where(vis_c, x_c + (y_c - x_c) * gate_c.astype(x_c.dtype), y_c)
+    s_kept = jnp.take_along_axis(scores_bfn, idx, axis=2)
+    valid = rows.take(seq.segment_ids, frame_slots.reshape(b, f * n)).reshape(b, f, n) != 0
+    aux["router_logits"] = scores_bfn
+    aux["router_prob_kept"] = jnp.mean(jax.nn.sigmoid(s_kept))
+    aux["router_prob_all"] = jnp.mean(jax.nn.sigmoid(scores_bfn))
+    aux["router_bce_sum"], aux["router_bce_count"] = _router_bce(scores_bfn, idx, valid)
+  out = jnp.where(keep[..., None], rows.scatter_rows(y_c, back, cidx), x_bld)
+  return out, aux
 
 
-def _router_bce(scores_bfn: jax.Array, idx_bfk: jax.Array, valid_bfn: jax.Array) -> jax.Array:
-  """Mean BCE of router logits [b, f, n] vs top-k membership (1 for the kept ``idx``), over
-  valid tokens; the Mixture-of-Depths auxiliary router loss. float32 []."""
+def _router_bce(scores_bfn: jax.Array, idx_bfk: jax.Array, valid_bfn: jax.Array):
+  """Sum and count of the BCE of router logits [b, f, n] vs top-k membership (1 for the kept
+  ``idx``) over valid tokens: the Mixture-of-Depths auxiliary router loss. float32 [] each
+  (kept as a sum and a count so that gradient accumulation gives the full-batch mean)."""
   member = jnp.any(idx_bfk[..., None, :] == jnp.arange(scores_bfn.shape[-1])[:, None], axis=-1)
   bce = optax.sigmoid_binary_cross_entropy(scores_bfn, member.astype(jnp.float32))
   w = valid_bfn.astype(jnp.float32)
-  return jnp.sum(bce * w) / jnp.maximum(jnp.sum(w), 1.0)
+  return jnp.sum(bce * w), jnp.sum(w)

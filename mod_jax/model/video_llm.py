@@ -3,12 +3,15 @@
 Consumes a batch in the slot layout of ``mod_jax.data.pipeline`` (SPEC §1.2, §2):
 
   text_tokens, text_positions, text_segment_ids     int32 [b, T]
-  frames                                            uint8 [b, F, H, W, 3]
+  frames                                            uint8 [b, F, H, W, 3]  (or, instead,)
+  features                                          [b, F, N, d_vision] pre-extracted tower output
   frame_positions, frame_segment_ids                int32 [b, F]  (frame f's N tokens sit at
                                                     positions p_f .. p_f + N − 1)
 
-and returns logits only where the loss needs them: at every text slot, and at the last vision
-token of every frame (the streaming decision: interval token vs. stream close, SPEC §2).
+:meth:`VideoLLM.embed_row` embeds it and puts the row in stream order (``mod_jax/model/rows.py``)
+so that every attention runs on a kernel; :meth:`VideoLLM.hidden` runs the decoder and returns
+hidden states only where the loss needs them: at every text slot, and at the last vision token of
+every frame (the streaming decision: interval token vs. stream close, SPEC §2).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mod_jax.model import rows
 from mod_jax.model.connector import Connector
 from mod_jax.model.llm import Decoder
 from mod_jax.model.partitioning import shard
@@ -45,10 +49,61 @@ class VideoLLM(nnx.Module):
 
   def embed_frames(self, frames) -> jax.Array:
     """uint8 [b, F, H, W, 3] → connector outputs [b, F, N, d]."""
-    tokens = self.vision(frames)
+    return self.embed_features(self.vision(frames))
+
+  def embed_features(self, features) -> jax.Array:
+    """Vision-tower outputs [b, F, N, d_vision] (any float dtype) → connector outputs [b, F, N, d].
+
+    A frozen tower's output gets no gradient, so pre-extracted features and the online tower
+    train the same model."""
     if not self.vision_trainable:
-      tokens = jax.lax.stop_gradient(tokens)
-    return self.connector(tokens.astype(self.llm.dtype))
+      features = jax.lax.stop_gradient(features)
+    return self.connector(features.astype(self.llm.dtype))
+
+  def embed_row(self, batch):
+    """Embeds a batch and puts each row in stream order.
+
+    Args:
+      batch: the slot-layout fields (module docstring), with ``frames`` or ``features``.
+    Returns:
+      (x [b, L, d] in stream order, ``rows.TokenInfo`` of those slots, ``rows.StreamLayout``),
+      L = T + F·N.
+    """
+    n = self.tokens_per_frame
+    text = self.llm.embed_tokens(batch["text_tokens"])
+    b, t, d = text.shape
+    f = batch["frame_positions"].shape[1]
+    if not f:  # a text-only chunk (streaming: prompt, response tokens) has no frame to encode
+      vis = jnp.zeros((b, 0, n, d), text.dtype)
+    elif "features" in batch:
+      vis = self.embed_features(batch["features"])
+    else:
+      vis = self.embed_frames(batch["frames"])
+    x = jnp.concatenate([text, vis.reshape(b, f * n, d)], axis=1)
+    v_pos, v_seg = frame_token_layout(batch["frame_positions"], batch["frame_segment_ids"], n)
+    positions = jnp.concatenate([batch["text_positions"], v_pos], axis=1)
+    segments = jnp.concatenate([batch["text_segment_ids"], v_seg], axis=1)
+    layout = rows.stream_layout(positions, segments, num_text=t, tokens_per_frame=n)
+    x = shard(layout.to_stream(x), ("batch", "length", "embed"), self.rules)
+    seq = rows.TokenInfo(layout.to_stream(positions), layout.to_stream(segments))
+    return x, seq, layout
+
+  def hidden(self, batch, *, rng: jax.Array | None = None, remat: str = "none"):
+    """Final-normed hidden states where the loss is: (h_text [b, T, d], h_frame_end [b, F, d],
+    aux), in the slot layout. ``rng``: random routing and LoRA dropout; ``remat``: the
+    ``train.remat`` policy (``llm.REMAT_POLICIES``)."""
+    x, seq, layout = self.embed_row(batch)
+    h, aux = self.llm(x, seq, layout, rng=rng, remat=remat)
+    t, n = layout.num_text, layout.tokens_per_frame
+    f = layout.frame_start.shape[1]
+    # Ordered slots of the text slots and of each frame's last vision token (layout order).
+    idx = jnp.concatenate([layout.inverse[:, :t], layout.inverse[:, t + n - 1::n][:, :f]], axis=1)
+    back = jnp.full(layout.order.shape, t + f, jnp.int32)
+    back = jnp.where(layout.order < t, layout.order, back)
+    is_end = (layout.order >= t) & ((layout.order - t) % n == n - 1)
+    back = jnp.where(is_end, t + (layout.order - t) // n, back)
+    h_out = rows.gather_rows(h, idx, back)
+    return h_out[:, :t], h_out[:, t:], aux
 
   def __call__(self, batch, *, rng: jax.Array | None = None):
     """Returns (text_logits f32 [b, T, V], frame_logits f32 [b, F, V], aux dict).
@@ -59,18 +114,6 @@ class VideoLLM(nnx.Module):
     """
     if not isinstance(batch, dict):
       return self.llm.text_logits(batch)
-    n = self.tokens_per_frame
-    text = self.llm.embed_tokens(batch["text_tokens"])
-    b, t, d = text.shape
-    f = batch["frames"].shape[1]
-    # A text-only chunk (streaming inference: prompt, response tokens) has no frame to encode.
-    vis = self.embed_frames(batch["frames"]) if f else jnp.zeros((b, 0, n, d), text.dtype)
-    x = jnp.concatenate([text, vis.reshape(b, f * n, d)], axis=1)
-    x = shard(x, ("batch", "length", "embed"), self.rules)
-    v_pos, v_seg = frame_token_layout(batch["frame_positions"], batch["frame_segment_ids"], n)
-    positions = jnp.concatenate([batch["text_positions"], v_pos], axis=1)
-    segments = jnp.concatenate([batch["text_segment_ids"], v_seg], axis=1)
-    h, aux = self.llm(x, positions, segments, num_text=t, num_frames=f, rng=rng)
-    frame_end = h[:, t:].reshape(b, f, n, d)[:, :, -1]
+    h_text, h_end, aux = self.hidden(batch, rng=rng)
     frame_rng = None if rng is None else jax.random.fold_in(rng, 1)  # LoRA dropout on lm_head
-    return self.llm.logits(h[:, :t], rng), self.llm.logits(frame_end, frame_rng), aux
+    return self.llm.logits(h_text, rng), self.llm.logits(h_end, frame_rng), aux

@@ -1,7 +1,15 @@
 """The pure train and eval steps: ``train_step(state, batch) -> (state, metrics)``.
 
 Loss (VideoLLM-online, SPEC §2): token cross-entropy summed over labelled text slots (weight 1)
-and frame-end slots (weight ``stream_loss_weight``), divided by the number of labelled tokens.
+and frame-end slots (weight ``stream_loss_weight``), divided by the number of labelled tokens of
+the whole batch. The LM head and cross-entropy run in chunks of slots (``Decoder.cross_entropy``)
+so that full-vocabulary logits never exist at once.
+
+Gradient accumulation (``train.grad_accum_steps`` = A): the batch of B rows is split into A
+micro-batches of B / A rows (row r goes to micro-batch r mod A, so each keeps its share of every
+device's rows), run one after another in a ``lax.scan``; gradients are summed in float32
+accumulators over the trainable parameters only. Each micro-batch's loss is divided by the
+WHOLE batch's label count, so the accumulated gradient equals the full-batch gradient.
 """
 
 from __future__ import annotations
@@ -14,70 +22,158 @@ from flax import nnx
 from mod_jax.train.state import TrainState
 
 
-def _ce(logits, targets):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+def _denominators(batch) -> dict[str, jax.Array]:
+  """Whole-batch counts that normalise the loss: labelled slots, and real frames (router BCE)."""
+  return {
+      "labelled": jnp.maximum(batch["text_weights"].sum() + batch["frame_weights"].sum(), 1.0),
+      "frames": jnp.maximum((batch["frame_segment_ids"] != 0).sum().astype(jnp.float32), 1.0),
+  }
 
 
-def forward_losses(model, batch, rng):
-  """Per-slot CE and masks; returns dict of [b, T] / [b, F] arrays and the model aux."""
-  text_logits, frame_logits, aux = model(batch, rng=rng)
+def forward_losses(model, batch, rng, *, remat: str = "none", ce_chunk: int = 512):
+  """Per-slot CE and argmax at text and frame-end slots; returns (dict of [b, T] / [b, F]
+  arrays, the model aux)."""
+  h_text, h_end, aux = model.hidden(batch, rng=rng, remat=remat)
+  t = h_text.shape[1]
+  h = jnp.concatenate([h_text, h_end], axis=1)
+  targets = jnp.concatenate([batch["text_targets"], batch["frame_targets"]], axis=1)
+  ce, pred = model.llm.cross_entropy(h, targets, rng, chunk=ce_chunk)
   return dict(
-      text_ce=_ce(text_logits, batch["text_targets"]),
-      frame_ce=_ce(frame_logits, batch["frame_targets"]),
+      text_ce=ce[:, :t], frame_ce=ce[:, t:], text_pred=pred[:, :t], frame_pred=pred[:, t:],
       text_w=batch["text_weights"].astype(jnp.float32),
-      frame_w=batch["frame_weights"].astype(jnp.float32),
-      frame_pred=jnp.argmax(frame_logits, axis=-1),
-      text_pred=jnp.argmax(text_logits, axis=-1)), aux
+      frame_w=batch["frame_weights"].astype(jnp.float32)), aux
 
 
-def loss_fn(params, graphdef, batch, rng, stream_loss_weight: float):
+def loss_fn(params, graphdef, batch, rng, *, stream_loss_weight: float, denominators=None,
+            remat: str = "none", ce_chunk: int = 512):
+  """The training loss of ``batch`` and the sums its metrics are made of.
+
+  Args:
+    params: ``nnx.State`` of the model's parameters; graphdef: its static structure.
+    batch: a (micro-)batch in the slot layout (``mod_jax/model/video_llm.py``).
+    rng: routing / LoRA dropout key.
+    stream_loss_weight: weight of the frame-end (streaming decision) CE.
+    denominators: whole-batch counts (:func:`_denominators`); default: this batch's.
+    remat: ``train.remat`` policy; ce_chunk: slots per LM-head chunk.
+  Returns:
+    (loss float32 [], sums: dict of float32 [] that add up over micro-batches).
+  """
   model = nnx.merge(graphdef, params)
-  out, aux = forward_losses(model, batch, rng)
-  n_text, n_frame = out["text_w"].sum(), out["frame_w"].sum()
+  den = _denominators(batch) if denominators is None else denominators
+  out, aux = forward_losses(model, batch, rng, remat=remat, ce_chunk=ce_chunk)
   text_sum = (out["text_ce"] * out["text_w"]).sum()
   frame_sum = (out["frame_ce"] * out["frame_w"]).sum()
-  denom = jnp.maximum(n_text + n_frame, 1.0)
-  loss = (text_sum + stream_loss_weight * frame_sum) / denom
-  metrics = {
+  loss = (text_sum + stream_loss_weight * frame_sum) / den["labelled"]
+  sums = {
       "loss": loss,
-      "lm_loss": text_sum / jnp.maximum(n_text, 1.0),
-      "stream_loss": frame_sum / jnp.maximum(n_frame, 1.0),
-      "stream_accuracy": ((out["frame_pred"] == batch["frame_targets"]) * out["frame_w"]).sum()
-                         / jnp.maximum(n_frame, 1.0),
-      "labelled_tokens": n_text + n_frame,
+      "text_ce_sum": text_sum, "frame_ce_sum": frame_sum,
+      "text_count": out["text_w"].sum(), "frame_count": out["frame_w"].sum(),
+      "frame_correct": ((out["frame_pred"] == batch["frame_targets"]) * out["frame_w"]).sum(),
   }
   aux_w = model.llm.plan.aux_loss_weight  # Mixture-of-Depths router loss (mod.py), static
-  if aux_w > 0:
-    router_aux = sum(a["router_bce"] for a in aux.values() if "router_bce" in a)
-    loss = loss + aux_w * router_aux
-    metrics["loss"], metrics["router_aux_loss"] = loss, router_aux
-  for name, a in aux.items():
+  bce = [a["router_bce_sum"] for a in aux.values() if "router_bce_sum" in a]
+  if bce:
+    router_aux = sum(bce) / (den["frames"] * model.tokens_per_frame)
+    sums["router_aux_loss"] = router_aux
+    if aux_w > 0:
+      loss = loss + aux_w * router_aux
+      sums["loss"] = loss
+  for name, a in aux.items():  # per micro-batch means (averaged over micro-batches)
     if "kept_index" in a:  # how often the pooled (CLS-like) token 0 of a frame is kept
-      metrics[f"router/{name}/pooled_token_kept"] = jnp.mean(
+      sums[f"router/{name}/pooled_token_kept"] = jnp.mean(
           jnp.any(a["kept_index"] == 0, axis=-1).astype(jnp.float32))
     if "router_prob_kept" in a:
-      metrics[f"router/{name}/prob_kept"] = a["router_prob_kept"]
-      metrics[f"router/{name}/prob_all"] = a["router_prob_all"]
-  return loss, metrics
+      sums[f"router/{name}/prob_kept"] = a["router_prob_kept"]
+      sums[f"router/{name}/prob_all"] = a["router_prob_all"]
+  return loss, sums
+
+
+def _metrics(sums, micro_batches: int) -> dict[str, jax.Array]:
+  """Logged metrics from summed ``loss_fn`` sums (router statistics averaged)."""
+  nt, nf = jnp.maximum(sums["text_count"], 1.0), jnp.maximum(sums["frame_count"], 1.0)
+  m = {
+      "loss": sums["loss"],
+      "lm_loss": sums["text_ce_sum"] / nt,
+      "stream_loss": sums["frame_ce_sum"] / nf,
+      "stream_accuracy": sums["frame_correct"] / nf,
+      "labelled_tokens": sums["text_count"] + sums["frame_count"],
+  }
+  if "router_aux_loss" in sums:
+    m["router_aux_loss"] = sums["router_aux_loss"]
+  m.update({k: v / micro_batches for k, v in sums.items() if k.startswith("router/")})
+  return m
+
+
+def micro_batches(batch, steps: int):
+  """Splits every [B, ...] field into [steps, B / steps, ...]; row r goes to micro-batch
+  r mod steps (so a batch sharded by rows keeps each device's share in every micro-batch).
+
+  Raises:
+    ValueError: B not divisible by ``steps``.
+  """
+  b = jax.tree.leaves(batch)[0].shape[0]
+  if b % steps:
+    raise ValueError(f"batch of {b} rows does not split into grad_accum_steps={steps} "
+                     f"micro-batches; use a batch size divisible by it.")
+  return jax.tree.map(lambda x: x.reshape(b // steps, steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
 def train_step(state: TrainState, batch, *, graphdef, tx, stream_loss_weight: float,
-               base_rng: jax.Array, trainable=None):
+               base_rng: jax.Array, trainable=None, remat: str = "none",
+               grad_accum_steps: int = 1, ce_chunk: int = 512):
   """One AdamW step. Pure: jit it with shardings (``mod_jax/train/loop.py``).
 
-  ``trainable``: optional 'train'/'frozen' labels (``state.trainable_labels``); the reported
-  ``grad_norm`` then covers trainable parameters only, so XLA can drop frozen weights' gradients
-  (under LoRA most of the model) instead of computing them just for the metric.
+  Args:
+    state: the :class:`TrainState`; batch: global batch of B rows (slot layout).
+    graphdef, tx: the model's static structure and the optimizer.
+    stream_loss_weight: see :func:`loss_fn`.
+    base_rng: PRNG key; the step's key is ``fold_in(base_rng, step)`` (and the micro-batch's).
+    trainable: optional 'train'/'frozen' labels (``state.trainable_labels``). Frozen parameters
+      are then constants of the loss (no gradient computed), gradient accumulators exist for
+      trainable parameters only, and ``grad_norm`` covers trainable parameters.
+    remat: ``train.remat`` (``mod_jax.model.llm.REMAT_POLICIES``).
+    grad_accum_steps: micro-batches per step (module docstring).
+    ce_chunk: slots per LM-head chunk.
+  Returns:
+    (new state, metrics dict of float32 []).
   """
   rng = jax.random.fold_in(base_rng, state.step)
-  grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, graphdef, batch, rng,
-                                                   stream_loss_weight)
+  labels = trainable if trainable is not None else jax.tree.map(lambda _: "train", state.params)
+  is_train = lambda l: l == "train"
+  frozen = lambda p, l: p if is_train(l) else jax.lax.stop_gradient(p)
+  den = _denominators(batch)
+
+  def grads_of(mb, key):
+    params = jax.tree.map(frozen, state.params, labels)
+    return jax.grad(loss_fn, has_aux=True)(params, graphdef, mb, key,
+                                           stream_loss_weight=stream_loss_weight,
+                                           denominators=den, remat=remat, ce_chunk=ce_chunk)
+
+  if grad_accum_steps == 1:
+    grads, sums = grads_of(batch, rng)
+  else:
+    def body(carry, xs):
+      acc, sums = carry
+      mb, i = xs
+      g, s = grads_of(mb, jax.random.fold_in(rng, i))
+      acc = jax.tree.map(lambda a, g_, l: a + g_.astype(jnp.float32) if is_train(l) else a,
+                         acc, g, labels)
+      return (acc, jax.tree.map(jnp.add, sums, s)), None
+
+    mbs = micro_batches(batch, grad_accum_steps)
+    acc0 = jax.tree.map(lambda p, l: jnp.zeros(p.shape if is_train(l) else (), jnp.float32),
+                        state.params, labels)
+    sums0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        lambda: grads_of(jax.tree.map(lambda x: x[0], mbs), rng)[1]))
+    (acc, sums), _ = jax.lax.scan(body, (acc0, sums0),
+                                  (mbs, jnp.arange(grad_accum_steps, dtype=jnp.int32)))
+    grads = jax.tree.map(lambda a, p, l: a.astype(p.dtype) if is_train(l) else jnp.zeros_like(p),
+                         acc, state.params, labels)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  if trainable is not None:
-    grads = jax.tree.map(lambda g, l: g if l == "train" else jnp.zeros((), g.dtype), grads,
-                         trainable)
-  metrics["grad_norm"] = optax.tree.norm(grads)
+  metrics = _metrics(sums, grad_accum_steps)
+  metrics["grad_norm"] = optax.tree.norm(jax.tree.map(
+      lambda g, l: g if is_train(l) else jnp.zeros((), g.dtype), grads, labels))
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
