@@ -65,7 +65,11 @@ def base_config() -> ConfigDict:
   m.tie_embeddings = False
   m.qkv_bias = False           # True for the Qwen2 family
   m.dtype = "float32"          # activation / compute dtype
-  m.param_dtype = "float32"
+  m.param_dtype = "float32"    # LLM base weights; bfloat16 only when frozen (LoRA rank > 0)
+  m.attention = "auto"         # xla | blockwise | splash | cudnn | auto (TPU splash, GPU cudnn,
+                               # CPU blockwise); mod_jax/model/attention_ops.py
+  m.attention_block_size = 512  # query / key block of the blockwise and splash kernels
+  m.scan_layers = True         # scan the repeating layer cycle (mod_jax/model/llm.py::layer_runs)
   m.tokens_per_frame = 10      # 1 pooled token + pool_size**2 grid tokens
   m.init_from = ""             # pretrained LLM loaded at step 0: HF dir, .gguf, `mod-jax convert` dir
 
@@ -90,6 +94,9 @@ def base_config() -> ConfigDict:
   v.layer_norm_eps = 1e-6
   v.trainable = True           # VideoLLM-online freezes a pretrained SigLIP; from scratch it must train
   v.init_from = ""             # pretrained SigLIP (HF SiglipVisionModel / SiglipModel dir) at step 0
+  v.dtype = "float32"          # compute dtype of the tower
+  v.param_dtype = "float32"    # bfloat16 only when frozen (trainable = False)
+  v.frame_chunk = 0            # frames per tower call (lax.map over chunks; 0 = all at once)
 
   # Routing of vision tokens (SPEC §1.1, mod_jax/model/mod.py). insertion and keep_ratio take a
   # str/float or a list (typed `object` so `--config.model.mod.insertion=[1,3]` works). Baselines
@@ -108,6 +115,8 @@ def base_config() -> ConfigDict:
   # ---------------------------------------------------------------- data
   d = c.data = ConfigDict()
   d.source = "procedural"      # "procedural" (generated on first use) or "folder"
+  d.input = "frames"           # what a batch carries: "frames" (uint8 pixels, the tower runs in
+                               # the step) or "features" (pre-extracted tower output [F, N, w])
   d.dir = ""                   # folder with videos + narrations.json; "" -> cache dir for procedural
   d.fps = 2.0                  # frames per second sampled from the video
   d.max_frames = 24            # F_cap: frames per training row
@@ -145,12 +154,19 @@ def base_config() -> ConfigDict:
   t.checkpoint_every = 200
   t.max_checkpoints = 2
   t.eval_batches = 8
+  t.remat = "none"             # none | full | save_dots | save_qkv_proj (per scanned layer cycle)
+  t.grad_accum_steps = 1       # micro-batches per step (batch_size / grad_accum_steps rows each)
+  t.ce_chunk = 512             # slots per LM-head + cross-entropy chunk (bounds the logits)
 
   # ---------------------------------------------------------------- mesh
   mesh = c.mesh = ConfigDict()
   mesh.shape = (-1, 1, 1)      # (data, fsdp, tensor); one -1 absorbs the remaining devices
   mesh.axes = ("data", "fsdp", "tensor")
   mesh.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
+  # Multi-slice (devices in several TPU slices): slices per mesh axis, over DCN; mesh.shape is the
+  # global shape and each axis holds shape / dcn_shape devices per slice (ICI). None = all slices
+  # along the first axis (data parallelism over DCN). Override: --config.mesh.dcn_shape='(2,1,1)'.
+  mesh.dcn_shape = ml_collections.config_dict.placeholder(tuple)
   return c
 
 
@@ -186,6 +202,31 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
   return shape
 
 
+def split_mesh_shape(shape: Sequence[int], dcn_shape: Sequence[int] | None,
+                     num_slices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(ici_shape, dcn_shape) of a resolved global mesh ``shape`` over ``num_slices`` slices.
+
+  ``dcn_shape`` (``config.mesh.dcn_shape``) gives the slices per mesh axis; None puts all slices
+  on the first axis (data parallelism over DCN). Axis i holds ``shape[i] // dcn_shape[i]``
+  devices per slice.
+
+  Raises:
+    ConfigError: dcn_shape's rank differs from shape's, its product is not ``num_slices``, or it
+      does not divide ``shape``.
+  """
+  shape = tuple(int(s) for s in shape)
+  dcn = ((num_slices,) + (1,) * (len(shape) - 1) if dcn_shape is None
+         else tuple(int(s) for s in dcn_shape))
+  if len(dcn) != len(shape) or min(dcn) < 1 or math.prod(dcn) != num_slices:
+    raise ConfigError(f"mesh.dcn_shape={dcn_shape} must give one size >= 1 per mesh axis "
+                      f"({len(shape)}) with product = the number of slices ({num_slices}), "
+                      f"e.g. {(num_slices,) + (1,) * (len(shape) - 1)}.")
+  if any(s % d for s, d in zip(shape, dcn)):
+    raise ConfigError(f"mesh.dcn_shape={dcn} does not divide mesh.shape={shape} axis by axis; "
+                      f"each axis needs a whole number of devices per slice.")
+  return tuple(s // d for s, d in zip(shape, dcn)), dcn
+
+
 def _validate_rope_and_lora(m: ConfigDict) -> None:
   """model.rope_scaling and model.lora (see base_config)."""
   from mod_jax.model.attention import rope_inv_freq  # pylint: disable=g-import-not-at-top
@@ -217,12 +258,58 @@ def _validate_rope_and_lora(m: ConfigDict) -> None:
       raise ConfigError(f"model.lora.trainable pattern {pattern!r} is not a regex: {e}") from None
 
 
-def validate(config: ConfigDict, num_devices: int | None = None) -> None:
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "blockwise", "splash", "cudnn")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv_proj")
+_FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _validate_precision_and_memory(config: ConfigDict) -> None:
+  """Dtypes (trainable weights stay float32), attention path, remat, accumulation, input."""
+  m, t, d = config.model, config.train, config.data
+  for name, value in (("model.dtype", m.dtype), ("model.param_dtype", m.param_dtype),
+                      ("model.vision.dtype", m.vision.dtype),
+                      ("model.vision.param_dtype", m.vision.param_dtype),
+                      ("model.lora.param_dtype", m.lora.param_dtype)):
+    if value not in _FLOAT_DTYPES:
+      raise ConfigError(f"{name}={value!r}; choose one of {_FLOAT_DTYPES}.")
+  if m.param_dtype != "float32" and m.lora.rank == 0:
+    raise ConfigError(
+        f"model.param_dtype={m.param_dtype!r} but the LLM weights are trained (model.lora.rank=0):"
+        f" trainable weights are kept in float32 (compute runs in model.dtype). Use "
+        f"param_dtype='float32', or freeze the base with LoRA (model.lora.rank > 0).")
+  if m.vision.param_dtype != "float32" and m.vision.trainable:
+    raise ConfigError(
+        f"model.vision.param_dtype={m.vision.param_dtype!r} but model.vision.trainable=True: "
+        f"trainable weights are kept in float32. Use 'float32' or freeze the tower.")
+  if m.lora.rank > 0 and m.lora.param_dtype != "float32":
+    raise ConfigError(f"model.lora.param_dtype={m.lora.param_dtype!r}: LoRA adapters are trained "
+                      f"and kept in float32.")
+  if m.attention not in ATTENTION_IMPLEMENTATIONS:
+    raise ConfigError(f"model.attention={m.attention!r}; choose one of "
+                      f"{ATTENTION_IMPLEMENTATIONS}.")
+  if m.attention_block_size < 8 or m.attention_block_size % 8:
+    raise ConfigError(f"model.attention_block_size={m.attention_block_size} must be a positive "
+                      f"multiple of 8 (128 or more on TPU).")
+  if t.remat not in REMAT_POLICIES:
+    raise ConfigError(f"train.remat={t.remat!r}; choose one of {REMAT_POLICIES}.")
+  if t.grad_accum_steps < 1 or t.batch_size % t.grad_accum_steps:
+    raise ConfigError(f"train.grad_accum_steps={t.grad_accum_steps} must be >= 1 and divide "
+                      f"train.batch_size={t.batch_size} (each micro-batch has batch_size / "
+                      f"grad_accum_steps rows).")
+  if t.ce_chunk < 1 or m.vision.frame_chunk < 0:
+    raise ConfigError(f"train.ce_chunk={t.ce_chunk} must be >= 1 and model.vision.frame_chunk="
+                      f"{m.vision.frame_chunk} >= 0.")
+  if d.input not in ("frames", "features"):
+    raise ConfigError(f"data.input={d.input!r}; choose 'frames' or 'features'.")
+
+
+def validate(config: ConfigDict, num_devices: int | None = None, num_slices: int = 1) -> None:
   """Checks a config for impossible settings; raises :class:`ConfigError` naming the value.
 
   Args:
     config: a ConfigDict from ``base_config()`` (possibly overridden).
     num_devices: devices the mesh must cover (``jax.device_count()``); None skips mesh checks.
+    num_slices: TPU slices those devices span (``mesh.dcn_shape`` is checked against it).
   """
   m, d, t = config.model, config.data, config.train
   mod = m.mod
@@ -273,18 +360,22 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> None:
     raise ConfigError("sequence length T_cap + F_cap*N exceeds 2**20 tokens.")
   if d.on_bad_video not in ("skip", "fail"):
     raise ConfigError(f"data.on_bad_video={d.on_bad_video!r}; choose 'skip' or 'fail'.")
+  _validate_precision_and_memory(config)
   if t.steps < 1 or t.batch_size < 1:
     raise ConfigError(f"train.steps={t.steps} and train.batch_size={t.batch_size} must be >= 1.")
   if t.warmup_steps >= t.steps:
     raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be < train.steps={t.steps}.")
   if num_devices is not None:
     shape = resolve_mesh_shape(config.mesh.shape, num_devices)
+    split_mesh_shape(shape, config.mesh.get("dcn_shape"), num_slices)
     axes = dict(zip(config.mesh.axes, shape))
     batch_shards = axes.get("data", 1) * axes.get("fsdp", 1)
-    if t.batch_size % batch_shards:
+    micro = t.batch_size // t.grad_accum_steps
+    if micro % batch_shards:
       raise ConfigError(
-          f"train.batch_size={t.batch_size} is not divisible by the batch shards data*fsdp="
-          f"{batch_shards} of mesh {shape}. Use a multiple of {batch_shards}.")
+          f"train.batch_size={t.batch_size} / grad_accum_steps={t.grad_accum_steps} = {micro} "
+          f"rows per micro-batch is not divisible by the batch shards data*fsdp={batch_shards} "
+          f"of mesh {shape}. Use a multiple of {batch_shards} rows per micro-batch.")
     tp = axes.get("tensor", 1)
     for name, value in (("n_heads", m.n_heads), ("n_kv_heads", m.n_kv_heads), ("d_ff", m.d_ff),
                         ("vocab_size", m.vocab_size)):
