@@ -26,7 +26,19 @@ The LLM and SigLIP weights are loaded into the sharded train state at step 0
 anything is built); the tokenizer is the LLM directory's ``tokenizer.json``. Without the arg the
 config still builds (random weights), e.g. for ``mod-jax flops`` or an AOT compile.
 
-Arg: comma-separated ``llm=DIR``, ``vision=DIR`` and optionally ``dense`` (full computation).
+Memory plan (the paper's row is 1200 frames x 10 tokens + 4096 text slots = 16,096 tokens): the
+step trains from pre-extracted SigLIP features (``data.input = "features"``, as VideoLLM-online
+does; ``online`` in the arg runs the frozen tower in the step instead, in bf16, 64 frames at a
+time), attention runs on a kernel (``model.attention = "auto"``: splash on TPU, cuDNN on GPU),
+the 32 layers are one scanned (dense, MoD) cycle with full rematerialisation, the frozen base
+weights are bf16 while the LoRA adapters, connector and routers stay float32, and the LM head
+computes logits 512 slots at a time. The global batch is the reference's 64 rows: one row per
+chip on 64 chips (``mod-jax compile --config configs/videollm_mod_llama3_8b.py --topology
+v5:4x4x4``); on 8 devices add ``--config.train.grad_accum_steps=8`` (1 row per device x 8
+micro-batches, the reference recipe).
+
+Arg: comma-separated ``llm=DIR``, ``vision=DIR`` and optionally ``dense`` (full computation) and
+``online`` (frames in, the tower runs in the step).
 """
 
 import os
@@ -39,16 +51,16 @@ SYSTEM_PROMPT = ("A multimodal AI assistant is helping users with some activitie
 
 
 def _parse(arg: str | None) -> dict:
-  out = {"llm": "", "vision": "", "dense": False}
+  out = {"llm": "", "vision": "", "dense": False, "online": False}
   for part in filter(None, (arg or "").split(",")):
     key, _, value = part.partition("=")
-    if key == "dense" and not value:
-      out["dense"] = True
+    if key in ("dense", "online") and not value:
+      out[key] = True
     elif key in ("llm", "vision") and value:
       out[key] = value
     else:
       raise ValueError(f"configs/videollm_mod_llama3_8b.py: bad arg part {part!r}; use "
-                       f"llm=DIR,vision=DIR[,dense].")
+                       f"llm=DIR,vision=DIR[,dense][,online].")
   return out
 
 
@@ -67,7 +79,9 @@ def get_config(arg: str | None = None):
   m.rms_norm_eps = 1e-5
   m.tie_embeddings = False
   m.dtype = "bfloat16"
-  m.param_dtype = "bfloat16"
+  m.param_dtype = "bfloat16"   # frozen base (LoRA); adapters, connector, routers stay float32
+  m.attention = "auto"         # splash (TPU) / cudnn (GPU) / blockwise (CPU)
+  m.scan_layers = True
   m.tokens_per_frame = 10
   m.init_from = a["llm"]
 
@@ -82,6 +96,9 @@ def get_config(arg: str | None = None):
   v.layer_norm_eps = 1e-6
   v.trainable = False
   v.init_from = a["vision"]
+  v.dtype = "bfloat16"
+  v.param_dtype = "bfloat16"
+  v.frame_chunk = 64
 
   lo = m.lora
   lo.rank = 128
@@ -95,6 +112,7 @@ def get_config(arg: str | None = None):
   m.mod.selection = "learned"
 
   d = c.data
+  d.input = "frames" if a["online"] else "features"
   d.fps = 2.0
   d.max_frames = 1200          # 10 minutes at 2 fps (videollm-online max_num_frames)
   d.max_text = 4096            # one interval token per frame + narrations and prompts
@@ -117,6 +135,9 @@ def get_config(arg: str | None = None):
   t.log_every = 10
   t.checkpoint_every = 500
   t.eval_batches = 64
+  t.remat = "full"
+  t.grad_accum_steps = 1       # 64 rows = one per chip on 64 chips; 8 on 8 devices
+  t.ce_chunk = 512
 
   c.mesh.shape = (1, -1, 1)    # FSDP over all devices; add a tensor axis for long rows
   return c

@@ -24,6 +24,7 @@ from flax import nnx
 
 from mod_jax.config import base_config, validate
 from mod_jax.convert import hf, pretrained
+from mod_jax.model import rows
 from mod_jax.model.video_llm import VideoLLM
 from mod_jax.model.vision import VisionEncoder
 
@@ -206,7 +207,7 @@ def generate_greedy(model, prompt_ids: Sequence[int], max_new_tokens: int, *,
     m = nnx.merge(graphdef, params)
     pos = jnp.arange(size, dtype=jnp.int32)[None]
     seg = (pos < length).astype(jnp.int32)
-    h, _ = m(m.embed_tokens(ids), pos, seg)
+    h, _ = m(m.embed_tokens(ids), rows.TokenInfo(pos, seg))  # in order; padding at the end
     return jnp.argmax(m.logits(h[:, length - 1][:, None])[0, 0])
 
   buf = np.zeros((1, size), np.int32)

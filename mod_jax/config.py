@@ -68,7 +68,9 @@ def base_config() -> ConfigDict:
   m.param_dtype = "float32"    # LLM base weights; bfloat16 only when frozen (LoRA rank > 0)
   m.attention = "auto"         # xla | blockwise | splash | cudnn | auto (TPU splash, GPU cudnn,
                                # CPU blockwise); mod_jax/model/attention_ops.py
-  m.attention_block_size = 512  # query / key block of the blockwise and splash kernels
+  m.attention_block_size = 128  # query / key block: 128 suits CPU (blockwise), 512 TPU (splash)
+  m.attention_platform = ""    # platform the step is compiled for ("" = jax.default_backend();
+                               # `mod-jax compile --topology` sets "tpu" for AOT on a CPU host)
   m.scan_layers = True         # scan the repeating layer cycle (mod_jax/model/llm.py::layer_runs)
   m.tokens_per_frame = 10      # 1 pooled token + pool_size**2 grid tokens
   m.init_from = ""             # pretrained LLM loaded at step 0: HF dir, .gguf, `mod-jax convert` dir
@@ -272,18 +274,6 @@ def _validate_precision_and_memory(config: ConfigDict) -> None:
                       ("model.lora.param_dtype", m.lora.param_dtype)):
     if value not in _FLOAT_DTYPES:
       raise ConfigError(f"{name}={value!r}; choose one of {_FLOAT_DTYPES}.")
-  if m.param_dtype != "float32" and m.lora.rank == 0:
-    raise ConfigError(
-        f"model.param_dtype={m.param_dtype!r} but the LLM weights are trained (model.lora.rank=0):"
-        f" trainable weights are kept in float32 (compute runs in model.dtype). Use "
-        f"param_dtype='float32', or freeze the base with LoRA (model.lora.rank > 0).")
-  if m.vision.param_dtype != "float32" and m.vision.trainable:
-    raise ConfigError(
-        f"model.vision.param_dtype={m.vision.param_dtype!r} but model.vision.trainable=True: "
-        f"trainable weights are kept in float32. Use 'float32' or freeze the tower.")
-  if m.lora.rank > 0 and m.lora.param_dtype != "float32":
-    raise ConfigError(f"model.lora.param_dtype={m.lora.param_dtype!r}: LoRA adapters are trained "
-                      f"and kept in float32.")
   if m.attention not in ATTENTION_IMPLEMENTATIONS:
     raise ConfigError(f"model.attention={m.attention!r}; choose one of "
                       f"{ATTENTION_IMPLEMENTATIONS}.")
@@ -301,6 +291,28 @@ def _validate_precision_and_memory(config: ConfigDict) -> None:
                       f"{m.vision.frame_chunk} >= 0.")
   if d.input not in ("frames", "features"):
     raise ConfigError(f"data.input={d.input!r}; choose 'frames' or 'features'.")
+
+
+def validate_for_training(config: ConfigDict) -> None:
+  """Training-only checks (inference may hold any weights in bfloat16): trainable weights are
+  kept in float32 while compute runs in ``model.dtype``; frozen ones may be bfloat16.
+
+  Raises:
+    ConfigError: a bfloat16/float16 ``param_dtype`` for weights the optimizer updates.
+  """
+  m = config.model
+  if m.param_dtype != "float32" and m.lora.rank == 0:
+    raise ConfigError(
+        f"model.param_dtype={m.param_dtype!r} but the LLM weights are trained (model.lora.rank=0):"
+        f" trainable weights are kept in float32 (compute runs in model.dtype). Use "
+        f"param_dtype='float32', or freeze the base with LoRA (model.lora.rank > 0).")
+  if m.vision.param_dtype != "float32" and m.vision.trainable:
+    raise ConfigError(
+        f"model.vision.param_dtype={m.vision.param_dtype!r} but model.vision.trainable=True: "
+        f"trainable weights are kept in float32. Use 'float32' or freeze the tower.")
+  if m.lora.rank > 0 and m.lora.param_dtype != "float32":
+    raise ConfigError(f"model.lora.param_dtype={m.lora.param_dtype!r}: LoRA adapters are trained "
+                      f"and kept in float32.")
 
 
 def validate(config: ConfigDict, num_devices: int | None = None, num_slices: int = 1) -> None:

@@ -64,8 +64,8 @@ def test_zero_b_is_the_base_model(lora_model):
   base_params = nnx.State.from_flat_path({p: v for p, v in flat.items() if p not in adapters})
   base = _plain_like(c.model, base_params)
   batch = _batch(c)
-  for a, b in zip(_forward(base, batch), _forward(tuned, batch)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(_forward(base, batch), _forward(tuned, batch)):  # two programs: fp32 rounding
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
 
 
 def test_training_moves_only_trainable_params_and_merge_is_exact():

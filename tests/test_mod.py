@@ -68,6 +68,7 @@ def test_keeps_exactly_k_per_frame(k):
 def test_compact_length_is_static_in_model():
   """Inside a MoD layer the decoder layer runs on T_cap + F_cap*k tokens at trace time."""
   c = tiny.get_config()
+  c.model.attention = "xla"  # materialises the [C, C] scores this test looks for
   model = VideoLLM(c.model, rngs=nnx.Rngs(0))
   batch = synthetic_batch(c, 2)
   graphdef, params = nnx.split(model)

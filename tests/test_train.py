@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from mod_jax.config import ConfigError, validate
+from mod_jax.config import ConfigError, validate, validate_for_training
 from mod_jax.train import sharding
 from mod_jax.train.loop import train_and_evaluate
 from tests.helpers import synthetic_batch
@@ -98,5 +98,19 @@ def test_validation_errors_name_the_value():
   c = tiny.get_config()
   c.train.batch_size = 6
   c.mesh.shape = (4, 1, 2)
-  with pytest.raises(ConfigError, match="batch_size=6 is not divisible"):
+  with pytest.raises(ConfigError, match="batch_size=6 / grad_accum_steps=1 = 6 rows per micro"):
     validate(c, 8)
+  c = tiny.get_config()
+  c.train.grad_accum_steps = 3
+  with pytest.raises(ConfigError, match="grad_accum_steps=3 must be >= 1 and divide"):
+    validate(c)
+  for field, value in (("train.remat", "some"), ("model.attention", "flash")):
+    c = tiny.get_config()
+    c.update_from_flattened_dict({field: value})
+    with pytest.raises(ConfigError, match=f"{field}='{value}'"):
+      validate(c)
+  c = tiny.get_config()
+  c.model.param_dtype = "bfloat16"
+  validate(c)  # fine for inference ...
+  with pytest.raises(ConfigError, match="trainable weights are kept in float32"):
+    validate_for_training(c)  # ... refused for training: the LLM weights would be trained

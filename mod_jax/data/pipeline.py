@@ -315,15 +315,28 @@ def _padding_batch(config: ConfigDict, rows: int, pad_id: int) -> dict[str, np.n
   return batch
 
 
+def _vision_input_spec(config: ConfigDict, rows: int) -> dict:
+  """``frames`` uint8 [rows, F, S, S, 3], or with ``data.input="features"`` the pre-extracted
+  tower output ``features`` bfloat16 [rows, F, N, vision width]."""
+  f = int(config.data.max_frames)
+  if config.data.get("input", "frames") == "features":
+    import ml_dtypes  # pylint: disable=g-import-not-at-top (a jax dependency)
+    m = config.model
+    return {"features": ((rows, f, int(m.tokens_per_frame), int(m.vision.width)),
+                         np.dtype(ml_dtypes.bfloat16))}
+  s = _frame_size(config)
+  return {"frames": ((rows, f, s, s, 3), np.dtype(np.uint8))}
+
+
 def batch_spec(config: ConfigDict, rows: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """``{field: (shape, dtype)}`` of a batch of ``rows`` rows (for AOT compilation and tests)."""
   d = config.data
-  t, f, s = int(d.max_text), int(d.max_frames), _frame_size(config)
+  t, f = int(d.max_text), int(d.max_frames)
   i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
   return {
       "text_tokens": ((rows, t), i32), "text_positions": ((rows, t), i32),
       "text_targets": ((rows, t), i32), "text_weights": ((rows, t), f32),
-      "frames": ((rows, f, s, s, 3), np.dtype(np.uint8)), "frame_positions": ((rows, f), i32),
+      **_vision_input_spec(config, rows), "frame_positions": ((rows, f), i32),
       "frame_targets": ((rows, f), i32), "frame_weights": ((rows, f), f32),
       "text_segment_ids": ((rows, t), i32), "frame_segment_ids": ((rows, f), i32),
   }
@@ -362,6 +375,12 @@ def make_dataset(config: ConfigDict, split: str, tokenizer: StreamTokenizer, *,
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, {process_count}).")
+  if config.data.get("input", "frames") != "frames":
+    raise ConfigError(
+        f"data.input={config.data.input!r}: the {config.data.source!r} source yields decoded "
+        f"frames; pre-extracted feature datasets (`mod-jax encode`) are not available yet. Use "
+        f"data.input='frames' (the model also accepts a `features` batch field directly, e.g. "
+        f"for `mod-jax compile`).")
   rows = config.train.batch_size // process_count
   if rows < 1 or config.train.batch_size % process_count:
     raise ConfigError(f"train.batch_size={config.train.batch_size} must be a positive multiple "

@@ -143,6 +143,7 @@ class Attention(nnx.Module):
     self.dtype = jnp.dtype(cfg.dtype)
     self.implementation = cfg.get("attention", "xla")
     self.block_size = int(cfg.get("attention_block_size", 512))
+    self.platform = cfg.get("attention_platform", "") or None
     self.rules = rules
     self.cache: KVCache | None = nnx.data(None)  # set for streaming inference only
 
@@ -193,7 +194,8 @@ class Attention(nnx.Module):
       return self.out(dot_product_attention(q, k, v, mask), rng)
     if ordered:
       o = attention_ops.attend(q, k, v, segment_ids_bt, segment_ids_bt, causal=True,
-                               implementation=self.implementation, block_size=self.block_size)
+                               implementation=self.implementation, block_size=self.block_size,
+                               backend=self.platform, rules=self.rules)
       return self.out(o, rng)
     mask = attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt)
     return self.out(dot_product_attention(q, k, v, mask), rng)

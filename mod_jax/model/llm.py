@@ -4,6 +4,13 @@ RMSNorm → GQA attention with RoPE → RMSNorm → SwiGLU, pre-norm residual bl
 embeddings; matches transformers' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` numerics. Layers
 listed by the :class:`~mod_jax.model.mod.RoutingPlan` route vision tokens (``mod.routed_block``).
 
+The stack is run as runs of a repeating layer cycle (:func:`layer_runs`; ``interleaved`` is one
+(dense, MoD) cycle repeated n/2 times), each run one ``lax.scan`` over the layers' parameters
+stacked at call time, so HLO size and compile time do not grow with depth. Parameters stay one
+module per layer (HF / GGUF import and export, LoRA, KV caches and checkpoints address
+``layers/i``); the stacked copy costs one extra copy of the layer weights per step (FSDP-sharded
+like the weights). Each cycle is rematerialised with ``REMAT_POLICIES[train.remat]``.
+
 Shape letters: b batch, l/t tokens, d model width, v vocabulary.
 """
 

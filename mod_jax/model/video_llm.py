@@ -40,16 +40,21 @@ class VideoLLM(nnx.Module):
 
   def __init__(self, cfg, *, rngs: nnx.Rngs, rules=None):
     """cfg: the ``config.model`` ConfigDict. rules: logical axis rules for activation sharding."""
-    self.vision = VisionEncoder(cfg.vision, rngs=rngs)
+    vision_cfg = cfg.vision.copy_and_resolve_references()
+    vision_cfg.attention = cfg.get("attention", "xla")  # one kernel choice for the whole model
+    vision_cfg.attention_block_size = cfg.get("attention_block_size", 512)
+    vision_cfg.attention_platform = cfg.get("attention_platform", "")
+    self.vision = VisionEncoder(vision_cfg, rngs=rngs, rules=rules)
     self.connector = Connector(cfg.vision.width, cfg.d_model, rngs=rngs, dtype=jnp.dtype(cfg.dtype))
     self.llm = Decoder(cfg, rngs=rngs, rules=rules)
     self.tokens_per_frame = cfg.tokens_per_frame
     self.vision_trainable = cfg.vision.trainable
     self.rules = rules
 
-  def embed_frames(self, frames) -> jax.Array:
-    """uint8 [b, F, H, W, 3] → connector outputs [b, F, N, d]."""
-    return self.embed_features(self.vision(frames))
+  def embed_frames(self, frames, valid=None) -> jax.Array:
+    """uint8 [b, F, H, W, 3] → connector outputs [b, F, N, d]. ``valid`` bool [b, F]: real
+    (non-padding) frames, which lets a chunked tower skip padding (``vision.frame_chunk``)."""
+    return self.embed_features(self.vision(frames, valid))
 
   def embed_features(self, features) -> jax.Array:
     """Vision-tower outputs [b, F, N, d_vision] (any float dtype) → connector outputs [b, F, N, d].
@@ -78,7 +83,7 @@ class VideoLLM(nnx.Module):
     elif "features" in batch:
       vis = self.embed_features(batch["features"])
     else:
-      vis = self.embed_frames(batch["frames"])
+      vis = self.embed_frames(batch["frames"], batch["frame_segment_ids"] != 0)
     x = jnp.concatenate([text, vis.reshape(b, f * n, d)], axis=1)
     v_pos, v_seg = frame_token_layout(batch["frame_positions"], batch["frame_segment_ids"], n)
     positions = jnp.concatenate([batch["text_positions"], v_pos], axis=1)

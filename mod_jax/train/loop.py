@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from mod_jax.config import ConfigError, validate
+from mod_jax.config import ConfigError, validate, validate_for_training
 from mod_jax.convert import pretrained
 from mod_jax.data import pipeline
 from mod_jax.train import checkpoint, sharding
 from mod_jax.train.state import trainable_labels
-from mod_jax.train.step import eval_step, train_step
+from mod_jax.train.step import eval_step, train_step, train_step_options
 
 log = logging.getLogger("mod_jax")
 
@@ -86,6 +86,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True,
   """
   # ------------------------------------------------------------------ Setup
   validate(config, jax.device_count())
+  validate_for_training(config)
   if config.model.init_from or config.model.vision.init_from:
     pretrained.check_init_from(config)  # checkpoint vs config, before anything is built
   os.makedirs(workdir, exist_ok=True)
@@ -126,10 +127,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True,
       log.info(line)
 
   step_fn = jax.jit(
-      functools.partial(train_step, graphdef=graphdef, tx=tx,
-                        stream_loss_weight=config.train.stream_loss_weight,
-                        base_rng=jax.random.key(config.seed),
-                        trainable=trainable_labels(state.params, config.model)),
+      functools.partial(train_step, **train_step_options(config, graphdef, tx, state.params)),
       in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
       donate_argnums=0)
 

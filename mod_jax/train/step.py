@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mod_jax.train.state import TrainState
+from mod_jax.train.state import TrainState, trainable_labels
 
 
 def _denominators(batch) -> dict[str, jax.Array]:
@@ -119,7 +119,7 @@ def micro_batches(batch, steps: int):
 
 
 def train_step(state: TrainState, batch, *, graphdef, tx, stream_loss_weight: float,
-               base_rng: jax.Array, trainable=None, remat: str = "none",
+               base_rng: jax.Array | int, trainable=None, remat: str = "none",
                grad_accum_steps: int = 1, ce_chunk: int = 512):
   """One AdamW step. Pure: jit it with shardings (``mod_jax/train/loop.py``).
 
@@ -127,7 +127,8 @@ def train_step(state: TrainState, batch, *, graphdef, tx, stream_loss_weight: fl
     state: the :class:`TrainState`; batch: global batch of B rows (slot layout).
     graphdef, tx: the model's static structure and the optimizer.
     stream_loss_weight: see :func:`loss_fn`.
-    base_rng: PRNG key; the step's key is ``fold_in(base_rng, step)`` (and the micro-batch's).
+    base_rng: PRNG key, or an int seed for an ``rbg`` key made inside the trace; the step's key
+      is ``fold_in(base_rng, step)`` (and the micro-batch's ``fold_in(·, i)``).
     trainable: optional 'train'/'frozen' labels (``state.trainable_labels``). Frozen parameters
       are then constants of the loss (no gradient computed), gradient accumulators exist for
       trainable parameters only, and ``grad_norm`` covers trainable parameters.
@@ -137,6 +138,8 @@ def train_step(state: TrainState, batch, *, graphdef, tx, stream_loss_weight: fl
   Returns:
     (new state, metrics dict of float32 []).
   """
+  if isinstance(base_rng, int):
+    base_rng = jax.random.key(base_rng, impl="rbg")
   rng = jax.random.fold_in(base_rng, state.step)
   labels = trainable if trainable is not None else jax.tree.map(lambda _: "train", state.params)
   is_train = lambda l: l == "train"
@@ -175,6 +178,19 @@ def train_step(state: TrainState, batch, *, graphdef, tx, stream_loss_weight: fl
   metrics["grad_norm"] = optax.tree.norm(jax.tree.map(
       lambda g, l: g if is_train(l) else jnp.zeros((), g.dtype), grads, labels))
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def train_step_options(config, graphdef, tx, params) -> dict:
+  """The keyword arguments that bind :func:`train_step` to ``config`` (for ``functools.partial``).
+
+  ``base_rng`` is the integer seed: the step makes its key inside the trace (so it can be lowered
+  for devices that cannot compute, e.g. an AOT TPU topology), an ``rbg`` key (cheap bits for LoRA
+  dropout masks on accelerators).
+  """
+  t = config.train
+  return dict(graphdef=graphdef, tx=tx, stream_loss_weight=t.stream_loss_weight,
+              base_rng=int(config.seed), trainable=trainable_labels(params, config.model),
+              remat=t.remat, grad_accum_steps=int(t.grad_accum_steps), ce_chunk=int(t.ce_chunk))
 
 
 def eval_step(params, batch, *, graphdef, base_rng: jax.Array, interval_id: int):
