@@ -95,7 +95,8 @@ class Side:
     # Eager init (one device): jitting the init of 32 layers costs minutes of XLA compile on CPU.
     _, graphdef, tx = flops.abstract_train_state(config)
     self.state = TrainState.create(nnx.state(sharding.build_model(config), nnx.Param), tx)
-    self.step = flops.jit_train_step(config, graphdef, tx).lower(self.state, batch).compile()
+    self.step = flops.jit_train_step(config, graphdef, tx, self.state.params).lower(
+        self.state, batch).compile()
     self.xla = flops.xla_analysis(self.step)
     self.analytic = flops.analytic_flops(config)["total"]
     self.times: list[float] = []

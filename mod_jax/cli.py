@@ -5,6 +5,8 @@ Commands (each is a module with an absl ``main(argv)``):
   stream  live narration of a video:  mod-jax stream --workdir DIR --video FILE [--fps 2]
   eval    streaming metrics (LM-PPL, TimeDiff, Fluency, LM-Correctness):  mod-jax eval --workdir DIR
   flops   analytic and XLA FLOPs, compiled memory, MoD vs dense:  mod-jax flops --config X [--json]
+  compile AOT-compile train + streaming steps for a TPU topology; fits in HBM?
+          mod-jax compile --config X [--topology v5:4x4x4] [--num_slices S] [--json]
   convert HF safetensors / GGUF import and HF export:  mod-jax convert --from-hf DIR --out DIR
 
 Configs are Python files with ``get_config(arg)`` (big_vision style); any field can be
@@ -24,6 +26,7 @@ COMMANDS = {
     "stream": "mod_jax.infer.stream_main",  # mod-jax stream --workdir CKPT --video FILE
     "eval": "mod_jax.infer.eval_main",      # mod-jax eval --workdir CKPT (streaming metrics)
     "flops": "mod_jax.analysis.main",  # mod-jax flops --config X [--json]
+    "compile": "mod_jax.analysis.compile_main",  # mod-jax compile --config X --topology v5:4x4x4
     "convert": "mod_jax.convert.main",  # mod-jax convert --from-hf DIR | --to-hf SRC --out DIR
 }
 

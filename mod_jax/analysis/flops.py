@@ -55,18 +55,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from mod_jax.config import ConfigDict
 from mod_jax.model.mod import RoutingPlan
+from mod_jax.data import pipeline
+from mod_jax.train import sharding
 from mod_jax.train.sharding import build_model
 from mod_jax.train.state import TrainState, make_optimizer, trainable_labels
-from mod_jax.train.step import train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,18 +194,16 @@ def _trainable_parameter_count(config: ConfigDict) -> int:
                  if lab == "train"))
 
 
-def abstract_batch(config: ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes and dtypes of one global training batch (fields of ``mod_jax/data/pipeline.py``)."""
-  b, t, f = config.train.batch_size, config.data.max_text, config.data.max_frames
-  s = config.model.vision.image_size
-  i32, f32, sd = jnp.int32, jnp.float32, jax.ShapeDtypeStruct
-  out = {k: sd((b, t), i32) for k in ("text_tokens", "text_positions", "text_segment_ids",
-                                       "text_targets")}
-  out.update({k: sd((b, f), i32) for k in ("frame_positions", "frame_segment_ids",
-                                           "frame_targets")})
-  out.update(text_weights=sd((b, t), f32), frame_weights=sd((b, f), f32),
-             frames=sd((b, f, s, s, 3), jnp.uint8))
-  return out
+def abstract_batch(config: ConfigDict, sharding_of=None) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of one global training batch (``mod_jax.data.pipeline.batch_spec``).
+
+  ``sharding_of(ndim)``, if given, gives each field's sharding (e.g.
+  ``mod_jax.train.sharding.batch_sharding``).
+  """
+  spec = pipeline.batch_spec(config, config.train.batch_size)
+  return {k: jax.ShapeDtypeStruct(shape, dtype,
+                                  sharding=None if sharding_of is None else sharding_of(len(shape)))
+          for k, (shape, dtype) in spec.items()}
 
 
 def abstract_train_state(config: ConfigDict):
@@ -221,18 +218,17 @@ def abstract_train_state(config: ConfigDict):
   return jax.eval_shape(init), graphdef, tx
 
 
-def jit_train_step(config: ConfigDict, graphdef, tx):
-  """The jitted training step, as ``mod_jax/train/loop.py`` builds it (state donated)."""
-  return jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx,
-                                   stream_loss_weight=config.train.stream_loss_weight,
-                                   base_rng=jax.random.key(config.seed)),
-                 donate_argnums=0)
+def jit_train_step(config: ConfigDict, graphdef, tx, params):
+  """The jitted training step, as ``mod_jax/train/loop.py`` builds it (state donated; frozen
+  parameters labelled from ``params``, abstract or real)."""
+  return sharding.jit_train_step(config, graphdef, tx, params)
 
 
 def compile_train_step(config: ConfigDict):
   """AOT-compiles the training step of ``config`` for one device from abstract shapes."""
   abs_state, graphdef, tx = abstract_train_state(config)
-  return jit_train_step(config, graphdef, tx).lower(abs_state, abstract_batch(config)).compile()
+  step = jit_train_step(config, graphdef, tx, abs_state.params)
+  return step.lower(abs_state, abstract_batch(config)).compile()
 
 
 def xla_analysis(compiled) -> dict[str, float]:

@@ -7,28 +7,44 @@ propagated by GSPMD (``jax.make_mesh`` defaults to Explicit axes now).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from mod_jax.config import resolve_mesh_shape
+from mod_jax.config import resolve_mesh_shape, split_mesh_shape
 from mod_jax.model.partitioning import logical_to_spec
 from mod_jax.model.video_llm import VideoLLM
 from mod_jax.train.state import TrainState, make_optimizer
+from mod_jax.train.step import train_step, train_step_options
 
 
 def make_mesh(config, devices=None) -> Mesh:
   """Builds the (data, fsdp, tensor) mesh over ``devices`` (default: all global devices).
 
+  Devices of several TPU slices (distinct ``slice_index``) get a hybrid mesh: within a slice the
+  axes follow the ICI shape ``mesh.shape / mesh.dcn_shape``, across slices (DCN) the axes named
+  by ``mesh.dcn_shape`` (default: all slices along ``data``, so only data-parallel gradient
+  reductions cross DCN). ``jax.make_mesh`` refuses multi-slice device sets.
+
   Raises:
-    ConfigError: ``config.mesh.shape`` does not match the device count.
+    ConfigError: ``config.mesh.shape`` does not match the device count, or ``mesh.dcn_shape``
+      the number of slices.
   """
-  devices = jax.devices() if devices is None else devices
+  devices = jax.devices() if devices is None else list(devices)
   shape = resolve_mesh_shape(config.mesh.shape, len(devices))
   axes = tuple(config.mesh.axes)
-  return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
+  axis_types = (AxisType.Auto,) * len(axes)
+  num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if num_slices > 1:
+    ici, dcn = split_mesh_shape(shape, config.mesh.get("dcn_shape"), num_slices)
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    return Mesh(grid, axes, axis_types=axis_types)
+  return jax.make_mesh(shape, axes, axis_types=axis_types, devices=devices)
 
 
 def rules_of(config):
@@ -55,11 +71,15 @@ def build_model(config, rules=None, seed: int | None = None) -> VideoLLM:
   return VideoLLM(config.model, rngs=nnx.Rngs(params=seed), rules=rules)
 
 
-def create_train_state(config, mesh: Mesh):
-  """Initializes model + optimizer directly into their shardings on ``mesh``.
+def abstract_train_state(config, mesh: Mesh):
+  """The train state's shapes and shardings on ``mesh``, with nothing allocated or computed.
 
   Returns:
-    (state: TrainState, graphdef, tx, state_shardings)
+    (abstract state: TrainState of ShapeDtypeStruct, graphdef, tx, state_shardings, init) where
+    ``init()`` builds the real step-0 state (jit it with ``out_shardings=state_shardings``).
+
+  Raises:
+    TypeError: the model has state other than ``nnx.Param``.
   """
   rules = rules_of(config)
   abstract = nnx.eval_shape(lambda: build_model(config, rules))
@@ -80,9 +100,30 @@ def create_train_state(config, mesh: Mesh):
       transform_non_params=lambda _: replicated,
       is_leaf=lambda x: isinstance(x, nnx.Variable))
   state_shardings = TrainState(step=replicated, params=p_shard, opt_state=opt_shardings)
+  return abs_state, graphdef, tx, state_shardings, init
+
+
+def create_train_state(config, mesh: Mesh):
+  """Initializes model + optimizer directly into their shardings on ``mesh``.
+
+  Returns:
+    (state: TrainState, graphdef, tx, state_shardings)
+  """
+  _, graphdef, tx, state_shardings, init = abstract_train_state(config, mesh)
   with jax.set_mesh(mesh):
     state = jax.jit(init, out_shardings=state_shardings)()
   return state, graphdef, tx, state_shardings
+
+
+def jit_train_step(config, graphdef, tx, params, state_shardings=None):
+  """The training step as the loop runs it: ``train_step`` bound by ``train_step_options``
+  (``params``, abstract or real, give the trainable labels), state donated, and sharded with
+  ``state_shardings`` if given. Lowerable from abstract shapes for an AOT topology: the step
+  makes its PRNG key inside the trace.
+  """
+  return jax.jit(functools.partial(train_step, **train_step_options(config, graphdef, tx, params)),
+                 in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
+                 donate_argnums=0)
 
 
 def host_to_global(batch: dict, mesh: Mesh, rules) -> dict:
