@@ -97,7 +97,7 @@ class Side:
     self.state = TrainState.create(nnx.state(sharding.build_model(config), nnx.Param), tx)
     self.step = flops.jit_train_step(config, graphdef, tx, self.state.params).lower(
         self.state, batch).compile()
-    self.xla = flops.xla_analysis(self.step)
+    self.xla = flops.xla_step_analysis(config, self.step)  # FLOPs of the unrolled program
     self.analytic = flops.analytic_flops(config)["total"]
     self.times: list[float] = []
 

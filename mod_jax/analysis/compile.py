@@ -29,9 +29,13 @@ Cloud accelerator types are mapped to them: ``v5p-128`` (cores) → ``v5:4x4x4``
 mesh is built by :func:`mod_jax.train.sharding.make_mesh` as a hybrid ICI × DCN mesh. For a
 topology, ``model.attention_platform`` is set to ``"tpu"`` so the model takes its TPU kernels.
 
-FLOPs: ``compiled.cost_analysis()["flops"]`` counts the program one chip runs
-(``flops_per_chip``); ``flops_per_step`` = that × chips, which counts replicated work (e.g. the
-optimizer update of replicated parameters) once per chip.
+FLOPs: ``flops_per_step`` is the model's analytic count of one training step
+(:func:`mod_jax.analysis.flops.analytic_flops`: forward + backward, no rematerialisation, the
+materialised attention square) and ``flops_ratio`` compares those. XLA's own count of the
+compiled program is reported as ``xla_flops_per_chip`` but is NOT a step count: XLA's cost
+analysis counts the body of a while loop once, so a scanned layer stack (and the blockwise
+kernel's loops) are counted once, not per layer (``mod-jax flops`` counts XLA FLOPs on the
+unrolled program instead).
 """
 
 from __future__ import annotations
@@ -332,21 +336,24 @@ def compile_stream(config: ConfigDict, mesh: Mesh) -> dict[str, Any]:
                     vocab_size=int(config.model.vocab_size))
 
 
-def _figures(rep: dict[str, Any] | None, hbm: float | None, chips: int) -> dict[str, Any]:
-  """JSON fields of one compiled step (None when it was skipped)."""
+def _figures(rep: dict[str, Any] | None, hbm: float | None, chips: int,
+             step_flops: float | None = None) -> dict[str, Any]:
+  """JSON fields of one compiled step (None when it was skipped); ``step_flops``: the analytic
+  FLOPs of a training step (None for the streaming step)."""
   if rep is None:
     return {}
   if "oom" in rep:
     return {"fits": False, "peak_bytes_per_chip": None,
-            "required_bytes_per_chip": rep["oom"]["required_bytes"], "flops_per_step": None,
-            "flops_per_chip": None, "compile_s": rep["compile_s"], "lower_s": rep["lower_s"],
+            "required_bytes_per_chip": rep["oom"]["required_bytes"],
+            "flops_per_step": step_flops, "xla_flops_per_chip": None,
+            "compile_s": rep["compile_s"], "lower_s": rep["lower_s"],
             "error": rep["oom"]["summary"]}
   out = {f"{k.removesuffix('_bytes')}_bytes_per_chip": rep[k]
          for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes")}
   out.update(peak_bytes_per_chip=rep["peak_bytes"],
              fits=bool(hbm is None or rep["peak_bytes"] <= hbm),
              headroom=None if hbm is None else 1.0 - rep["peak_bytes"] / hbm,
-             flops_per_chip=rep["flops"], flops_per_step=rep["flops"] * chips,
+             flops_per_step=step_flops, xla_flops_per_chip=rep["flops"],
              compile_s=rep["compile_s"], lower_s=rep["lower_s"], error=None)
   return out
 
@@ -370,7 +377,7 @@ def run(config: ConfigDict, topology: str | None = None, *, num_slices: int = 1,
     ``hbm_source``; for the configured train step ``peak_bytes_per_chip``,
     ``argument_bytes_per_chip``, ``output_bytes_per_chip``, ``alias_bytes_per_chip``,
     ``temp_bytes_per_chip``, ``fits``, ``headroom`` (1 − peak / HBM), ``flops_per_step``,
-    ``flops_per_chip``, ``compile_s`` (trace + lower + compile), ``lower_s`` (trace + lower),
+    ``xla_flops_per_chip``, ``compile_s`` (trace + lower + compile), ``lower_s`` (trace + lower),
     ``error``; the same with a ``dense_`` prefix for the dense
     counterpart and a ``stream_`` prefix for the streaming step; ``memory_ratio`` and
     ``flops_ratio`` (MoD / dense); ``all_fit``. A step that does not fit has ``fits=False``,
@@ -409,14 +416,17 @@ def run(config: ConfigDict, topology: str | None = None, *, num_slices: int = 1,
   say(f"train step ({config.model.mod.insertion!r} MoD) on {out['topology']}, mesh "
       f"{out['mesh']}")
   mod = compile_train(config, mesh)
-  out.update(_figures(mod, hbm, chips))
+  mod_flops = flops.analytic_flops(config)["total"]
+  out.update(_figures(mod, hbm, chips, mod_flops))
   if dense:
     say("train step of the dense counterpart")
-    den = compile_train(flops.dense_counterpart(config), mesh)
-    out.update({f"dense_{k}": v for k, v in _figures(den, hbm, chips).items()})
+    dense_cfg = flops.dense_counterpart(config)
+    den = compile_train(dense_cfg, mesh)
+    den_flops = flops.analytic_flops(dense_cfg)["total"]
+    out.update({f"dense_{k}": v for k, v in _figures(den, hbm, chips, den_flops).items()})
     both = "oom" not in mod and "oom" not in den
     out["memory_ratio"] = mod["peak_bytes"] / den["peak_bytes"] if both else None
-    out["flops_ratio"] = mod["flops"] / den["flops"] if both and den["flops"] else None
+    out["flops_ratio"] = mod_flops / den_flops
   if stream:
     say("streaming per-frame step")
     out.update({f"stream_{k}": v

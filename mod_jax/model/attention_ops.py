@@ -149,8 +149,9 @@ def _per_shard(fn, args, rules, head_names):
   are replicated instead. The sequence must not be sharded (each shard needs whole rows).
   """
   mesh = jax.sharding.get_abstract_mesh()
-  if not rules or mesh.empty:
+  if mesh.empty:
     return fn(*args)
+  rules = rules or ()  # no rules under a mesh (e.g. a batch-1 streaming step): replicated
   q, k, _, q_seg, _ = args
   q_names = logical_to_spec(("batch", "length", head_names[0], "head_dim"), rules)
   kv_names = logical_to_spec(("batch", "length", head_names[1], "head_dim"), rules)

@@ -158,12 +158,15 @@ class Decoder(nnx.Module):
       aux.update(run_aux)
     return self.final_norm(x), aux
 
-  def _routed_or_dense(self, block, keep, router, x, seq, layout, rng):
-    """``block(x, seq)``, through ``mod.routed_block`` when ``keep`` (the plan's k) is set."""
+  def _apply(self, i, keep, layer, router, x, seq, layout, rng, drop, ordered):
+    """Decoder layer ``i`` (a Python or traced int) on x: through ``mod.routed_block`` when
+    ``keep`` (the plan's k for it) is set and there are frames; LoRA dropout key from ``drop``."""
+    lrng = None if drop is None else jax.random.fold_in(drop, i)
+    block = functools.partial(_block, layer, lrng, ordered)
     if layout is None or keep is None:
       return block(x, seq), {}
     return mod.routed_block(block, x, seq, layout, k=keep, selection=self.plan.selection,
-                            weighting=self.plan.weighting, router=router, rng=rng)
+                            weighting=self.plan.weighting, router=router, rng=lora.fold(rng, i))
 
   def _run(self, start, period, reps, x, seq, layout, rng, drop, ordered, remat):
     """Layers ``start .. start + period·reps - 1``: a cycle of ``period`` layers repeated
@@ -174,10 +177,8 @@ class Decoder(nnx.Module):
     if reps == 1 and remat == "none":  # no transform: call the modules themselves
       out = {}
       for i in range(start, start + period):
-        lrng = None if drop is None else jax.random.fold_in(drop, i)
-        x, a = self._routed_or_dense(functools.partial(_block, self.layers[i], lrng, ordered),
-                                     self.plan.keep[i], self.routers.get(str(i)), x, seq,
-                                     layout, lora.fold(rng, i))
+        x, a = self._apply(i, self.plan.keep[i], self.layers[i], self.routers.get(str(i)), x,
+                           seq, layout, rng, drop, ordered)
         out.update({f"layer_{i}": a} if a else {})
       return x, out
     parts = []
@@ -194,13 +195,10 @@ class Decoder(nnx.Module):
       auxes = []
       for j, ((layer_gd, _, router_gd, _), (layer_st, router_st)) in enumerate(zip(parts,
                                                                                       states)):
-        i = start + r * period + j
         layer = nnx.merge(layer_gd, layer_st)
         router = None if router_gd is None else nnx.merge(router_gd, router_st)
-        lrng = None if drop is None else jax.random.fold_in(drop, i)
-        block = functools.partial(_block, layer, lrng, ordered)
-        x, a = self._routed_or_dense(block, self.plan.keep[start + j], router, x, seq, layout,
-                                     lora.fold(rng, i))
+        x, a = self._apply(start + r * period + j, self.plan.keep[start + j], layer, router, x,
+                           seq, layout, rng, drop, ordered)
         auxes.append(a)
       return x, auxes
 

@@ -41,9 +41,10 @@ class VideoLLM(nnx.Module):
   def __init__(self, cfg, *, rngs: nnx.Rngs, rules=None):
     """cfg: the ``config.model`` ConfigDict. rules: logical axis rules for activation sharding."""
     vision_cfg = cfg.vision.copy_and_resolve_references()
-    vision_cfg.attention = cfg.get("attention", "xla")  # one kernel choice for the whole model
-    vision_cfg.attention_block_size = cfg.get("attention_block_size", 512)
-    vision_cfg.attention_platform = cfg.get("attention_platform", "")
+    with vision_cfg.unlocked():  # one kernel choice for the whole model
+      vision_cfg.attention = cfg.get("attention", "xla")
+      vision_cfg.attention_block_size = cfg.get("attention_block_size", 512)
+      vision_cfg.attention_platform = cfg.get("attention_platform", "")
     self.vision = VisionEncoder(vision_cfg, rngs=rngs, rules=rules)
     self.connector = Connector(cfg.vision.width, cfg.d_model, rngs=rngs, dtype=jnp.dtype(cfg.dtype))
     self.llm = Decoder(cfg, rngs=rngs, rules=rules)

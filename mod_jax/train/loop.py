@@ -24,8 +24,7 @@ from mod_jax.config import ConfigError, validate, validate_for_training
 from mod_jax.convert import pretrained
 from mod_jax.data import pipeline
 from mod_jax.train import checkpoint, sharding
-from mod_jax.train.state import trainable_labels
-from mod_jax.train.step import eval_step, train_step, train_step_options
+from mod_jax.train.step import eval_step
 
 log = logging.getLogger("mod_jax")
 
@@ -126,10 +125,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True,
     for line in pretrained.init_from_pretrained(config, state.params):
       log.info(line)
 
-  step_fn = jax.jit(
-      functools.partial(train_step, **train_step_options(config, graphdef, tx, state.params)),
-      in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
-      donate_argnums=0)
+  step_fn = sharding.jit_train_step(config, graphdef, tx, state.params, state_shardings)
 
   # ------------------------------------------------------------------ Train
   t = config.train
