@@ -139,18 +139,20 @@ def analytic_flops(config: ConfigDict) -> dict[str, Any]:
                              vision=bsz * vision, router=bsz * router, routing=bsz * routing))
 
   # Vision tower, per frame: s patches of width w; products then element-wise (LayerNorm 7,
-  # tanh-GELU 8, bias 1, residual 1 per element; softmax 6 per logit).
+  # tanh-GELU 8, bias 1, residual 1 per element; softmax 6 per logit). Not part of the step
+  # when the batch carries pre-extracted features (data.input = "features").
   w, mlp, nv = v.width, v.mlp_dim, v.n_heads
   s = (v.image_size // v.patch_size) ** 2
   grad = 3 if v.trainable else 1
+  tower_frames = 0 if dt.get("input", "frames") == "features" else frames
   tower = acc.add(2 if v.trainable else 1, 2 * s * 3 * v.patch_size ** 2 * w,
-                  2 * 3 * v.image_size ** 2 + 2 * s * w, count=frames)     # pixels, bias + pos
+                  2 * 3 * v.image_size ** 2 + 2 * s * w, count=tower_frames)  # pixels, bias + pos
   tower += acc.add(grad, v.depth * (8 * s * w * w + 4 * s * s * w + 4 * s * w * mlp),
                    v.depth * (14 * s * w + 6 * s * w + 9 * s * mlp + s * w + 6 * nv * s * s),
-                   count=frames)
+                   count=tower_frames)
   tower += acc.add(grad, 4 * w * w + 4 * s * w * w + 4 * s * w + 4 * w * mlp,
                    7 * s * w + 2 * s * w + 6 * nv * s + 20 * w + 9 * mlp + s * w,
-                   count=frames)                                           # post norm, head
+                   count=tower_frames)                                     # post norm, head
   # Connector (bias + exact GELU ~ 10 per element) and LM head with its cross-entropy (~5 per
   # logit: log-softmax and argmax) at the T text slots and F frame ends.
   connector = (acc.add(3 if v.trainable else 2, 2 * w * d, 11 * d, count=frames * tpf)

@@ -36,6 +36,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mod_jax.model import attention_ops, lora
 from mod_jax.model.layers import dense_init
+from mod_jax.model.linalg import project
 from mod_jax.model.partitioning import param, shard
 
 _zeros = nnx.initializers.zeros_init()
@@ -159,7 +160,7 @@ class Attention(nnx.Module):
     rope = rope_tables(positions_bt, self.inv_freq) if rope is None else rope
 
     def proj(name, bias, i):
-      y = jnp.einsum("btd,dnh->btnh", x, getattr(self, name)[...].astype(self.dtype))
+      y = project(x, getattr(self, name)[...].astype(self.dtype))
       y = y if bias is None else y + bias[...].astype(self.dtype)
       delta = lora.adapter(self, name, x, lora.fold(rng, i), self.dtype)  # None without LoRA
       return y if delta is None else y + delta
@@ -172,7 +173,7 @@ class Attention(nnx.Module):
     return q, k, v
 
   def out(self, o_btnh: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-    y = jnp.einsum("btnh,nhd->btd", o_btnh, self.o[...].astype(self.dtype))
+    y = project(o_btnh, self.o[...].astype(self.dtype), n_in=2)
     delta = lora.adapter(self, "o", o_btnh, lora.fold(rng, 3), self.dtype)
     return y if delta is None else y + delta
 

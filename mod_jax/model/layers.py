@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mod_jax.model import lora
+from mod_jax.model.linalg import project
 from mod_jax.model.partitioning import param
 
 _normal = nnx.initializers.normal
@@ -62,7 +63,7 @@ class Dense(nnx.Module):
 
   def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """``rng``: LoRA dropout key (training only; ``mod_jax/model/lora.py``)."""
-    y = jnp.einsum("...d,df->...f", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    y = project(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     delta = lora.adapter(self, "kernel", x, rng, self.dtype)  # None without LoRA

@@ -28,6 +28,7 @@ from mod_jax.model import lora, mod
 from mod_jax.model import rows
 from mod_jax.model.attention import Attention, rope_tables
 from mod_jax.model.layers import RMSNorm, SwiGLU, dense_init
+from mod_jax.model.linalg import project
 from mod_jax.model.partitioning import param, shard
 
 
@@ -226,8 +227,8 @@ class Decoder(nnx.Module):
   def logits(self, h_btd: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """LM head, float32 [b, t, v] (accumulated in float32). ``rng``: LoRA dropout key."""
     w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-    y = jnp.einsum("btd,dv->btv", h_btd.astype(self.dtype), w.astype(self.dtype),
-                   preferred_element_type=jnp.float32)
+    y = project(h_btd.astype(self.dtype), w.astype(self.dtype),
+                preferred_element_type=jnp.float32)
     drop = lora.fold(rng, lora.DROPOUT_STREAM) if self.lora_dropout else None
     delta = lora.adapter(self, "lm_head", h_btd, lora.fold(drop, len(self.layers)), self.dtype)
     return y if delta is None else y + delta.astype(jnp.float32)

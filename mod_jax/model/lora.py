@@ -22,13 +22,13 @@ A is ``[*I, r]`` and B ``[r, *O]``, so ΔW = A·B has W's layout.
 from __future__ import annotations
 
 import math
-import string
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mod_jax.model.linalg import project
 from mod_jax.model.partitioning import param
 
 # Projections that can carry an adapter (config ``model.lora.targets``).
@@ -78,11 +78,8 @@ class LoRA(nnx.Module):
     if self.dropout > 0.0 and rng is not None and not self.deterministic:
       keep = jax.random.bernoulli(rng, 1.0 - self.dropout, x.shape)
       x = jnp.where(keep, x / (1.0 - self.dropout), 0.0).astype(dtype)
-    letters = string.ascii_lowercase[:self.n_in + self.n_out]
-    ins, outs = letters[:self.n_in], letters[self.n_in:]
-    xa = jnp.einsum(f"...{ins},{ins}z->...z", x, self.a[...].astype(dtype))
-    return jnp.einsum(f"...z,z{outs}->...{outs}", xa, self.b[...].astype(dtype)) * jnp.asarray(
-        self.scale, dtype)
+    xa = project(x, self.a[...].astype(dtype), n_in=self.n_in)
+    return project(xa, self.b[...].astype(dtype)) * jnp.asarray(self.scale, dtype)
 
   def delta(self) -> jax.Array:
     """ΔW = scale · A·B in W's layout [*in, *out], float32."""

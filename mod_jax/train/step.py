@@ -127,7 +127,7 @@ def train_step(state: TrainState, batch, *, graphdef, tx, stream_loss_weight: fl
     state: the :class:`TrainState`; batch: global batch of B rows (slot layout).
     graphdef, tx: the model's static structure and the optimizer.
     stream_loss_weight: see :func:`loss_fn`.
-    base_rng: PRNG key, or an int seed for an ``rbg`` key made inside the trace; the step's key
+    base_rng: PRNG key, or an int seed for a key made inside the trace; the step's key
       is ``fold_in(base_rng, step)`` (and the micro-batch's ``fold_in(·, i)``).
     trainable: optional 'train'/'frozen' labels (``state.trainable_labels``). Frozen parameters
       are then constants of the loss (no gradient computed), gradient accumulators exist for
@@ -139,7 +139,7 @@ def train_step(state: TrainState, batch, *, graphdef, tx, stream_loss_weight: fl
     (new state, metrics dict of float32 []).
   """
   if isinstance(base_rng, int):
-    base_rng = jax.random.key(base_rng, impl="rbg")
+    base_rng = jax.random.key(base_rng)
   rng = jax.random.fold_in(base_rng, state.step)
   labels = trainable if trainable is not None else jax.tree.map(lambda _: "train", state.params)
   is_train = lambda l: l == "train"
@@ -184,8 +184,11 @@ def train_step_options(config, graphdef, tx, params) -> dict:
   """The keyword arguments that bind :func:`train_step` to ``config`` (for ``functools.partial``).
 
   ``base_rng`` is the integer seed: the step makes its key inside the trace (so it can be lowered
-  for devices that cannot compute, e.g. an AOT TPU topology), an ``rbg`` key (cheap bits for LoRA
-  dropout masks on accelerators).
+  for devices that cannot compute, e.g. an AOT TPU topology). The key is jax's default
+  (threefry, partitionable): GSPMD generates each chip's share of the LoRA dropout bits. An
+  ``rbg`` key was tried and rejected: its ``RngBitGenerator`` is not partitioned, so every chip
+  generated the bits of the whole global batch (u32 [64, 16096, 14336] = 55 GiB per chip for
+  the down projection's dropout on the 8B config).
   """
   t = config.train
   return dict(graphdef=graphdef, tx=tx, stream_loss_weight=t.stream_loss_weight,
