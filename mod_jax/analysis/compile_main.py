@@ -22,7 +22,6 @@ import json
 import os
 import sys
 
-from absl import app
 from absl import flags
 
 from mod_jax import flags as mj_flags
@@ -74,10 +73,7 @@ def render(s: dict) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if mj_flags.CONFIG.value is None:
-    raise app.UsageError("mod-jax compile needs --config, e.g. --config configs/tiny.py.")
+  config = mj_flags.config_from(argv, "compile", "configs/tiny.py")
   import jax  # pylint: disable=g-import-not-at-top
   if TOPOLOGY.value and not os.environ.get("JAX_PLATFORMS"):
     jax.config.update("jax_platforms", "cpu")  # libtpu only describes the topology
@@ -86,7 +82,7 @@ def main(argv):
   say = None if JSON.value else (lambda m: print(f"compiling {m} ...", file=sys.stderr,
                                                  flush=True))
   try:
-    summary = aot.run(mj_flags.CONFIG.value, TOPOLOGY.value, num_slices=NUM_SLICES.value,
+    summary = aot.run(config, TOPOLOGY.value, num_slices=NUM_SLICES.value,
                       dense=not SKIP_DENSE.value, stream=not SKIP_STREAM.value,
                       hbm_override=None if HBM_GIB.value is None else HBM_GIB.value * 2 ** 30,
                       progress=say)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 
-from absl import app
 from absl import flags
 
 from mod_jax import flags as mj_flags
@@ -86,13 +85,9 @@ def render(report: dict) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if mj_flags.CONFIG.value is None:
-    raise app.UsageError("mod-jax flops needs --config, e.g. --config configs/bench_paper.py.")
+  config = mj_flags.config_from(argv, "flops", "configs/bench_paper.py")
   from mod_jax.analysis import flops  # pylint: disable=g-import-not-at-top (jax after flags)
   from mod_jax.config import validate  # pylint: disable=g-import-not-at-top
-  config = mj_flags.CONFIG.value
   validate(config)
   report = flops.analyze(config, with_xla=not ANALYTIC_ONLY.value)
   print(json.dumps(report) if JSON.value else render(report))
