@@ -17,9 +17,11 @@ A row has exactly ``T_cap = data.max_text`` text slots and ``F_cap = data.max_fr
   text_tokens          int32   [B, T_cap]             pad id in padding
   text_positions       int32   [B, T_cap]             stream position (0-based, per sample)
   text_targets         int32   [B, T_cap]             next token if text, else 0
-  text_weights         float32 [B, T_cap]             1 on assistant-response targets
+  text_weights         float32 [B, T_cap]             1 where the target is in "Assistant: ...<eos>"
   text_segment_ids     int32   [B, T_cap]             1.. per packed sample, 0 = padding
-  frames               uint8   [B, F_cap, S, S, 3]    S = model.vision.image_size, RGB
+  frames               uint8   [B, F_cap, S, S, 3]    S = model.vision.image_size, RGB (or
+                                                      ``features`` [B, F_cap, N, w] bf16 with
+                                                      data.input="features"; batch_spec only)
   frame_positions      int32   [B, F_cap]             position of the frame's first <v>
   frame_targets        int32   [B, F_cap]             interval id / ']\\n' first id / 0
   frame_weights        float32 [B, F_cap]             1 where the target is defined
