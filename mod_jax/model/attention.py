@@ -40,7 +40,6 @@ from mod_jax.model.linalg import project
 from mod_jax.model.partitioning import param, shard
 
 _zeros = nnx.initializers.zeros_init()
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: Any = None) -> np.ndarray:
@@ -100,23 +99,6 @@ def attention_mask(q_pos_bt, q_seg_bt, k_pos_bs, k_seg_bs) -> jax.Array:
   """Causal-by-position, same-segment mask, bool [b, t, s]; segment 0 (padding) is never a key."""
   same = (q_seg_bt[:, :, None] == k_seg_bs[:, None, :]) & (k_seg_bs[:, None, :] != 0)
   return same & (k_pos_bs[:, None, :] <= q_pos_bt[:, :, None])
-
-
-def dot_product_attention(q_btnh, k_bskh, v_bskh, mask_bts) -> jax.Array:
-  """Plain-XLA GQA attention; softmax in float32. Returns [b, t, n, h] in q's dtype.
-
-  Fully masked rows (padding queries) get a uniform distribution instead of NaNs; their outputs
-  are never used by the loss.
-  """
-  b, t, n, h = q_btnh.shape
-  kh = k_bskh.shape[2]
-  q = q_btnh.reshape(b, t, kh, n // kh, h)
-  logits = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh,
-                      preferred_element_type=jnp.float32) / math.sqrt(h)
-  logits = jnp.where(mask_bts[:, None, None], logits, _MASK_VALUE)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v_bskh.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
-  return out.reshape(b, t, n, h)
 
 
 class Attention(nnx.Module):
@@ -189,17 +171,17 @@ class Attention(nnx.Module):
     (earlier calls included). ``rng``: LoRA dropout key.
     """
     q, k, v = self.qkv(x_btd, positions_bt, rng, rope)
-    if self.cache is not None:
-      k, v, k_pos, k_seg = self.cache.write(k, v, positions_bt, segment_ids_bt)
-      mask = attention_mask(positions_bt, segment_ids_bt, k_pos, k_seg)
-      return self.out(dot_product_attention(q, k, v, mask), rng)
-    if ordered:
+    if ordered and self.cache is None:
       o = attention_ops.attend(q, k, v, segment_ids_bt, segment_ids_bt, causal=True,
                                implementation=self.implementation, block_size=self.block_size,
                                backend=self.platform, rules=self.rules)
-      return self.out(o, rng)
-    mask = attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt)
-    return self.out(dot_product_attention(q, k, v, mask), rng)
+    else:
+      k_pos, k_seg = positions_bt, segment_ids_bt
+      if self.cache is not None:
+        k, v, k_pos, k_seg = self.cache.write(k, v, positions_bt, segment_ids_bt)
+      mask = attention_mask(positions_bt, segment_ids_bt, k_pos, k_seg)
+      o = attention_ops.masked_attention(q, k, v, mask)
+    return self.out(o, rng)
 
 
 class KVCache(nnx.Module):

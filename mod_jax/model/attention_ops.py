@@ -198,14 +198,23 @@ def xla_attention(q_btnh, k_bskh, v_bskh, q_segment_ids_bt=None, kv_segment_ids_
 
   Same contract as :func:`attend` (which checks the arguments). Memory O(b·n·t·s).
   """
+  t, s = q_btnh.shape[1], k_bskh.shape[1]
+  mask = segment_mask(q_segment_ids_bt, kv_segment_ids_bs, t, s, causal)
+  return masked_attention(q_btnh, k_bskh, v_bskh, mask)
+
+
+def masked_attention(q_btnh, k_bskh, v_bskh, mask_bts=None) -> jax.Array:
+  """GQA attention under any boolean mask broadcastable to [b, t, s] (None: no mask), scores and
+  softmax in float32; fully masked rows get a uniform distribution, not NaN. [b, t, n, h] in q's
+  dtype. Memory O(b·n·t·s): the reference path, and the KV-cache path of streaming inference.
+  """
   b, t, n, h = q_btnh.shape
-  s, kh = k_bskh.shape[1], k_bskh.shape[2]
+  kh = k_bskh.shape[2]
   q = q_btnh.reshape(b, t, kh, n // kh, h)
   logits = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh, preferred_element_type=jnp.float32)
   logits = logits / math.sqrt(h)
-  mask = segment_mask(q_segment_ids_bt, kv_segment_ids_bs, t, s, causal)
-  if mask is not None:
-    logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
+  if mask_bts is not None:
+    logits = jnp.where(mask_bts[:, None, None], logits, _MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1).astype(v_bskh.dtype)
   out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh, preferred_element_type=jnp.float32)
   return out.reshape(b, t, n, h).astype(q_btnh.dtype)

@@ -43,7 +43,8 @@ Auxiliary router loss (Mixture-of-Depths §3.5, γ-MoD): BCE of each vision toke
 against its top-k membership, averaged over real (non-padding) frames; each layer reports the
 sum and count (``aux["router_bce_sum"]``, ``aux["router_bce_count"]``) so that accumulated
 micro-batches give the full-batch mean; the train loss adds ``router_aux_loss_weight`` × the sum
-over layers of the means. Per-frame top-k is already causal, so the loss is optional here (it calibrates the logits to a 0.5 threshold).
+over layers of the means. Per-frame top-k is already causal, so the loss is optional here (it
+calibrates the logits to a 0.5 threshold).
 """
 
 from __future__ import annotations
@@ -221,8 +222,9 @@ def router_gate(scores: jax.Array, weighting: str) -> jax.Array:
   raise ValueError(f"unknown router weighting {weighting!r}; use ste, sigmoid or score.")
 
 
-def routed_block(block: Callable, x_bld, seq: rows.TokenInfo, layout: rows.StreamLayout, *, k: int,
-                 selection: str, weighting: str, router: Callable | None = None, rng=None):
+def routed_block(block: Callable, x_bld, seq: rows.TokenInfo, layout: rows.StreamLayout, *,
+                 k: int, selection: str, weighting: str, router: Callable | None = None,
+                 rng=None):
   """Runs ``block`` on the text tokens and the per-frame top-k vision tokens; scatters back.
 
   Args:
