@@ -30,27 +30,27 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import demo  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mod_jax.analysis import flops  # pylint: disable=wrong-import-position
-from mod_jax.model.mod import baseline_routing  # pylint: disable=wrong-import-position
+from configs import demo
+from mod_jax.analysis import flops
+from mod_jax.model.mod import baseline_routing
 
 
 def _rows(n_layers: int) -> dict[str, tuple[str, dict]]:
   """name -> (paper table, ``model.mod`` overrides)."""
   return {
-      "dense": ("1: Full computation", baseline_routing("full", n_layers)),
-      "learned_r0.2_interleaved": ("1/3: VideoLLM-MoD (learned)", {}),
-      "early_exit": (f"1: EarlyExit (E={n_layers // 2})", baseline_routing("early_exit", n_layers)),
-      "layer_skip": ("1: LayerSkip", baseline_routing("layer_skip", n_layers)),
-      "random": ("3: random selection", {"selection": "random"}),
-      "uniform": ("3: uniform selection", {"selection": "uniform"}),
-      "all": ("2: insertion all", {"insertion": "all"}),
-      "all_deep": ("2: insertion all_deep", {"insertion": "all_deep"}),
-      "interleaved_deep": ("2: insertion interleaved_deep", {"insertion": "interleaved_deep"}),
-      "r0.1": ("r sweep: r = 0.1", {"keep_ratio": 0.1}),
-      "r0.3": ("r sweep: r = 0.3", {"keep_ratio": 0.3}),
-      "learned_sigmoid": ("-: weighting g = sigmoid(s)", {"router_weighting": "sigmoid"}),
-      "learned_score": ("-: weighting g = s (as MoD)", {"router_weighting": "score"}),
+    "dense": ("1: Full computation", baseline_routing("full", n_layers)),
+    "learned_r0.2_interleaved": ("1/3: VideoLLM-MoD (learned)", {}),
+    "early_exit": (f"1: EarlyExit (E={n_layers // 2})", baseline_routing("early_exit", n_layers)),
+    "layer_skip": ("1: LayerSkip", baseline_routing("layer_skip", n_layers)),
+    "random": ("3: random selection", {"selection": "random"}),
+    "uniform": ("3: uniform selection", {"selection": "uniform"}),
+    "all": ("2: insertion all", {"insertion": "all"}),
+    "all_deep": ("2: insertion all_deep", {"insertion": "all_deep"}),
+    "interleaved_deep": ("2: insertion interleaved_deep", {"insertion": "interleaved_deep"}),
+    "r0.1": ("r sweep: r = 0.1", {"keep_ratio": 0.1}),
+    "r0.3": ("r sweep: r = 0.3", {"keep_ratio": 0.3}),
+    "learned_sigmoid": ("-: weighting g = sigmoid(s)", {"router_weighting": "sigmoid"}),
+    "learned_score": ("-: weighting g = s (as MoD)", {"router_weighting": "score"}),
   }
 
 
@@ -72,7 +72,8 @@ def make_config(overrides: dict, args, seed: int):
 
 
 def run_row(name: str, overrides: dict, args, seed: int) -> dict:
-  from mod_jax.train.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  from mod_jax.train.loop import train_and_evaluate
+
   config = make_config(overrides, args, seed)
   dense = flops.analytic_flops(flops.dense_counterpart(config))["total"]
   ratio = flops.analytic_flops(config)["total"] / dense
@@ -83,11 +84,26 @@ def run_row(name: str, overrides: dict, args, seed: int) -> dict:
   seconds = time.perf_counter() - start
   shutil.rmtree(workdir, ignore_errors=True)
   ev = out["eval"]
-  return {"row": name, "seed": seed, "flops_ratio": ratio, "train_eval_seconds": seconds,
-          "final_train_loss": out["last_logged"]["loss"],
-          **{k: v for k, v in out["last_logged"].items() if k.startswith("router/")},
-          **{k: ev[k] for k in ("lm_ppl", "stream_accuracy", "speak_recall", "silent_accuracy",
-                                "lm_token_accuracy", "text_tokens", "frame_decisions")}}
+  return {
+    "row": name,
+    "seed": seed,
+    "flops_ratio": ratio,
+    "train_eval_seconds": seconds,
+    "final_train_loss": out["last_logged"]["loss"],
+    **{k: v for k, v in out["last_logged"].items() if k.startswith("router/")},
+    **{
+      k: ev[k]
+      for k in (
+        "lm_ppl",
+        "stream_accuracy",
+        "speak_recall",
+        "silent_accuracy",
+        "lm_token_accuracy",
+        "text_tokens",
+        "frame_decisions",
+      )
+    },
+  }
 
 
 def _mean_sem(vals: list[float]) -> tuple[float, float]:
@@ -104,22 +120,28 @@ def table(results: list[dict], rows: dict) -> tuple[str, list[dict]]:
   difference ``ppl_row / ppl_ref - 1`` in percent, averaged over the seeds both rows have. Seed
   noise at this budget is large, so the paired difference is the number to read.
   """
-  by_seed = {ref: {r["seed"]: r["lm_ppl"] for r in results if r["row"] == ref}
-             for ref in ("dense", "learned_r0.2_interleaved")}
-  lines = ["| row | paper table | FLOPs ratio | LM-PPL | ΔPPL vs dense | ΔPPL vs learned | "
-           "stream acc. | speak recall | seeds |",
-           "|---|---|---|---|---|---|---|---|---|"]
+  by_seed = {
+    ref: {r["seed"]: r["lm_ppl"] for r in results if r["row"] == ref}
+    for ref in ("dense", "learned_r0.2_interleaved")
+  }
+  lines = [
+    "| row | paper table | FLOPs ratio | LM-PPL | ΔPPL vs dense | ΔPPL vs learned | "
+    "stream acc. | speak recall | seeds |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
   agg = []
   for name, (paper, _) in rows.items():
     rs = sorted((r for r in results if r["row"] == name), key=lambda r: r["seed"])
     if not rs:
       continue
-    paired = lambda ref: [100 * (r["lm_ppl"] / ref[r["seed"]] - 1) for r in rs if r["seed"] in ref]
-    columns = (("lm_ppl", [r["lm_ppl"] for r in rs], "", 3, ""),
-               ("dppl_dense", paired(by_seed["dense"]), "+", 1, "%"),
-               ("dppl_learned", paired(by_seed["learned_r0.2_interleaved"]), "+", 1, "%"),
-               ("stream_accuracy", [r["stream_accuracy"] for r in rs], "", 3, ""),
-               ("speak_recall", [r["speak_recall"] for r in rs], "", 3, ""))
+    paired = lambda ref: [100 * (r["lm_ppl"] / ref[r["seed"]] - 1) for r in rs if r["seed"] in ref]  # noqa: B023 (used in-loop)
+    columns = (
+      ("lm_ppl", [r["lm_ppl"] for r in rs], "", 3, ""),
+      ("dppl_dense", paired(by_seed["dense"]), "+", 1, "%"),
+      ("dppl_learned", paired(by_seed["learned_r0.2_interleaved"]), "+", 1, "%"),
+      ("stream_accuracy", [r["stream_accuracy"] for r in rs], "", 3, ""),
+      ("speak_recall", [r["speak_recall"] for r in rs], "", 3, ""),
+    )
     cells, out = [], {"row": name, "flops_ratio": rs[0]["flops_ratio"]}
     for key, vals, sign, digits, unit in columns:
       if not vals:
@@ -127,11 +149,15 @@ def table(results: list[dict], rows: dict) -> tuple[str, list[dict]]:
         continue
       mean, sem = _mean_sem(vals)
       out[key], out[key + "_sem"] = mean, sem
-      cells.append(f"{mean:{sign}.{digits}f}{unit}"
-                   + (f" ± {sem:.{digits}f}" if len(vals) > 1 else ""))
+      cells.append(
+        f"{mean:{sign}.{digits}f}{unit}" + (f" ± {sem:.{digits}f}" if len(vals) > 1 else "")
+      )
     seeds = [r["seed"] for r in rs]
-    lines.append(f"| {name} | {paper} | {rs[0]['flops_ratio']:.3f} | " + " | ".join(cells)
-                 + f" | {','.join(map(str, seeds))} |")
+    lines.append(
+      f"| {name} | {paper} | {rs[0]['flops_ratio']:.3f} | "
+      + " | ".join(cells)
+      + f" | {','.join(map(str, seeds))} |"
+    )
     agg.append({**out, "seeds": seeds})
   return "\n".join(lines), agg
 
@@ -170,12 +196,18 @@ def main():
       done.append(res)
       with open(log_path, "a") as f:
         f.write(json.dumps(res) + "\n")
-  results = [r for r in done if r["seed"] in seeds  # all rows: dense / learned are references
-             and r.get("steps") == args.steps and r.get("videos") == settings["videos"]]
+  results = [
+    r
+    for r in done
+    if r["seed"] in seeds  # all rows: dense / learned are references
+    and r.get("steps") == args.steps
+    and r.get("videos") == settings["videos"]
+  ]
   text, agg = table(results, {k: rows[k] for k in chosen})
   print(text)
-  print(json.dumps({"rows": agg, "settings": {**settings, "seeds": seeds,
-                                              "config": "configs/demo.py"}}))
+  print(
+    json.dumps({"rows": agg, "settings": {**settings, "seeds": seeds, "config": "configs/demo.py"}})
+  )
 
 
 if __name__ == "__main__":

@@ -17,13 +17,12 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-from flax import nnx  # pylint: disable=g-import-not-at-top
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
-from configs import videollm_mod_llama3_8b  # pylint: disable=g-import-not-at-top
-from mod_jax.model import rows  # pylint: disable=g-import-not-at-top
-from mod_jax.model.llm import DecoderLayer  # pylint: disable=g-import-not-at-top
+from configs import videollm_mod_llama3_8b
+from mod_jax.model.llm import DecoderLayer
 
 
 def temp_bytes(model_cfg, length: int, implementation: str, block_size: int) -> dict:
@@ -56,7 +55,9 @@ def main():
   for impl in ("xla", "blockwise"):
     r = temp_bytes(cfg, a.length, impl, a.block_size)
     out[f"{impl}_temp_bytes"], out[f"{impl}_compile_s"] = r["temp_bytes"], round(r["compile_s"], 1)
-    print(f"{impl:10s} temporaries {r['temp_bytes'] / 2**30:8.2f} GiB   compile {r['compile_s']:.1f} s")
+    print(
+      f"{impl:10s} temporaries {r['temp_bytes'] / 2**30:8.2f} GiB   compile {r['compile_s']:.1f} s"
+    )
   out["temp_ratio"] = out["blockwise_temp_bytes"] / out["xla_temp_bytes"]
   print(json.dumps(out))
 

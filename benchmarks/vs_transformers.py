@@ -59,24 +59,24 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Passive waiting makes torch degrade like XLA's thread pool does (set it to ACTIVE to compare).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import jax  # pylint: disable=wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
-import optax  # pylint: disable=wrong-import-position
-import torch  # pylint: disable=wrong-import-position
-import transformers  # pylint: disable=wrong-import-position
-from flax import nnx  # pylint: disable=wrong-import-position
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+import transformers
+from flax import nnx
 
-from mod_jax import api  # pylint: disable=wrong-import-position
-from mod_jax.config import base_config, validate  # pylint: disable=wrong-import-position
-from mod_jax.convert import hf  # pylint: disable=wrong-import-position
-from mod_jax.model import attention_ops  # pylint: disable=wrong-import-position
-from mod_jax.model.video_llm import VideoLLM  # pylint: disable=wrong-import-position
+from mod_jax import api
+from mod_jax.config import base_config, validate
+from mod_jax.convert import hf
+from mod_jax.model import attention_ops
+from mod_jax.model.video_llm import VideoLLM
 
 VARIANTS = {  # name -> model config overrides
-    "blockwise": {"attention": "auto", "scan_layers": True},  # the CPU default
-    "xla": {"attention": "xla", "scan_layers": True},
-    "noscan": {"attention": "auto", "scan_layers": False},
+  "blockwise": {"attention": "auto", "scan_layers": True},  # the CPU default
+  "xla": {"attention": "xla", "scan_layers": True},
+  "noscan": {"attention": "auto", "scan_layers": False},
 }
 LOSS_ATOL = 1e-4  # step-0 loss agreement (float32, ~ln(vocab) ≈ 8.3)
 
@@ -164,13 +164,20 @@ class TorchSide:
         node = node[k]
       return node[...]
 
-    weights = {name: torch.from_numpy(np.array(x, np.float32))
-               for name, x in hf.hf_tensors(get, hf.llm_specs(model_cfg))}
+    weights = {
+      name: torch.from_numpy(np.array(x, np.float32))
+      for name, x in hf.hf_tensors(get, hf.llm_specs(model_cfg))
+    }
     self.model.load_state_dict(weights, strict=True)
-    self.attention = self.model.config._attn_implementation  # pylint: disable=protected-access
+    self.attention = self.model.config._attn_implementation
     self.model.train()
-    self.opt = torch.optim.AdamW(self.model.parameters(), lr=opt["lr"], betas=opt["betas"],
-                                 eps=opt["eps"], weight_decay=opt["weight_decay"])
+    self.opt = torch.optim.AdamW(
+      self.model.parameters(),
+      lr=opt["lr"],
+      betas=opt["betas"],
+      eps=opt["eps"],
+      weight_decay=opt["weight_decay"],
+    )
     self.vocab = model_cfg.vocab_size
     self.times: list[float] = []
     self.losses: list[float] = []
@@ -241,9 +248,11 @@ def profile(args, jax_side: JaxSide, torch_side: TorchSide, tokens, targets, tt,
 
   def attn_step(impl):
     def f(q, k, v):
-      o = attention_ops.attend(q, k, v, seg, seg, causal=True, implementation=impl,
-                               block_size=args.block_size or 128)
+      o = attention_ops.attend(
+        q, k, v, seg, seg, causal=True, implementation=impl, block_size=args.block_size or 128
+      )
       return jnp.sum(o * o)
+
     g = jax.jit(jax.grad(f, argnums=(0, 1, 2)))
     return lambda: jax.block_until_ready(g(q, k, v))
 
@@ -263,11 +272,11 @@ def profile(args, jax_side: JaxSide, torch_side: TorchSide, tokens, targets, tt,
     return lambda: jax.block_until_ready(fn(params, tokens, targets))
 
   parts = {
-      "forward": (jax_call(fwd), torch_fwd),
-      "forward_backward": (jax_call(fwd_bwd), torch_fwd_bwd),
-      "adamw_update": (jax_update, torch_update),
-      "attention_fwd_bwd_blockwise": (attn_step("blockwise"), torch_attn),
-      "attention_fwd_bwd_xla": (attn_step("xla"), torch_attn),
+    "forward": (jax_call(fwd), torch_fwd),
+    "forward_backward": (jax_call(fwd_bwd), torch_fwd_bwd),
+    "adamw_update": (jax_update, torch_update),
+    "attention_fwd_bwd_blockwise": (attn_step("blockwise"), torch_attn),
+    "attention_fwd_bwd_xla": (attn_step("xla"), torch_attn),
   }
   out = {}
   for name, (jf, tf) in parts.items():
@@ -275,12 +284,18 @@ def profile(args, jax_side: JaxSide, torch_side: TorchSide, tokens, targets, tt,
     jt, tt_ = [], []
     for r in range(rounds):
       pair = [(jt, jf), (tt_, tf)]
-      for times, fn in (pair if r % 2 == 0 else pair[::-1]):
+      for times, fn in pair if r % 2 == 0 else pair[::-1]:
         times.append(_timed(fn))
-    out[name] = {"jax_s": statistics.median(jt), "torch_s": statistics.median(tt_),
-                 "ratio": _median_ratio(jt, tt_)}
-    print(f"profile {name:28s} jax {out[name]['jax_s'] * 1e3:8.1f} ms  torch "
-          f"{out[name]['torch_s'] * 1e3:8.1f} ms  ratio {out[name]['ratio']:.2f}", flush=True)
+    out[name] = {
+      "jax_s": statistics.median(jt),
+      "torch_s": statistics.median(tt_),
+      "ratio": _median_ratio(jt, tt_),
+    }
+    print(
+      f"profile {name:28s} jax {out[name]['jax_s'] * 1e3:8.1f} ms  torch "
+      f"{out[name]['torch_s'] * 1e3:8.1f} ms  ratio {out[name]['ratio']:.2f}",
+      flush=True,
+    )
   return out
 
 
@@ -298,14 +313,21 @@ def main():
   parser.add_argument("--head_dim", type=int, default=64)
   parser.add_argument("--d_ff", type=int, default=768)
   parser.add_argument("--vocab", type=int, default=4096)
-  parser.add_argument("--block_size", type=int, default=0,
-                      help="model.attention_block_size (0: the config's default)")
-  parser.add_argument("--variants", default=",".join(VARIANTS),
-                      help=f"comma-separated mod_jax variants; the first is the headline "
-                           f"({', '.join(VARIANTS)})")
+  parser.add_argument(
+    "--block_size", type=int, default=0, help="model.attention_block_size (0: the config's default)"
+  )
+  parser.add_argument(
+    "--variants",
+    default=",".join(VARIANTS),
+    help=f"comma-separated mod_jax variants; the first is the headline ({', '.join(VARIANTS)})",
+  )
   parser.add_argument("--torch_attention", default="sdpa", help="transformers attn_implementation")
-  parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                      help="torch.set_num_threads (default: the cores XLA:CPU uses)")
+  parser.add_argument(
+    "--threads",
+    type=int,
+    default=len(os.sched_getaffinity(0)),
+    help="torch.set_num_threads (default: the cores XLA:CPU uses)",
+  )
   parser.add_argument("--lr", type=float, default=1e-3)
   parser.add_argument("--weight_decay", type=float, default=0.01)
   parser.add_argument("--seed", type=int, default=0)
@@ -323,8 +345,13 @@ def main():
   cfg = bench_config(args, **VARIANTS[names[0]])
   decoder = api.init_model(cfg.model, seed=args.seed).llm
   opt = {"lr": args.lr, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": args.weight_decay}
-  tx = optax.adamw(opt["lr"], b1=opt["betas"][0], b2=opt["betas"][1], eps=opt["eps"],
-                   weight_decay=opt["weight_decay"])
+  tx = optax.adamw(
+    opt["lr"],
+    b1=opt["betas"][0],
+    b2=opt["betas"][1],
+    eps=opt["eps"],
+    weight_decay=opt["weight_decay"],
+  )
   params = nnx.state(decoder, nnx.Param)
   torch_side = TorchSide(args, cfg.model, decoder, opt)
   rng = np.random.default_rng(args.seed)
@@ -342,12 +369,17 @@ def main():
   loss0 = {s.name: float(s.loss(s.params, tokens, targets)) for s in sides}
   compile_s = time.perf_counter() - t0
   for name, value in loss0.items():
-    print(f"step-0 loss: mod_jax[{name}] {value:.7f}  transformers {loss0_torch:.7f}  "
-          f"|diff| {abs(value - loss0_torch):.2e}", flush=True)
+    print(
+      f"step-0 loss: mod_jax[{name}] {value:.7f}  transformers {loss0_torch:.7f}  "
+      f"|diff| {abs(value - loss0_torch):.2e}",
+      flush=True,
+    )
   worst = max(abs(v - loss0_torch) for v in loss0.values())
   if worst > LOSS_ATOL:
-    raise SystemExit(f"step-0 losses differ by {worst:.3e} > {LOSS_ATOL}: the two models are not "
-                     f"the same function; fix the weight mapping before timing.")
+    raise SystemExit(
+      f"step-0 losses differ by {worst:.3e} > {LOSS_ATOL}: the two models are not "
+      f"the same function; fix the weight mapping before timing."
+    )
 
   # ---------------------------------------------------------------- warm-up (compile), lockstep
   t0 = time.perf_counter()
@@ -358,46 +390,75 @@ def main():
   compile_s += time.perf_counter() - t0
   for s in sides:
     diffs = [abs(a - b) for a, b in zip(s.losses, torch_side.losses)]
-    print(f"warm-up losses {s.name}: {[round(x, 5) for x in s.losses]} vs torch "
-          f"{[round(x, 5) for x in torch_side.losses]} (max |diff| {max(diffs, default=0):.2e})")
+    print(
+      f"warm-up losses {s.name}: {[round(x, 5) for x in s.losses]} vs torch "
+      f"{[round(x, 5) for x in torch_side.losses]} (max |diff| {max(diffs, default=0):.2e})"
+    )
 
   # ---------------------------------------------------------------- paired, alternating rounds
   everyone = [torch_side] + sides
   for r in range(args.rounds):
-    for side in (everyone if r % 2 == 0 else everyone[::-1]):
+    for side in everyone if r % 2 == 0 else everyone[::-1]:
       side.times.append(side.run(tt, tg) if side is torch_side else side.run(tokens, targets))
   torch_s = statistics.median(torch_side.times)
   variants = {}
   for s in sides:
     variants[s.name] = {
-        "jax_step_s": statistics.median(s.times), "torch_step_s": torch_s,
-        "ratio": _median_ratio(s.times, torch_side.times),
-        "ratio_min": min(s.times) / min(torch_side.times),
-        "attention": s.attention, "scan_layers": VARIANTS[s.name]["scan_layers"],
-        "loss0": loss0[s.name], "times_s": [round(x, 4) for x in s.times],
-        "max_loss_diff_vs_torch": max(abs(a - b) for a, b in zip(s.losses, torch_side.losses)),
+      "jax_step_s": statistics.median(s.times),
+      "torch_step_s": torch_s,
+      "ratio": _median_ratio(s.times, torch_side.times),
+      "ratio_min": min(s.times) / min(torch_side.times),
+      "attention": s.attention,
+      "scan_layers": VARIANTS[s.name]["scan_layers"],
+      "loss0": loss0[s.name],
+      "times_s": [round(x, 4) for x in s.times],
+      "max_loss_diff_vs_torch": max(abs(a - b) for a, b in zip(s.losses, torch_side.losses)),
     }
-    print(f"mod_jax[{s.name:9s}] step {variants[s.name]['jax_step_s'] * 1e3:8.1f} ms   torch "
-          f"{torch_s * 1e3:8.1f} ms   median per-round ratio {variants[s.name]['ratio']:.3f}")
+    print(
+      f"mod_jax[{s.name:9s}] step {variants[s.name]['jax_step_s'] * 1e3:8.1f} ms   torch "
+      f"{torch_s * 1e3:8.1f} ms   median per-round ratio {variants[s.name]['ratio']:.3f}"
+    )
   n_params = sum(p.numel() for p in torch_side.model.parameters())
   head = variants[names[0]]
   result = {
-      "jax_step_s": head["jax_step_s"], "torch_step_s": torch_s, "ratio": head["ratio"],
-      "headline_variant": names[0], "variants": variants,
-      "loss0_jax": loss0[names[0]], "loss0_torch": loss0_torch,
-      "loss0_abs_diff": abs(loss0[names[0]] - loss0_torch),
-      "shape": {"batch": args.batch, "seq": args.seq, "layers": args.layers,
-                "d_model": args.d_model, "heads": args.heads, "kv_heads": args.kv_heads,
-                "head_dim": args.head_dim, "d_ff": args.d_ff, "vocab": args.vocab,
-                "block_size": cfg.model.attention_block_size, "params": n_params,
-                "dtype": "float32"},
-      "torch_attention": torch_side.attention, "torch_times_s": [round(x, 4) for x in torch_side.times],
-      "threads": args.threads, "torch_threads": torch.get_num_threads(),
-      "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "rounds": args.rounds,
-      "warmup": args.warmup, "compile_s": compile_s, "versions": {
-          "jax": jax.__version__, "torch": torch.__version__,
-          "transformers": transformers.__version__},
-      "cpu_count": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+    "jax_step_s": head["jax_step_s"],
+    "torch_step_s": torch_s,
+    "ratio": head["ratio"],
+    "headline_variant": names[0],
+    "variants": variants,
+    "loss0_jax": loss0[names[0]],
+    "loss0_torch": loss0_torch,
+    "loss0_abs_diff": abs(loss0[names[0]] - loss0_torch),
+    "shape": {
+      "batch": args.batch,
+      "seq": args.seq,
+      "layers": args.layers,
+      "d_model": args.d_model,
+      "heads": args.heads,
+      "kv_heads": args.kv_heads,
+      "head_dim": args.head_dim,
+      "d_ff": args.d_ff,
+      "vocab": args.vocab,
+      "block_size": cfg.model.attention_block_size,
+      "params": n_params,
+      "dtype": "float32",
+    },
+    "torch_attention": torch_side.attention,
+    "torch_times_s": [round(x, 4) for x in torch_side.times],
+    "threads": args.threads,
+    "torch_threads": torch.get_num_threads(),
+    "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+    "rounds": args.rounds,
+    "warmup": args.warmup,
+    "compile_s": compile_s,
+    "versions": {
+      "jax": jax.__version__,
+      "torch": torch.__version__,
+      "transformers": transformers.__version__,
+    },
+    "cpu_count": os.cpu_count(),
+    "loadavg_start": load_start,
+    "loadavg_end": os.getloadavg(),
   }
   if args.profile:
     result["profile"] = profile(args, sides[0], torch_side, tokens, targets, tt, tg, args.rounds)

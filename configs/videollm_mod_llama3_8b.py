@@ -45,9 +45,11 @@ import os
 
 from mod_jax.config import base_config
 
-SYSTEM_PROMPT = ("A multimodal AI assistant is helping users with some activities. Below is their "
-                 "conversation, interleaved with the list of video frames received by the "
-                 "assistant.")  # videollm-online models/arguments_live.py
+SYSTEM_PROMPT = (
+  "A multimodal AI assistant is helping users with some activities. Below is their "
+  "conversation, interleaved with the list of video frames received by the "
+  "assistant."
+)  # videollm-online models/arguments_live.py
 
 
 def _parse(arg: str | None) -> dict:
@@ -59,8 +61,10 @@ def _parse(arg: str | None) -> dict:
     elif key in ("llm", "vision") and value:
       out[key] = value
     else:
-      raise ValueError(f"configs/videollm_mod_llama3_8b.py: bad arg part {part!r}; use "
-                       f"llm=DIR,vision=DIR[,dense][,online].")
+      raise ValueError(
+        f"configs/videollm_mod_llama3_8b.py: bad arg part {part!r}; use "
+        f"llm=DIR,vision=DIR[,dense][,online]."
+      )
   return out
 
 
@@ -79,8 +83,8 @@ def get_config(arg: str | None = None):
   m.rms_norm_eps = 1e-5
   m.tie_embeddings = False
   m.dtype = "bfloat16"
-  m.param_dtype = "bfloat16"   # frozen base (LoRA); adapters, connector, routers stay float32
-  m.attention = "auto"         # splash (TPU) / cudnn (GPU) / blockwise (CPU)
+  m.param_dtype = "bfloat16"  # frozen base (LoRA); adapters, connector, routers stay float32
+  m.attention = "auto"  # splash (TPU) / cudnn (GPU) / blockwise (CPU)
   m.scan_layers = True
   m.tokens_per_frame = 10
   m.init_from = a["llm"]
@@ -114,8 +118,8 @@ def get_config(arg: str | None = None):
   d = c.data
   d.input = "frames" if a["online"] else "features"
   d.fps = 2.0
-  d.max_frames = 1200          # 10 minutes at 2 fps (videollm-online max_num_frames)
-  d.max_text = 4096            # one interval token per frame + narrations and prompts
+  d.max_frames = 1200  # 10 minutes at 2 fps (videollm-online max_num_frames)
+  d.max_text = 4096  # one interval token per frame + narrations and prompts
   d.system_prompt = SYSTEM_PROMPT
   d.tokenizer = os.path.join(a["llm"], "tokenizer.json") if a["llm"] else ""
   tok = d.tokens
@@ -128,7 +132,7 @@ def get_config(arg: str | None = None):
   t.batch_size = 64
   t.learning_rate = 2e-4
   t.steps = 3000
-  t.warmup_steps = 150         # 5%
+  t.warmup_steps = 150  # 5%
   t.end_learning_rate_ratio = 0.0
   t.weight_decay = 0.0
   t.grad_clip_norm = 1.0
@@ -136,8 +140,8 @@ def get_config(arg: str | None = None):
   t.checkpoint_every = 500
   t.eval_batches = 64
   t.remat = "full"
-  t.grad_accum_steps = 1       # 64 rows = one per chip on 64 chips; 8 on 8 devices
+  t.grad_accum_steps = 1  # 64 rows = one per chip on 64 chips; 8 on 8 devices
   t.ce_chunk = 512
 
-  c.mesh.shape = (1, -1, 1)    # FSDP over all devices; add a tensor axis for long rows
+  c.mesh.shape = (1, -1, 1)  # FSDP over all devices; add a tensor axis for long rows
   return c

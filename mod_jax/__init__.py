@@ -12,5 +12,6 @@ def from_pretrained(path, **kwargs):
 
   See :func:`mod_jax.api.from_pretrained` (imported lazily so ``import mod_jax`` stays cheap).
   """
-  from mod_jax import api  # pylint: disable=g-import-not-at-top
+  from mod_jax import api
+
   return api.from_pretrained(path, **kwargs)

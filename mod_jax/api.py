@@ -14,7 +14,7 @@ called on a batch dict (``mod_jax/data/pipeline.py``) it is the streaming video 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -72,25 +72,47 @@ def _finish(graphdef, state, cls, cfg, seed: int):
 
 
 def _tokenizer_file(path: str):
-  import tokenizers  # pylint: disable=g-import-not-at-top
+  import tokenizers
+
   return tokenizers.Tokenizer.from_file(path) if os.path.isfile(path) else None
 
 
-def from_pretrained(path: str, *, vision: str | None = None,
-                    config: ml_collections.ConfigDict | None = None, dtype: str | None = None,
-                    param_dtype: str | None = None, tokenizer: str | None = None, seed: int = 0):
+def from_pretrained(
+  path: str,
+  *,
+  vision: str | None = None,
+  config: ml_collections.ConfigDict | None = None,
+  dtype: str | None = None,
+  param_dtype: str | None = None,
+  tokenizer: str | None = None,
+  seed: int = 0,
+):
   """Loads a pretrained model and its tokenizer: ``(model, tokenizer)``.
 
   Same arguments as :func:`load_pretrained`, which also returns the config.
   """
-  model, tok, _ = load_pretrained(path, vision=vision, config=config, dtype=dtype,
-                                  param_dtype=param_dtype, tokenizer=tokenizer, seed=seed)
+  model, tok, _ = load_pretrained(
+    path,
+    vision=vision,
+    config=config,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    tokenizer=tokenizer,
+    seed=seed,
+  )
   return model, tok
 
 
-def load_pretrained(path: str, *, vision: str | None = None,
-                    config: ml_collections.ConfigDict | None = None, dtype: str | None = None,
-                    param_dtype: str | None = None, tokenizer: str | None = None, seed: int = 0):
+def load_pretrained(
+  path: str,
+  *,
+  vision: str | None = None,
+  config: ml_collections.ConfigDict | None = None,
+  dtype: str | None = None,
+  param_dtype: str | None = None,
+  tokenizer: str | None = None,
+  seed: int = 0,
+):
   """Loads a pretrained model, its tokenizer and the config it was built from.
 
   Args:
@@ -118,8 +140,7 @@ def load_pretrained(path: str, *, vision: str | None = None,
   """
   path = os.path.expanduser(path)
   kind = pretrained.kind_of(path)
-  cfg = pretrained.config_from_json(
-      (config or base_config()).to_json_best_effort(), base_config())
+  cfg = pretrained.config_from_json((config or base_config()).to_json_best_effort(), base_config())
   tok = None
   if kind == "mod_jax":
     saved = pretrained.native_config(path)
@@ -144,7 +165,9 @@ def load_pretrained(path: str, *, vision: str | None = None,
     pretrained.check_vision(cfg.model.vision, vision or path)
 
   if kind == "hf_vision":
-    graphdef, state = _init(VisionEncoder, cfg.model.vision, seed, given=lambda p: "_lora" not in str(p))
+    graphdef, state = _init(
+      VisionEncoder, cfg.model.vision, seed, given=lambda p: "_lora" not in str(p)
+    )
     pretrained.load_vision(state, cfg.model.vision, path)
     return _finish(graphdef, state, VisionEncoder, cfg.model.vision, seed), None, cfg
 
@@ -159,7 +182,8 @@ def load_pretrained(path: str, *, vision: str | None = None,
   if kind == "mod_jax":
     pretrained.load_native(state, path, optional=lambda p: "_lora/" in p)
     tok = _tokenizer_file(os.path.join(path, "tokenizer.json")) or (
-        _tokenizer_file(os.path.expanduser(cfg.data.tokenizer)) if cfg.data.tokenizer else None)
+      _tokenizer_file(os.path.expanduser(cfg.data.tokenizer)) if cfg.data.tokenizer else None
+    )
   else:
     pretrained.load_llm(state["llm"], cfg.model, path)
     if kind == "gguf":
@@ -177,8 +201,14 @@ def load_pretrained(path: str, *, vision: str | None = None,
   return model, tok, cfg
 
 
-def generate_greedy(model, prompt_ids: Sequence[int], max_new_tokens: int, *,
-                    stop_ids: Sequence[int] = (), max_len: int | None = None) -> list[int]:
+def generate_greedy(
+  model,
+  prompt_ids: Sequence[int],
+  max_new_tokens: int,
+  *,
+  stop_ids: Sequence[int] = (),
+  max_len: int | None = None,
+) -> list[int]:
   """Greedy decoding with the text-only LM, recomputing the whole sequence every step (no cache).
 
   A reference decoder for checks and notebooks (the streaming engine has the cached one). The
@@ -198,8 +228,10 @@ def generate_greedy(model, prompt_ids: Sequence[int], max_new_tokens: int, *,
   n0 = len(prompt_ids)
   size = max_len or n0 + max_new_tokens
   if n0 < 1 or n0 + max_new_tokens > size:
-    raise ValueError(f"prompt of {n0} tokens + {max_new_tokens} new tokens does not fit a buffer "
-                     f"of max_len={size}.")
+    raise ValueError(
+      f"prompt of {n0} tokens + {max_new_tokens} new tokens does not fit a buffer "
+      f"of max_len={size}."
+    )
   graphdef, params = nnx.split(llm)
 
   @jax.jit

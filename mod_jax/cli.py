@@ -22,12 +22,12 @@ from absl import app
 
 # command -> module defining main(argv). Add new commands here.
 COMMANDS = {
-    "train": "mod_jax.train.main",
-    "stream": "mod_jax.infer.stream_main",  # mod-jax stream --workdir CKPT --video FILE
-    "eval": "mod_jax.infer.eval_main",      # mod-jax eval --workdir CKPT (streaming metrics)
-    "flops": "mod_jax.analysis.main",  # mod-jax flops --config X [--json]
-    "compile": "mod_jax.analysis.compile_main",  # mod-jax compile --config X --topology v5:4x4x4
-    "convert": "mod_jax.convert.main",  # mod-jax convert --from-hf DIR | --to-hf SRC --out DIR
+  "train": "mod_jax.train.main",
+  "stream": "mod_jax.infer.stream_main",  # mod-jax stream --workdir CKPT --video FILE
+  "eval": "mod_jax.infer.eval_main",  # mod-jax eval --workdir CKPT (streaming metrics)
+  "flops": "mod_jax.analysis.main",  # mod-jax flops --config X [--json]
+  "compile": "mod_jax.analysis.compile_main",  # mod-jax compile --config X --topology v5:4x4x4
+  "convert": "mod_jax.convert.main",  # mod-jax convert --from-hf DIR | --to-hf SRC --out DIR
 }
 
 

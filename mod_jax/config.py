@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import ml_collections
 
@@ -22,21 +22,21 @@ ConfigDict = ml_collections.ConfigDict
 
 # Logical axis names -> mesh axes (MaxText style: one table, physical axes appear nowhere else).
 DEFAULT_LOGICAL_AXIS_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("vision_embed", "fsdp"),
-    ("vision_mlp", "tensor"),
-    ("vision_heads", "tensor"),
-    ("frames", None),
-    ("patches", None),
-    ("norm", None),
-    ("router", None),
+  ("batch", ("data", "fsdp")),
+  ("length", None),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("mlp", "tensor"),
+  ("vocab", "tensor"),
+  ("vision_embed", "fsdp"),
+  ("vision_mlp", "tensor"),
+  ("vision_heads", "tensor"),
+  ("frames", None),
+  ("patches", None),
+  ("norm", None),
+  ("router", None),
 )
 
 MOD_INSERTIONS = ("none", "all", "all_deep", "interleaved", "interleaved_deep")
@@ -51,7 +51,7 @@ def base_config() -> ConfigDict:
 
   # ---------------------------------------------------------------- model
   m = c.model = ConfigDict()
-  m.vocab_size = 256           # >= tokenizer vocabulary; padded for sharding
+  m.vocab_size = 256  # >= tokenizer vocabulary; padded for sharding
   m.d_model = 128
   m.n_layers = 4
   m.n_heads = 4
@@ -60,30 +60,31 @@ def base_config() -> ConfigDict:
   m.d_ff = 384
   m.rope_theta = 10000.0
   m.rope_scaling = ml_collections.FieldReference(  # None, or transformers' rope parameters, e.g.
-      None, field_type=object)  # {"rope_type": "llama3", "factor": 8.0, ...} (default/linear/llama3)
+    None, field_type=object
+  )  # {"rope_type": "llama3", "factor": 8.0, ...} (default/linear/llama3)
   m.rms_norm_eps = 1e-5
   m.tie_embeddings = False
-  m.qkv_bias = False           # True for the Qwen2 family
-  m.dtype = "float32"          # activation / compute dtype
-  m.param_dtype = "float32"    # LLM base weights; bfloat16 only when frozen (LoRA rank > 0)
-  m.attention = "auto"         # xla | blockwise | splash | cudnn | auto (TPU splash, GPU cudnn,
-                               # CPU blockwise); mod_jax/model/attention_ops.py
+  m.qkv_bias = False  # True for the Qwen2 family
+  m.dtype = "float32"  # activation / compute dtype
+  m.param_dtype = "float32"  # LLM base weights; bfloat16 only when frozen (LoRA rank > 0)
+  m.attention = "auto"  # xla | blockwise | splash | cudnn | auto (TPU splash, GPU cudnn,
+  # CPU blockwise); mod_jax/model/attention_ops.py
   m.attention_block_size = 128  # query / key block: 128 suits CPU (blockwise), 512 TPU (splash)
-  m.attention_platform = ""    # platform the step is compiled for ("" = jax.default_backend();
-                               # `mod-jax compile --topology` sets "tpu" for AOT on a CPU host)
-  m.scan_layers = True         # scan the repeating layer cycle (mod_jax/model/llm.py::layer_runs)
-  m.tokens_per_frame = 10      # 1 pooled token + pool_size**2 grid tokens
-  m.init_from = ""             # pretrained LLM loaded at step 0: HF dir, .gguf, `mod-jax convert` dir
+  m.attention_platform = ""  # platform the step is compiled for ("" = jax.default_backend();
+  # `mod-jax compile --topology` sets "tpu" for AOT on a CPU host)
+  m.scan_layers = True  # scan the repeating layer cycle (mod_jax/model/llm.py::layer_runs)
+  m.tokens_per_frame = 10  # 1 pooled token + pool_size**2 grid tokens
+  m.init_from = ""  # pretrained LLM loaded at step 0: HF dir, .gguf, `mod-jax convert` dir
 
   # LoRA (SPEC §1, mod_jax/model/lora.py). rank > 0 freezes the LLM: the optimizer updates the
   # adapters, the connector, the routers, the vision tower if vision.trainable, and `trainable`.
   lo = m.lora = ConfigDict()
-  lo.rank = 0                  # r; 0 = no LoRA (every parameter trains)
-  lo.alpha = 16.0              # update scale alpha / r
-  lo.dropout = 0.0             # on the adapter input, training steps only
+  lo.rank = 0  # r; 0 = no LoRA (every parameter trains)
+  lo.alpha = 16.0  # update scale alpha / r
+  lo.dropout = 0.0  # on the adapter input, training steps only
   lo.targets = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
   lo.param_dtype = "float32"
-  lo.trainable = ()            # regexes of more parameter paths to train, e.g. ("llm/embed",)
+  lo.trainable = ()  # regexes of more parameter paths to train, e.g. ("llm/embed",)
 
   v = m.vision = ConfigDict()
   v.image_size = 48
@@ -92,13 +93,13 @@ def base_config() -> ConfigDict:
   v.depth = 2
   v.n_heads = 4
   v.mlp_dim = 256
-  v.pool_size = 3              # p: patch grid average-pooled to p x p
+  v.pool_size = 3  # p: patch grid average-pooled to p x p
   v.layer_norm_eps = 1e-6
-  v.trainable = True           # VideoLLM-online freezes a pretrained SigLIP; from scratch it must train
-  v.init_from = ""             # pretrained SigLIP (HF SiglipVisionModel / SiglipModel dir) at step 0
-  v.dtype = "float32"          # compute dtype of the tower
-  v.param_dtype = "float32"    # bfloat16 only when frozen (trainable = False)
-  v.frame_chunk = 0            # frames per tower call (lax.map over chunks; 0 = all at once)
+  v.trainable = True  # VideoLLM-online freezes a pretrained SigLIP; from scratch it must train
+  v.init_from = ""  # pretrained SigLIP (HF SiglipVisionModel / SiglipModel dir) at step 0
+  v.dtype = "float32"  # compute dtype of the tower
+  v.param_dtype = "float32"  # bfloat16 only when frozen (trainable = False)
+  v.frame_chunk = 0  # frames per tower call (lax.map over chunks; 0 = all at once)
 
   # Routing of vision tokens (SPEC §1.1, mod_jax/model/mod.py). insertion and keep_ratio take a
   # str/float or a list (typed `object` so `--config.model.mod.insertion=[1,3]` works). Baselines
@@ -107,28 +108,30 @@ def base_config() -> ConfigDict:
   # Full computation = insertion "none".
   mod = m.mod = ConfigDict()
   mod.insertion = ml_collections.FieldReference(  # MOD_INSERTIONS or a list of layer indices
-      "interleaved", field_type=object)
+    "interleaved", field_type=object
+  )
   mod.keep_ratio = ml_collections.FieldReference(  # r in [0, 1], or one r per routed layer;
-      0.2, field_type=object)                      # k = ceil(r * tokens_per_frame) per frame
-  mod.selection = "learned"      # LayerExpert router / random / uniform (strided)
-  mod.router_weighting = "ste"   # x <- x + g(s) f(x): ste (forward 1) | sigmoid | score
+    0.2, field_type=object
+  )  # k = ceil(r * tokens_per_frame) per frame
+  mod.selection = "learned"  # LayerExpert router / random / uniform (strided)
+  mod.router_weighting = "ste"  # x <- x + g(s) f(x): ste (forward 1) | sigmoid | score
   mod.router_aux_loss_weight = 0.0  # Mixture-of-Depths aux loss: BCE(router logit, kept), per layer
 
   # ---------------------------------------------------------------- data
   d = c.data = ConfigDict()
-  d.source = "procedural"      # "procedural" (generated on first use) or "folder"
-  d.input = "frames"           # what a batch carries: "frames" (uint8 pixels, the tower runs in
-                               # the step) or "features" (pre-extracted tower output [F, N, w])
-  d.dir = ""                   # folder with videos + narrations.json; "" -> cache dir for procedural
-  d.fps = 2.0                  # frames per second sampled from the video
-  d.max_frames = 24            # F_cap: frames per training row
-  d.max_text = 96              # T_cap: text slots per training row (padding counts as text)
+  d.source = "procedural"  # "procedural" (generated on first use) or "folder"
+  d.input = "frames"  # what a batch carries: "frames" (uint8 pixels, the tower runs in
+  # the step) or "features" (pre-extracted tower output [F, N, w])
+  d.dir = ""  # folder with videos + narrations.json; "" -> cache dir for procedural
+  d.fps = 2.0  # frames per second sampled from the video
+  d.max_frames = 24  # F_cap: frames per training row
+  d.max_text = 96  # T_cap: text slots per training row (padding counts as text)
   d.system_prompt = "narrate what happens in the video."
   d.num_packing_bins = 16
-  d.on_bad_video = "skip"      # "skip" (count + warn) or "fail"
-  d.worker_count = 0           # grain multiprocessing workers (0 = in-process)
-  d.cache_mb = 1024            # per-process LRU cache of decoded clips (MiB of uint8 frames)
-  d.tokenizer = ""             # tokenizer.json; "" -> {data root}/tokenizer.json
+  d.on_bad_video = "skip"  # "skip" (count + warn) or "fail"
+  d.worker_count = 0  # grain multiprocessing workers (0 = in-process)
+  d.cache_mb = 1024  # per-process LRU cache of decoded clips (MiB of uint8 frames)
+  d.tokenizer = ""  # tokenizer.json; "" -> {data root}/tokenizer.json
   tok = d.tokens = ConfigDict()  # token strings of that tokenizer (each a single token)
   tok.pad = "<pad>"
   tok.bos = "<bos>"
@@ -140,12 +143,12 @@ def base_config() -> ConfigDict:
   p.seconds = 12.0
   p.native_fps = 8.0
   p.resolution = 64
-  p.seed = 0                   # the generated clips depend on this (not on the training seed)
+  p.seed = 0  # the generated clips depend on this (not on the training seed)
 
   # ---------------------------------------------------------------- training
   t = c.train = ConfigDict()
   t.steps = 600
-  t.batch_size = 8             # global batch (rows)
+  t.batch_size = 8  # global batch (rows)
   t.learning_rate = 2e-3
   t.warmup_steps = 50
   t.end_learning_rate_ratio = 0.05
@@ -156,13 +159,13 @@ def base_config() -> ConfigDict:
   t.checkpoint_every = 200
   t.max_checkpoints = 2
   t.eval_batches = 8
-  t.remat = "none"             # none | full | save_dots | save_qkv_proj (per scanned layer cycle)
-  t.grad_accum_steps = 1       # micro-batches per step (batch_size / grad_accum_steps rows each)
-  t.ce_chunk = 512             # slots per LM-head + cross-entropy chunk (bounds the logits)
+  t.remat = "none"  # none | full | save_dots | save_qkv_proj (per scanned layer cycle)
+  t.grad_accum_steps = 1  # micro-batches per step (batch_size / grad_accum_steps rows each)
+  t.ce_chunk = 512  # slots per LM-head + cross-entropy chunk (bounds the logits)
 
   # ---------------------------------------------------------------- mesh
   mesh = c.mesh = ConfigDict()
-  mesh.shape = (-1, 1, 1)      # (data, fsdp, tensor); one -1 absorbs the remaining devices
+  mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 absorbs the remaining devices
   mesh.axes = ("data", "fsdp", "tensor")
   mesh.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
   # Multi-slice (devices in several TPU slices): slices per mesh axis, over DCN; mesh.shape is the
@@ -194,18 +197,21 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
   if -1 in shape:
     if num_devices % known:
       raise ConfigError(
-          f"mesh.shape={shape} cannot fill {num_devices} devices: {num_devices} is not divisible "
-          f"by {known}. Choose axis sizes whose product divides the device count.")
+        f"mesh.shape={shape} cannot fill {num_devices} devices: {num_devices} is not divisible "
+        f"by {known}. Choose axis sizes whose product divides the device count."
+      )
     shape = tuple(num_devices // known if s == -1 else s for s in shape)
   if math.prod(shape) != num_devices:
     raise ConfigError(
-        f"mesh.shape={shape} needs {math.prod(shape)} devices but {num_devices} are available. "
-        f"Set --config.mesh.shape so the product is {num_devices} (use -1 for one axis).")
+      f"mesh.shape={shape} needs {math.prod(shape)} devices but {num_devices} are available. "
+      f"Set --config.mesh.shape so the product is {num_devices} (use -1 for one axis)."
+    )
   return shape
 
 
-def split_mesh_shape(shape: Sequence[int], dcn_shape: Sequence[int] | None,
-                     num_slices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def split_mesh_shape(
+  shape: Sequence[int], dcn_shape: Sequence[int] | None, num_slices: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """(ici_shape, dcn_shape) of a resolved global mesh ``shape`` over ``num_slices`` slices.
 
   ``dcn_shape`` (``config.mesh.dcn_shape``) gives the slices per mesh axis; None puts all slices
@@ -217,42 +223,56 @@ def split_mesh_shape(shape: Sequence[int], dcn_shape: Sequence[int] | None,
       does not divide ``shape``.
   """
   shape = tuple(int(s) for s in shape)
-  dcn = ((num_slices,) + (1,) * (len(shape) - 1) if dcn_shape is None
-         else tuple(int(s) for s in dcn_shape))
+  dcn = (
+    (num_slices,) + (1,) * (len(shape) - 1)
+    if dcn_shape is None
+    else tuple(int(s) for s in dcn_shape)
+  )
   if len(dcn) != len(shape) or min(dcn) < 1 or math.prod(dcn) != num_slices:
-    raise ConfigError(f"mesh.dcn_shape={dcn_shape} must give one size >= 1 per mesh axis "
-                      f"({len(shape)}) with product = the number of slices ({num_slices}), "
-                      f"e.g. {(num_slices,) + (1,) * (len(shape) - 1)}.")
+    raise ConfigError(
+      f"mesh.dcn_shape={dcn_shape} must give one size >= 1 per mesh axis "
+      f"({len(shape)}) with product = the number of slices ({num_slices}), "
+      f"e.g. {(num_slices,) + (1,) * (len(shape) - 1)}."
+    )
   if any(s % d for s, d in zip(shape, dcn)):
-    raise ConfigError(f"mesh.dcn_shape={dcn} does not divide mesh.shape={shape} axis by axis; "
-                      f"each axis needs a whole number of devices per slice.")
+    raise ConfigError(
+      f"mesh.dcn_shape={dcn} does not divide mesh.shape={shape} axis by axis; "
+      f"each axis needs a whole number of devices per slice."
+    )
   return tuple(s // d for s, d in zip(shape, dcn)), dcn
 
 
 def _validate_rope_and_lora(m: ConfigDict) -> None:
   """model.rope_scaling and model.lora (see base_config)."""
-  from mod_jax.model.attention import rope_inv_freq  # pylint: disable=g-import-not-at-top
-  from mod_jax.model.lora import LORA_TARGETS  # pylint: disable=g-import-not-at-top
+  from mod_jax.model.attention import rope_inv_freq
+  from mod_jax.model.lora import LORA_TARGETS
+
   try:
     rope_inv_freq(m.head_dim, m.rope_theta, m.rope_scaling)
   except (ValueError, KeyError, TypeError, AttributeError) as e:
-    raise ConfigError(f"model.rope_scaling={m.rope_scaling!r} is not usable ({e!r}); give None or "
-                      f"a dict with rope_type default/linear/llama3 and its fields.") from None
+    raise ConfigError(
+      f"model.rope_scaling={m.rope_scaling!r} is not usable ({e!r}); give None or "
+      f"a dict with rope_type default/linear/llama3 and its fields."
+    ) from None
   lo = m.lora
   if lo.rank < 0:
     raise ConfigError(f"model.lora.rank={lo.rank} must be >= 0 (0 disables LoRA).")
   if lo.rank == 0:
     return
   if lo.alpha <= 0 or not 0.0 <= lo.dropout < 1.0:
-    raise ConfigError(f"model.lora.alpha={lo.alpha} must be > 0 and model.lora.dropout="
-                      f"{lo.dropout} in [0, 1).")
+    raise ConfigError(
+      f"model.lora.alpha={lo.alpha} must be > 0 and model.lora.dropout={lo.dropout} in [0, 1)."
+    )
   unknown = sorted(set(lo.targets) - set(LORA_TARGETS))
   if unknown or not lo.targets:
-    raise ConfigError(f"model.lora.targets={tuple(lo.targets)}: {unknown or 'empty'}; choose "
-                      f"from {LORA_TARGETS}.")
+    raise ConfigError(
+      f"model.lora.targets={tuple(lo.targets)}: {unknown or 'empty'}; choose from {LORA_TARGETS}."
+    )
   if "lm_head" in lo.targets and m.tie_embeddings:
-    raise ConfigError("model.lora.targets includes 'lm_head' but model.tie_embeddings=True: a "
-                      "merged adapter would change the input embedding too. Drop 'lm_head'.")
+    raise ConfigError(
+      "model.lora.targets includes 'lm_head' but model.tie_embeddings=True: a "
+      "merged adapter would change the input embedding too. Drop 'lm_head'."
+    )
   for pattern in lo.trainable:
     try:
       re.compile(pattern)
@@ -268,27 +288,37 @@ _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 def _validate_precision_and_memory(config: ConfigDict) -> None:
   """Dtypes (trainable weights stay float32), attention path, remat, accumulation, input."""
   m, t, d = config.model, config.train, config.data
-  for name, value in (("model.dtype", m.dtype), ("model.param_dtype", m.param_dtype),
-                      ("model.vision.dtype", m.vision.dtype),
-                      ("model.vision.param_dtype", m.vision.param_dtype),
-                      ("model.lora.param_dtype", m.lora.param_dtype)):
+  for name, value in (
+    ("model.dtype", m.dtype),
+    ("model.param_dtype", m.param_dtype),
+    ("model.vision.dtype", m.vision.dtype),
+    ("model.vision.param_dtype", m.vision.param_dtype),
+    ("model.lora.param_dtype", m.lora.param_dtype),
+  ):
     if value not in _FLOAT_DTYPES:
       raise ConfigError(f"{name}={value!r}; choose one of {_FLOAT_DTYPES}.")
   if m.attention not in ATTENTION_IMPLEMENTATIONS:
-    raise ConfigError(f"model.attention={m.attention!r}; choose one of "
-                      f"{ATTENTION_IMPLEMENTATIONS}.")
+    raise ConfigError(
+      f"model.attention={m.attention!r}; choose one of {ATTENTION_IMPLEMENTATIONS}."
+    )
   if m.attention_block_size < 8 or m.attention_block_size % 8:
-    raise ConfigError(f"model.attention_block_size={m.attention_block_size} must be a positive "
-                      f"multiple of 8 (128 or more on TPU).")
+    raise ConfigError(
+      f"model.attention_block_size={m.attention_block_size} must be a positive "
+      f"multiple of 8 (128 or more on TPU)."
+    )
   if t.remat not in REMAT_POLICIES:
     raise ConfigError(f"train.remat={t.remat!r}; choose one of {REMAT_POLICIES}.")
   if t.grad_accum_steps < 1 or t.batch_size % t.grad_accum_steps:
-    raise ConfigError(f"train.grad_accum_steps={t.grad_accum_steps} must be >= 1 and divide "
-                      f"train.batch_size={t.batch_size} (each micro-batch has batch_size / "
-                      f"grad_accum_steps rows).")
+    raise ConfigError(
+      f"train.grad_accum_steps={t.grad_accum_steps} must be >= 1 and divide "
+      f"train.batch_size={t.batch_size} (each micro-batch has batch_size / "
+      f"grad_accum_steps rows)."
+    )
   if t.ce_chunk < 1 or m.vision.frame_chunk < 0:
-    raise ConfigError(f"train.ce_chunk={t.ce_chunk} must be >= 1 and model.vision.frame_chunk="
-                      f"{m.vision.frame_chunk} >= 0.")
+    raise ConfigError(
+      f"train.ce_chunk={t.ce_chunk} must be >= 1 and model.vision.frame_chunk="
+      f"{m.vision.frame_chunk} >= 0."
+    )
   if d.input not in ("frames", "features"):
     raise ConfigError(f"data.input={d.input!r}; choose 'frames' or 'features'.")
 
@@ -303,16 +333,20 @@ def validate_for_training(config: ConfigDict) -> None:
   m = config.model
   if m.param_dtype != "float32" and m.lora.rank == 0:
     raise ConfigError(
-        f"model.param_dtype={m.param_dtype!r} but the LLM weights are trained (model.lora.rank=0):"
-        f" trainable weights are kept in float32 (compute runs in model.dtype). Use "
-        f"param_dtype='float32', or freeze the base with LoRA (model.lora.rank > 0).")
+      f"model.param_dtype={m.param_dtype!r} but the LLM weights are trained (model.lora.rank=0):"
+      f" trainable weights are kept in float32 (compute runs in model.dtype). Use "
+      f"param_dtype='float32', or freeze the base with LoRA (model.lora.rank > 0)."
+    )
   if m.vision.param_dtype != "float32" and m.vision.trainable:
     raise ConfigError(
-        f"model.vision.param_dtype={m.vision.param_dtype!r} but model.vision.trainable=True: "
-        f"trainable weights are kept in float32. Use 'float32' or freeze the tower.")
+      f"model.vision.param_dtype={m.vision.param_dtype!r} but model.vision.trainable=True: "
+      f"trainable weights are kept in float32. Use 'float32' or freeze the tower."
+    )
   if m.lora.rank > 0 and m.lora.param_dtype != "float32":
-    raise ConfigError(f"model.lora.param_dtype={m.lora.param_dtype!r}: LoRA adapters are trained "
-                      f"and kept in float32.")
+    raise ConfigError(
+      f"model.lora.param_dtype={m.lora.param_dtype!r}: LoRA adapters are trained "
+      f"and kept in float32."
+    )
 
 
 def validate(config: ConfigDict, num_devices: int | None = None, num_slices: int = 1) -> None:
@@ -328,33 +362,42 @@ def validate(config: ConfigDict, num_devices: int | None = None, num_slices: int
   p = m.vision.pool_size
   if m.tokens_per_frame != 1 + p * p:
     raise ConfigError(
-        f"model.tokens_per_frame={m.tokens_per_frame} but model.vision.pool_size={p} gives "
-        f"1 + p*p = {1 + p * p} (1 pooled token + p x p grid). Set one consistently.")
+      f"model.tokens_per_frame={m.tokens_per_frame} but model.vision.pool_size={p} gives "
+      f"1 + p*p = {1 + p * p} (1 pooled token + p x p grid). Set one consistently."
+    )
   grid = m.vision.image_size // m.vision.patch_size
   if m.vision.image_size % m.vision.patch_size:
-    raise ConfigError(f"model.vision.image_size={m.vision.image_size} is not a multiple of "
-                      f"patch_size={m.vision.patch_size}.")
+    raise ConfigError(
+      f"model.vision.image_size={m.vision.image_size} is not a multiple of "
+      f"patch_size={m.vision.patch_size}."
+    )
   if grid % p:
     raise ConfigError(
-        f"patch grid {grid}x{grid} (image_size/patch_size) is not divisible by pool_size={p}; "
-        f"average pooling to {p}x{p} needs equal windows. Change image_size or pool_size.")
+      f"patch grid {grid}x{grid} (image_size/patch_size) is not divisible by pool_size={p}; "
+      f"average pooling to {p}x{p} needs equal windows. Change image_size or pool_size."
+    )
   if mod.selection not in MOD_SELECTIONS:
     raise ConfigError(f"model.mod.selection={mod.selection!r}; choose one of {MOD_SELECTIONS}.")
   if mod.router_weighting not in ROUTER_WEIGHTINGS:
     raise ConfigError(
-        f"model.mod.router_weighting={mod.router_weighting!r}; choose one of {ROUTER_WEIGHTINGS}.")
+      f"model.mod.router_weighting={mod.router_weighting!r}; choose one of {ROUTER_WEIGHTINGS}."
+    )
   ins = mod.insertion
   if isinstance(ins, str):
     if ins not in MOD_INSERTIONS:
-      raise ConfigError(f"model.mod.insertion={ins!r}; choose one of {MOD_INSERTIONS} or a list "
-                        f"of layer indices.")
+      raise ConfigError(
+        f"model.mod.insertion={ins!r}; choose one of {MOD_INSERTIONS} or a list of layer indices."
+      )
   else:
     bad = [i for i in ins if not 0 <= int(i) < m.n_layers]
     if bad:
       raise ConfigError(f"model.mod.insertion lists layers {bad} outside 0..{m.n_layers - 1}.")
   if mod.router_aux_loss_weight < 0:
-    raise ConfigError(f"model.mod.router_aux_loss_weight={mod.router_aux_loss_weight} must be >= 0.")
-  from mod_jax.model.mod import RoutingPlan  # pylint: disable=g-import-not-at-top (import cycle)
+    raise ConfigError(
+      f"model.mod.router_aux_loss_weight={mod.router_aux_loss_weight} must be >= 0."
+    )
+  from mod_jax.model.mod import RoutingPlan
+
   try:
     RoutingPlan.from_config(m)  # keep_ratio range, schedule length
   except ValueError as e:
@@ -363,11 +406,14 @@ def validate(config: ConfigDict, num_devices: int | None = None, num_slices: int
     raise ConfigError(f"model.n_heads={m.n_heads} is not a multiple of n_kv_heads={m.n_kv_heads}.")
   _validate_rope_and_lora(m)
   if m.vision.width % m.vision.n_heads:
-    raise ConfigError(f"model.vision.width={m.vision.width} is not divisible by "
-                      f"vision.n_heads={m.vision.n_heads}.")
+    raise ConfigError(
+      f"model.vision.width={m.vision.width} is not divisible by vision.n_heads={m.vision.n_heads}."
+    )
   if d.max_frames < 1 or d.max_text < 4:
-    raise ConfigError(f"data.max_frames={d.max_frames} must be >= 1 and data.max_text="
-                      f"{d.max_text} >= 4 (room for <bos>, prompt and stream tokens).")
+    raise ConfigError(
+      f"data.max_frames={d.max_frames} must be >= 1 and data.max_text="
+      f"{d.max_text} >= 4 (room for <bos>, prompt and stream tokens)."
+    )
   if d.max_frames * m.tokens_per_frame + d.max_text > 1 << 20:
     raise ConfigError("sequence length T_cap + F_cap*N exceeds 2**20 tokens.")
   if d.on_bad_video not in ("skip", "fail"):
@@ -385,11 +431,16 @@ def validate(config: ConfigDict, num_devices: int | None = None, num_slices: int
     micro = t.batch_size // t.grad_accum_steps
     if micro % batch_shards:
       raise ConfigError(
-          f"train.batch_size={t.batch_size} / grad_accum_steps={t.grad_accum_steps} = {micro} "
-          f"rows per micro-batch is not divisible by the batch shards data*fsdp={batch_shards} "
-          f"of mesh {shape}. Use a multiple of {batch_shards} rows per micro-batch.")
+        f"train.batch_size={t.batch_size} / grad_accum_steps={t.grad_accum_steps} = {micro} "
+        f"rows per micro-batch is not divisible by the batch shards data*fsdp={batch_shards} "
+        f"of mesh {shape}. Use a multiple of {batch_shards} rows per micro-batch."
+      )
     tp = axes.get("tensor", 1)
-    for name, value in (("n_heads", m.n_heads), ("n_kv_heads", m.n_kv_heads), ("d_ff", m.d_ff),
-                        ("vocab_size", m.vocab_size)):
+    for name, value in (
+      ("n_heads", m.n_heads),
+      ("n_kv_heads", m.n_kv_heads),
+      ("d_ff", m.d_ff),
+      ("vocab_size", m.vocab_size),
+    ):
       if value % tp:
         raise ConfigError(f"model.{name}={value} is not divisible by the tensor axis size {tp}.")

@@ -4,12 +4,12 @@
 similar override any field (big_vision style).
 """
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/demo.py or configs/demo.py:dense.", lock_config=True)
+  "config", None, "Config file, e.g. configs/demo.py or configs/demo.py:dense.", lock_config=True
+)
 WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 
 

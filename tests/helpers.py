@@ -14,9 +14,20 @@ def synthetic_batch(config, batch_size: int, seed: int = 0, frames_per_sample=No
   t_cap, f_cap, n = d.max_text, d.max_frames, m.tokens_per_frame
   nf = f_cap - 1 if frames_per_sample is None else frames_per_sample
   size = m.vision.image_size
-  b = {k: [] for k in ("text_tokens", "text_positions", "text_segment_ids", "text_targets",
-                       "text_weights", "frame_positions", "frame_segment_ids", "frame_targets",
-                       "frame_weights")}
+  b = {
+    k: []
+    for k in (
+      "text_tokens",
+      "text_positions",
+      "text_segment_ids",
+      "text_targets",
+      "text_weights",
+      "frame_positions",
+      "frame_segment_ids",
+      "frame_targets",
+      "frame_weights",
+    )
+  }
   for _ in range(batch_size):
     prompt = 4
     n_text = prompt + nf  # prompt then one interval token after each frame
@@ -30,10 +41,14 @@ def synthetic_batch(config, batch_size: int, seed: int = 0, frames_per_sample=No
       tpos.append(p)
       p += 1
     pad_t = t_cap - n_text
-    b["text_tokens"].append(np.concatenate([rng.integers(1, m.vocab_size, n_text), np.zeros(pad_t)]))
+    b["text_tokens"].append(
+      np.concatenate([rng.integers(1, m.vocab_size, n_text), np.zeros(pad_t)])
+    )
     b["text_positions"].append(np.array(tpos + [0] * pad_t))
     b["text_segment_ids"].append(np.array([1] * n_text + [0] * pad_t))
-    b["text_targets"].append(np.concatenate([rng.integers(1, m.vocab_size, n_text), np.zeros(pad_t)]))
+    b["text_targets"].append(
+      np.concatenate([rng.integers(1, m.vocab_size, n_text), np.zeros(pad_t)])
+    )
     b["text_weights"].append(np.array([1.0] * n_text + [0.0] * pad_t))
     pad_f = f_cap - nf
     b["frame_positions"].append(np.array(fpos + [0] * pad_f))
@@ -51,18 +66,22 @@ def ordered_row(x, positions, segment_ids, num_text, tokens_per_frame):
   Returns (x [b, l, d] in stream order, ``rows.TokenInfo``, ``rows.StreamLayout``); bring a
   stream-order result back to the layout with ``rows.take(y, layout.inverse)``.
   """
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mod_jax.model import rows  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+
+  from mod_jax.model import rows
+
   positions, segment_ids = jnp.asarray(positions), jnp.asarray(segment_ids)
-  layout = rows.stream_layout(positions, segment_ids, num_text=num_text,
-                              tokens_per_frame=tokens_per_frame)
+  layout = rows.stream_layout(
+    positions, segment_ids, num_text=num_text, tokens_per_frame=tokens_per_frame
+  )
   seq = rows.TokenInfo(layout.to_stream(positions), layout.to_stream(segment_ids))
   return layout.to_stream(jnp.asarray(x)), seq, layout
 
 
 def frame_scores_router(scores_bfn, layout):
   """A stand-in router returning fixed per-frame scores [b, f, n] as stream-order logits [b, l]."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+
   scores = jnp.asarray(scores_bfn, jnp.float32)
   b, f, n = scores.shape
   text = jnp.zeros((b, layout.num_text), jnp.float32)

@@ -42,13 +42,23 @@ def _inputs(b, t, s, n, kh, h, *, segments, seed=0, dtype=jnp.float32):
   return q, k, v, q_seg, kv_seg, ct
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _value_and_grad(implementation, causal, block_size, **kw):
   def loss(q, k, v, q_seg, kv_seg, ct):
-    out = attend(q, k, v, q_seg, kv_seg, causal=causal, implementation=implementation,
-                 block_size=block_size, **kw)
+    out = attend(
+      q,
+      k,
+      v,
+      q_seg,
+      kv_seg,
+      causal=causal,
+      implementation=implementation,
+      block_size=block_size,
+      **kw,
+    )
     valid = 1.0 if q_seg is None else (q_seg != 0)[:, :, None, None]
     return jnp.sum(out.astype(jnp.float32) * ct * valid), out
+
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
 
@@ -56,7 +66,8 @@ def _compare(implementation, case, *, block_size, atol=1e-5, **kw):
   q, k, v, q_seg, kv_seg, ct, causal = case
   (_, ref), ref_grads = _value_and_grad("xla", causal, 512)(q, k, v, q_seg, kv_seg, ct)
   (_, out), grads = _value_and_grad(implementation, causal, block_size, **kw)(
-      q, k, v, q_seg, kv_seg, ct)
+    q, k, v, q_seg, kv_seg, ct
+  )
   assert out.shape == q.shape and out.dtype == q.dtype
   assert bool(jnp.all(jnp.isfinite(out))), "padding outputs must be finite too"
   valid = np.ones(q.shape[:2], bool) if q_seg is None else np.asarray(q_seg) != 0
@@ -67,11 +78,11 @@ def _compare(implementation, case, *, block_size, atol=1e-5, **kw):
 
 # (b, t, s, n, kh, h, segment lengths per row or None, causal)
 CASES = {
-    "packed_gqa_causal": (2, 37, 37, 4, 2, 8, [[10, 15, 7], [30]], True),
-    "packed_mha_causal": (2, 37, 37, 2, 2, 8, [[5, 20, 9], [37]], True),
-    "packed_mqa_causal": (1, 40, 40, 4, 1, 8, [[12, 12, 12]], True),
-    "vision_noncausal": (2, 37, 37, 4, 4, 8, None, False),
-    "cross_noncausal_gqa": (2, 21, 37, 4, 2, 8, ([[8, 10], [21]], [[15, 18], [30]]), False),
+  "packed_gqa_causal": (2, 37, 37, 4, 2, 8, [[10, 15, 7], [30]], True),
+  "packed_mha_causal": (2, 37, 37, 2, 2, 8, [[5, 20, 9], [37]], True),
+  "packed_mqa_causal": (1, 40, 40, 4, 1, 8, [[12, 12, 12]], True),
+  "vision_noncausal": (2, 37, 37, 4, 4, 8, None, False),
+  "cross_noncausal_gqa": (2, 21, 37, 4, 2, 8, ([[8, 10], [21]], [[15, 18], [30]]), False),
 }
 
 
@@ -116,8 +127,7 @@ def test_blockwise_bf16_roughly_matches_float32_reference():
   q, k, v, q_seg, kv_seg, ct, causal = _case("packed_gqa_causal")
   bf = lambda x: x.astype(jnp.bfloat16)
   (_, ref), ref_grads = _value_and_grad("xla", causal, 512)(q, k, v, q_seg, kv_seg, ct)
-  (_, out), grads = _value_and_grad("blockwise", causal, 16)(bf(q), bf(k), bf(v), q_seg, kv_seg,
-                                                             ct)
+  (_, out), grads = _value_and_grad("blockwise", causal, 16)(bf(q), bf(k), bf(v), q_seg, kv_seg, ct)
   assert out.dtype == jnp.bfloat16 and grads[0].dtype == jnp.bfloat16
   valid = np.asarray(q_seg) != 0
   np.testing.assert_allclose(np.asarray(out, np.float32)[valid], np.asarray(ref)[valid], atol=3e-2)
@@ -142,8 +152,9 @@ def test_padding_tokens_do_not_affect_real_queries():
   noisy = lambda x: jnp.where(pad, 1e3, x)
   valid = ~pad[:, :, 0, 0]
   for impl in ("xla", "blockwise"):
-    f = lambda *a, impl=impl: attend(*a, q_seg, kv_seg, causal=causal, implementation=impl,
-                                     block_size=16)
+    f = lambda *a, impl=impl: attend(
+      *a, q_seg, kv_seg, causal=causal, implementation=impl, block_size=16
+    )
     clean, dirty = f(q, k, v), f(noisy(q), noisy(k), noisy(v))
     assert bool(jnp.all(jnp.isfinite(dirty)))
     np.testing.assert_allclose(np.asarray(dirty)[valid], np.asarray(clean)[valid], atol=1e-6)
@@ -156,9 +167,11 @@ def test_blockwise_in_a_rematted_layer_scan():
 
   def loss(w, implementation):
     def layer(x, w_nh):
-      out = attend(x, k, v, q_seg, kv_seg, causal=True, implementation=implementation,
-                   block_size=16)
+      out = attend(
+        x, k, v, q_seg, kv_seg, causal=True, implementation=implementation, block_size=16
+      )
       return x + out * w_nh, None
+
     x, _ = jax.lax.scan(jax.checkpoint(layer), q, w)
     return jnp.sum(jnp.where((q_seg != 0)[:, :, None, None], jnp.tanh(x), 0.0))
 
@@ -171,8 +184,8 @@ def test_blockwise_in_a_rematted_layer_scan():
 # Splash (Pallas, interpret mode off TPU): blocks are multiples of 128, so t = 200 pads to 256 and
 # block_size 128 gives two blocks per axis.
 SPLASH_CASES = {
-    "packed_gqa_causal": (2, 200, 200, 4, 2, 8, [[60, 70, 40], [180]], True),
-    "vision_noncausal": (1, 200, 200, 2, 2, 8, None, False),
+  "packed_gqa_causal": (2, 200, 200, 4, 2, 8, [[60, 70, 40], [180]], True),
+  "vision_noncausal": (1, 200, 200, 2, 2, 8, None, False),
 }
 
 
@@ -188,8 +201,11 @@ def test_splash_under_a_mesh_runs_per_shard():
   segs = _segments(t, lengths)
   case = (*_inputs(b, t, s, n, kh, h, segments=(segs, segs)), causal)
   for shape in ((2, 1, 2), (2, 1, 4)):
-    mesh = Mesh(np.asarray(jax.devices()[:np.prod(shape)]).reshape(shape),
-                ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    mesh = Mesh(
+      np.asarray(jax.devices()[: np.prod(shape)]).reshape(shape),
+      ("data", "fsdp", "tensor"),
+      axis_types=(AxisType.Auto,) * 3,
+    )
     _value_and_grad.cache_clear()  # a fresh trace under each mesh
     with jax.set_mesh(mesh):
       _compare("splash", case, block_size=128, rules=DEFAULT_LOGICAL_AXIS_RULES)
@@ -199,28 +215,44 @@ def test_splash_compiles_ahead_of_time_for_a_tpu_topology(monkeypatch):
   """Forward + backward lower to Mosaic kernels and compile for a v5e 2x2 slice from this host."""
   if jax.default_backend() == "tpu":
     pytest.skip("on a TPU host the kernel runs for real in test_splash_matches_xla")
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  from jax.experimental import topologies
+
   monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # CPU-only host: no chip to share
   try:
     topology = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2")
-  except Exception as e:  # pylint: disable=broad-exception-caught (no libtpu, lock held, ...)
+  except Exception as e:  # noqa: BLE001 (no libtpu, lock held, ...)
     pytest.skip(f"no TPU topology on this host: {e}")
-  mesh = Mesh(np.asarray(topology.devices).reshape(2, 1, 2), ("data", "fsdp", "tensor"),
-              axis_types=(AxisType.Auto,) * 3)
+  mesh = Mesh(
+    np.asarray(topology.devices).reshape(2, 1, 2),
+    ("data", "fsdp", "tensor"),
+    axis_types=(AxisType.Auto,) * 3,
+  )
   b, t, n, kh, h = 2, 300, 4, 2, 128
 
   def step(q, k, v, seg, ct):
-    f = lambda q, k, v: attend(q, k, v, seg, seg, causal=True, implementation="auto",
-                               backend="tpu", rules=DEFAULT_LOGICAL_AXIS_RULES)
+    f = lambda q, k, v: attend(
+      q,
+      k,
+      v,
+      seg,
+      seg,
+      causal=True,
+      implementation="auto",
+      backend="tpu",
+      rules=DEFAULT_LOGICAL_AXIS_RULES,
+    )
     out, vjp = jax.vjp(f, q, k, v)
     return out, vjp(ct)
 
   heads = NamedSharding(mesh, PartitionSpec("data", None, "tensor"))
   sds = lambda shape, dtype, sharding=heads: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-  args = (sds((b, t, n, h), jnp.bfloat16), sds((b, t, kh, h), jnp.bfloat16),
-          sds((b, t, kh, h), jnp.bfloat16),
-          sds((b, t), jnp.int32, NamedSharding(mesh, PartitionSpec("data"))),
-          sds((b, t, n, h), jnp.bfloat16))
+  args = (
+    sds((b, t, n, h), jnp.bfloat16),
+    sds((b, t, kh, h), jnp.bfloat16),
+    sds((b, t, kh, h), jnp.bfloat16),
+    sds((b, t), jnp.int32, NamedSharding(mesh, PartitionSpec("data"))),
+    sds((b, t, n, h), jnp.bfloat16),
+  )
   with jax.set_mesh(mesh):
     lowered = jax.jit(step).lower(*args)
     assert lowered.as_text().count("tpu_custom_call") == 3  # forward, dq, dkv kernels

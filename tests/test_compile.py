@@ -21,26 +21,45 @@ from mod_jax.config import ConfigError
 from mod_jax.train import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-needs_libtpu = pytest.mark.skipif(not aot.libtpu_available(),
-                                  reason="libtpu not installed (pip install 'jax[tpu]==0.10.2')")
-FIELDS = ("topology", "chips", "hbm_bytes", "peak_bytes_per_chip", "fits", "flops_per_step",
-          "compile_s", "dense_peak_bytes_per_chip", "dense_fits", "memory_ratio", "flops_ratio",
-          "stream_peak_bytes_per_chip", "stream_fits", "stream_compile_s")
+needs_libtpu = pytest.mark.skipif(
+  not aot.libtpu_available(), reason="libtpu not installed (pip install 'jax[tpu]==0.10.2')"
+)
+FIELDS = (
+  "topology",
+  "chips",
+  "hbm_bytes",
+  "peak_bytes_per_chip",
+  "fits",
+  "flops_per_step",
+  "compile_s",
+  "dense_peak_bytes_per_chip",
+  "dense_fits",
+  "memory_ratio",
+  "flops_ratio",
+  "stream_peak_bytes_per_chip",
+  "stream_fits",
+  "stream_compile_s",
+)
 
 
 def _small():
   c = tiny.get_config()
-  c.model.n_layers = 2          # (dense, MoD): the interleaved pattern, half the compile time
+  c.model.n_layers = 2  # (dense, MoD): the interleaved pattern, half the compile time
   return c
 
 
 def _check_summary(s, c, chips, fits=True, dense=True):
-  assert set(FIELDS if dense else [f for f in FIELDS if "dense" not in f and "ratio" not in f]
-             ) <= set(s), set(FIELDS) - set(s)
+  assert set(
+    FIELDS if dense else [f for f in FIELDS if "dense" not in f and "ratio" not in f]
+  ) <= set(s), set(FIELDS) - set(s)
   assert s["chips"] == chips
   for p in ("", "dense_", "stream_") if dense else ("", "stream_"):
-    peak = (s[f"{p}argument_bytes_per_chip"] + s[f"{p}output_bytes_per_chip"]
-            - s[f"{p}alias_bytes_per_chip"] + s[f"{p}temp_bytes_per_chip"])
+    peak = (
+      s[f"{p}argument_bytes_per_chip"]
+      + s[f"{p}output_bytes_per_chip"]
+      - s[f"{p}alias_bytes_per_chip"]
+      + s[f"{p}temp_bytes_per_chip"]
+    )
     assert s[f"{p}peak_bytes_per_chip"] == peak > 0
     assert s[f"{p}fits"] == fits == (peak <= s["hbm_bytes"])
     assert s[f"{p}compile_s"] > 0 and s[f"{p}xla_flops_per_chip"] > 0
@@ -52,18 +71,31 @@ def _check_summary(s, c, chips, fits=True, dense=True):
     return
   den_a = flops.analytic_flops(flops.dense_counterpart(c))["total"]
   assert s["flops_ratio"] == pytest.approx(mod_a / den_a)
-  assert s["memory_ratio"] == pytest.approx(s["peak_bytes_per_chip"]
-                                            / s["dense_peak_bytes_per_chip"])
+  assert s["memory_ratio"] == pytest.approx(
+    s["peak_bytes_per_chip"] / s["dense_peak_bytes_per_chip"]
+  )
 
 
 def test_command_compiles_for_local_devices_and_reports_not_fitting():
   """The CLI on the local CPU (one device here) with a 100 KiB "HBM": every step compiles, is
   reported as not fitting, exit status 1, no traceback, the JSON line last."""
   out = subprocess.run(
-      [sys.executable, "-m", "mod_jax.cli", "compile", "--config", "configs/tiny.py",
-       "--config.model.n_layers=2", "--hbm_gib=0.0001"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    [
+      sys.executable,
+      "-m",
+      "mod_jax.cli",
+      "compile",
+      "--config",
+      "configs/tiny.py",
+      "--config.model.n_layers=2",
+      "--hbm_gib=0.0001",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert out.returncode == 1, out.stderr[-2000:]
   assert "Traceback" not in out.stderr
   s = json.loads(out.stdout.strip().splitlines()[-1])
@@ -71,8 +103,8 @@ def test_command_compiles_for_local_devices_and_reports_not_fitting():
   c.model.n_layers = 2
   _check_summary(s, c, 1, fits=False)
   assert s["topology"] == "local:cpu" and s["hbm_source"] == "override" and not s["all_fit"]
-  assert s["hbm_bytes"] == 0.0001 * 2 ** 30 and s["stream_cache_frames"] == c.data.max_frames
-  assert "NO" in out.stdout and "MoD / dense" in out.stdout      # the table above the JSON line
+  assert s["hbm_bytes"] == 0.0001 * 2**30 and s["stream_cache_frames"] == c.data.max_frames
+  assert "NO" in out.stdout and "MoD / dense" in out.stdout  # the table above the JSON line
 
 
 @needs_libtpu
@@ -83,7 +115,7 @@ def test_compiles_for_a_tpu_topology():
   _check_summary(s, c, 4, dense=False)
   assert s["topology"] == "v5:2x2x1" and s["chip_config"] == "megacore"
   assert s["device_kind"] == "TPU v5" and s["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
-  assert s["hbm_bytes"] == pytest.approx(95.74 * 2 ** 30, rel=1e-3)   # the compiler's limit
+  assert s["hbm_bytes"] == pytest.approx(95.74 * 2**30, rel=1e-3)  # the compiler's limit
 
 
 @needs_libtpu
@@ -91,26 +123,48 @@ def test_step_that_does_not_fit_is_reported():
   """A 2**23-token vocabulary: the LM head and AdamW state exceed a v5e chip's 15.75 GiB; the
   compiler refuses the step and ``run`` reports it instead of raising."""
   c = _small()
-  c.model.vocab_size = 2 ** 23
+  c.model.vocab_size = 2**23
   s = aot.run(c, "v5e:2x2", dense=False, stream=False)
   assert s["fits"] is False and s["all_fit"] is False and s["peak_bytes_per_chip"] is None
   assert "exceeds available HBM" in s["error"] and s["required_bytes_per_chip"] > s["hbm_bytes"]
-  assert s["hbm_bytes"] == pytest.approx(15.75 * 2 ** 30, rel=1e-3)
+  assert s["hbm_bytes"] == pytest.approx(15.75 * 2**30, rel=1e-3)
 
 
 def test_command_rejects_unknown_topology():
   out = subprocess.run(
-      [sys.executable, "-m", "mod_jax.cli", "compile", "--config", "configs/tiny.py",
-       "--topology", "v5litepod:16x16"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    [
+      sys.executable,
+      "-m",
+      "mod_jax.cli",
+      "compile",
+      "--config",
+      "configs/tiny.py",
+      "--topology",
+      "v5litepod:16x16",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert out.returncode == 2 and "Traceback" not in out.stderr
-  assert "v5e:16x16" in out.stderr and "v5:4x4x4" in out.stderr   # examples listed
+  assert "v5e:16x16" in out.stderr and "v5:4x4x4" in out.stderr  # examples listed
 
 
-@pytest.mark.parametrize("name,libtpu_name,chips", [
-    ("v5:4x4x4", "v5:4x4x4", 64), ("v5p:2x2x1", "v5:2x2x1", 4), ("v5p-128", "v5:4x4x4", 64),
-    ("v5e:16x16", "v5e:16x16", 256), ("v5litepod-256", "v5e:16x16", 256),
-    ("v5e-32", "v5e:4x8", 32), ("v4-16", "v4:2x2x2", 8), ("v6e:4x4", "v6e:4x4", 16)])
+@pytest.mark.parametrize(
+  "name,libtpu_name,chips",
+  [
+    ("v5:4x4x4", "v5:4x4x4", 64),
+    ("v5p:2x2x1", "v5:2x2x1", 4),
+    ("v5p-128", "v5:4x4x4", 64),
+    ("v5e:16x16", "v5e:16x16", 256),
+    ("v5litepod-256", "v5e:16x16", 256),
+    ("v5e-32", "v5e:4x8", 32),
+    ("v4-16", "v4:2x2x2", 8),
+    ("v6e:4x4", "v6e:4x4", 16),
+  ],
+)
 def test_topology_names(name, libtpu_name, chips):
   t = aot.parse_topology(name)
   assert (t.name, t.chips) == (libtpu_name, chips)
@@ -137,7 +191,7 @@ def test_hybrid_mesh_over_two_slices(dcn_shape, spanning_axis):
   assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
   slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
   for axis in range(3):
-    spans = np.any(np.ptp(slices, axis=axis) > 0)   # does moving along `axis` change slice?
+    spans = np.any(np.ptp(slices, axis=axis) > 0)  # does moving along `axis` change slice?
     assert spans == (axis == spanning_axis), (axis, slices)
   assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
 

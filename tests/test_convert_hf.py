@@ -28,8 +28,14 @@ from mod_jax.convert.hf import CheckpointError
 
 torch.set_grad_enabled(False)
 IDS = np.random.default_rng(0).integers(0, 97, (2, 29))
-LLAMA3 = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
-          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+LLAMA3 = {
+  "rope_type": "llama3",
+  "rope_theta": 5e5,
+  "factor": 8.0,
+  "low_freq_factor": 1.0,
+  "high_freq_factor": 4.0,
+  "original_max_position_embeddings": 16,
+}
 
 
 def _tiny():
@@ -61,16 +67,36 @@ def _ours(path, **kw):
 # Awkward shapes: GQA with 5 query heads on 1 KV head, head_dim 12 (q width 60 != d 40), an odd
 # MLP width, Llama-3 rope scaling; tied/untied; the transformers 4 config dialect; shards.
 LLAMA_CASES = {
-    "gqa_llama3_untied": dict(
-        config=dict(vocab_size=97, hidden_size=40, intermediate_size=71, num_hidden_layers=2,
-                    num_attention_heads=5, num_key_value_heads=1, head_dim=12,
-                    rope_parameters=LLAMA3, tie_word_embeddings=False, rms_norm_eps=1e-5),
-        v4_dialect=False, shard=None),
-    "tied_linear_v4_sharded": dict(
-        config=dict(vocab_size=97, hidden_size=36, intermediate_size=50, num_hidden_layers=3,
-                    num_attention_heads=3, num_key_value_heads=3, tie_word_embeddings=True,
-                    rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.5}),
-        v4_dialect=True, shard="20KB"),
+  "gqa_llama3_untied": dict(
+    config=dict(
+      vocab_size=97,
+      hidden_size=40,
+      intermediate_size=71,
+      num_hidden_layers=2,
+      num_attention_heads=5,
+      num_key_value_heads=1,
+      head_dim=12,
+      rope_parameters=LLAMA3,
+      tie_word_embeddings=False,
+      rms_norm_eps=1e-5,
+    ),
+    v4_dialect=False,
+    shard=None,
+  ),
+  "tied_linear_v4_sharded": dict(
+    config=dict(
+      vocab_size=97,
+      hidden_size=36,
+      intermediate_size=50,
+      num_hidden_layers=3,
+      num_attention_heads=3,
+      num_key_value_heads=3,
+      tie_word_embeddings=True,
+      rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.5},
+    ),
+    v4_dialect=True,
+    shard="20KB",
+  ),
 }
 
 
@@ -90,8 +116,9 @@ def test_llama_logits_match_transformers(case, tmp_path):
   spec = LLAMA_CASES[case]
   torch.manual_seed(0)
   ref_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**spec["config"]))
-  path = _save(ref_model, tmp_path / "m", **({"max_shard_size": spec["shard"]} if spec["shard"]
-                                             else {}))
+  path = _save(
+    ref_model, tmp_path / "m", **({"max_shard_size": spec["shard"]} if spec["shard"] else {})
+  )
   if spec["v4_dialect"]:
     _to_v4_dialect(path)
   if spec["shard"]:
@@ -104,10 +131,16 @@ def test_llama_logits_match_transformers(case, tmp_path):
 
 def test_qwen2_logits_match_transformers_fp32_and_bf16(tmp_path):
   torch.manual_seed(1)
-  cfg = transformers.Qwen2Config(vocab_size=97, hidden_size=42, intermediate_size=64,
-                                 num_hidden_layers=2, num_attention_heads=3,
-                                 num_key_value_heads=1, tie_word_embeddings=False,
-                                 rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+  cfg = transformers.Qwen2Config(
+    vocab_size=97,
+    hidden_size=42,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=3,
+    num_key_value_heads=1,
+    tie_word_embeddings=False,
+    rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+  )
   ref_model = transformers.Qwen2ForCausalLM(cfg)
   for name, p in ref_model.named_parameters():  # biases are zero at init: make them matter
     if name.endswith("bias"):
@@ -123,8 +156,15 @@ def test_qwen2_logits_match_transformers_fp32_and_bf16(tmp_path):
   assert np.abs(ours16 - ref16).max() <= 1e-2
 
 
-SIGLIP = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=3,
-              image_size=12, patch_size=4, layer_norm_eps=1e-6)
+SIGLIP = dict(
+  hidden_size=24,
+  intermediate_size=40,
+  num_hidden_layers=2,
+  num_attention_heads=3,
+  image_size=12,
+  patch_size=4,
+  layer_norm_eps=1e-6,
+)
 
 
 @pytest.mark.parametrize("which", ["SiglipVisionModel", "SiglipModel"])
@@ -132,10 +172,18 @@ def test_siglip_matches_transformers(which, tmp_path):
   torch.manual_seed(2)
   vc = transformers.SiglipVisionConfig(**SIGLIP)
   if which == "SiglipModel":  # vision tower under the 'vision_model.' prefix, text tower ignored
-    full = transformers.SiglipModel(transformers.SiglipConfig(
-        vision_config=vc.to_dict(), text_config=dict(hidden_size=16, intermediate_size=20,
-                                                     num_hidden_layers=1, num_attention_heads=2,
-                                                     vocab_size=50)))
+    full = transformers.SiglipModel(
+      transformers.SiglipConfig(
+        vision_config=vc.to_dict(),
+        text_config=dict(
+          hidden_size=16,
+          intermediate_size=20,
+          num_hidden_layers=1,
+          num_attention_heads=2,
+          vocab_size=50,
+        ),
+      )
+    )
     ref_model = full.vision_model
   else:
     ref_model = full = transformers.SiglipVisionModel(vc)
@@ -155,6 +203,7 @@ def test_siglip_matches_transformers(which, tmp_path):
 def test_export_with_lora_loads_in_transformers(tmp_path):
   """A mod_jax model with trained-looking LoRA adapters exports merged; transformers agrees."""
   from mod_jax.model import lora
+
   c = _tiny()
   c.model.lora.rank = 3
   c.model.lora.alpha = 5.0
@@ -208,16 +257,26 @@ def test_convert_command_roundtrip(tmp_path):
 def test_init_from_loads_into_a_sharded_train_state(tmp_path):
   """Training's init_from fills an FSDP x tensor sharded state in place, shardings unchanged."""
   import jax
+
   from mod_jax.train import sharding
+
   c = _tiny()
   m = c.model
   torch.manual_seed(8)
-  ref_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
-      num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
-      num_key_value_heads=m.n_kv_heads, head_dim=m.head_dim, rms_norm_eps=m.rms_norm_eps,
+  ref_model = transformers.LlamaForCausalLM(
+    transformers.LlamaConfig(
+      vocab_size=m.vocab_size,
+      hidden_size=m.d_model,
+      intermediate_size=m.d_ff,
+      num_hidden_layers=m.n_layers,
+      num_attention_heads=m.n_heads,
+      num_key_value_heads=m.n_kv_heads,
+      head_dim=m.head_dim,
+      rms_norm_eps=m.rms_norm_eps,
       rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
-      tie_word_embeddings=False))
+      tie_word_embeddings=False,
+    )
+  )
   m.init_from = _save(ref_model, tmp_path / "llm")
   c.mesh.shape = (1, 2, 2)
   mesh = sharding.make_mesh(c, devices=jax.devices()[:4])
@@ -237,9 +296,15 @@ def test_init_from_loads_into_a_sharded_train_state(tmp_path):
 @pytest.fixture(scope="module")
 def small_llama(tmp_path_factory):
   torch.manual_seed(7)
-  cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=16, intermediate_size=24,
-                                 num_hidden_layers=1, num_attention_heads=2,
-                                 num_key_value_heads=1, tie_word_embeddings=False)
+  cfg = transformers.LlamaConfig(
+    vocab_size=97,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    tie_word_embeddings=False,
+  )
   return _save(transformers.LlamaForCausalLM(cfg), tmp_path_factory.mktemp("small"))
 
 
@@ -257,8 +322,9 @@ def _copy_with(src, dst, edit_tensors=None, edit_config=None):
 
 
 def test_missing_tensor_is_named(small_llama, tmp_path):
-  bad = _copy_with(small_llama, tmp_path / "b",
-                   lambda t: t.pop("model.layers.0.self_attn.k_proj.weight"))
+  bad = _copy_with(
+    small_llama, tmp_path / "b", lambda t: t.pop("model.layers.0.self_attn.k_proj.weight")
+  )
   with pytest.raises(CheckpointError, match=r"'model.layers.0.self_attn.k_proj.weight' is missing"):
     api.from_pretrained(bad, config=_tiny())
 
@@ -266,15 +332,20 @@ def test_missing_tensor_is_named(small_llama, tmp_path):
 def test_wrong_shape_is_named(small_llama, tmp_path):
   def edit(t):
     t["model.layers.0.mlp.up_proj.weight"] = np.zeros((25, 16), np.float32)
+
   bad = _copy_with(small_llama, tmp_path / "b", edit)
-  with pytest.raises(CheckpointError, match=r"'model.layers.0.mlp.up_proj.weight' has shape "
-                                            r"\(25, 16\) but config.json implies \(24, 16\)"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"'model.layers.0.mlp.up_proj.weight' has shape "
+    r"\(25, 16\) but config.json implies \(24, 16\)",
+  ):
     api.from_pretrained(bad, config=_tiny())
 
 
 def test_unexpected_tensor_is_reported(small_llama, tmp_path):
   def edit(t):
     t["model.layers.0.self_attn.o_proj.bias"] = np.zeros((16,), np.float32)
+
   bad = _copy_with(small_llama, tmp_path / "b", edit)
   with pytest.raises(CheckpointError, match=r"o_proj.bias"):
     api.from_pretrained(bad, config=_tiny())
@@ -283,18 +354,21 @@ def test_unexpected_tensor_is_reported(small_llama, tmp_path):
 def test_unknown_architecture_and_fields_are_named(small_llama, tmp_path):
   def arch(c):
     c["architectures"] = ["MistralForCausalLM"]
+
   bad = _copy_with(small_llama, tmp_path / "a", edit_config=arch)
   with pytest.raises(CheckpointError, match=r"MistralForCausalLM"):
     api.from_pretrained(bad, config=_tiny())
 
   def rope(c):
     c["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
+
   bad = _copy_with(small_llama, tmp_path / "r", edit_config=rope)
   with pytest.raises(CheckpointError, match=r"rope type 'yarn'"):
     api.from_pretrained(bad, config=_tiny())
 
   def missing(c):
     del c["intermediate_size"]
+
   bad = _copy_with(small_llama, tmp_path / "m", edit_config=missing)
   with pytest.raises(CheckpointError, match=r"'intermediate_size' is missing"):
     api.from_pretrained(bad, config=_tiny())

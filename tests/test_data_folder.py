@@ -21,24 +21,27 @@ def split_dir(tmp_path):
   shutil.copy(BIKES, d / "sub" / "bikes.mp4")
   (d / "random.mp4").write_bytes(np.random.default_rng(0).bytes(40_000))
   data = open(BIKES, "rb").read()
-  (d / "half.mp4").write_bytes(data[:len(data) // 2])
-  good = [{"timestamp_sec": 1.2, "narration_text": "a cyclist rides past"},
-          {"timestamp_sec": 4.0, "narration_text": "  two   cars drive by "}]
+  (d / "half.mp4").write_bytes(data[: len(data) // 2])
+  good = [
+    {"timestamp_sec": 1.2, "narration_text": "a cyclist rides past"},
+    {"timestamp_sec": 4.0, "narration_text": "  two   cars drive by "},
+  ]
   annotations = {
-      "sub/bikes.mp4": {
-          "narrations": good + [
-              {"timestamp_sec": -1.0, "narration_text": "too early here"},
-              {"timestamp_sec": 10.5, "narration_text": "after the end"},
-              {"timestamp_sec": 2.0, "narration_text": 7},
-              {"timestamp_sec": 2.5, "narration_text": "short"},
-              {"timestamp_sec": "3", "narration_text": "time as text"},
-              "not a dict",
-          ],
-          "queries": [{"timestamp_sec": 0.5, "text": "what is happening?"}],
-      },
-      "random.mp4": {"narrations": good},
-      "half.mp4": {"narrations": good},
-      "gone.mp4": {"narrations": good},
+    "sub/bikes.mp4": {
+      "narrations": good
+      + [
+        {"timestamp_sec": -1.0, "narration_text": "too early here"},
+        {"timestamp_sec": 10.5, "narration_text": "after the end"},
+        {"timestamp_sec": 2.0, "narration_text": 7},
+        {"timestamp_sec": 2.5, "narration_text": "short"},
+        {"timestamp_sec": "3", "narration_text": "time as text"},
+        "not a dict",
+      ],
+      "queries": [{"timestamp_sec": 0.5, "text": "what is happening?"}],
+    },
+    "random.mp4": {"narrations": good},
+    "half.mp4": {"narrations": good},
+    "gone.mp4": {"narrations": good},
   }
   (d / "narrations.json").write_text(json.dumps(annotations))
   return str(d)
@@ -57,8 +60,14 @@ def test_bad_videos_are_skipped_counted_and_named(split_dir):
   assert r.narrations == ((1.2, "a cyclist rides past"), (4.0, "two cars drive by"))
   assert r.queries == ((0.5, "what is happening?"),)
   assert stats.bad_annotations == {
-      "bad_time": 1, "malformed_entry": 1, "missing_video": 1, "negative_time": 1,
-      "non_string_text": 1, "short_narration": 1, "time_beyond_duration": 1}
+    "bad_time": 1,
+    "malformed_entry": 1,
+    "missing_video": 1,
+    "negative_time": 1,
+    "non_string_text": 1,
+    "short_narration": 1,
+    "time_beyond_duration": 1,
+  }
   assert "dropped 7 bad annotations" in messages
 
 
@@ -70,7 +79,7 @@ def test_fail_mode_raises_on_the_first_bad_video(tmp_path, bad):
     (d / bad).write_bytes(np.random.default_rng(1).bytes(10_000))
   elif bad == "half.mp4":
     data = open(BIKES, "rb").read()
-    (d / bad).write_bytes(data[:len(data) // 2])
+    (d / bad).write_bytes(data[: len(data) // 2])
   (d / "narrations.json").write_text(json.dumps({bad: {"narrations": []}}))
   with pytest.raises(VideoError, match=bad):
     folder.index_folder(str(d), fps=2.0, size=16, on_bad_video="fail")
@@ -85,7 +94,7 @@ def test_frame_cache_is_bounded():
   cache = folder.FrameCache(max_bytes=100)
   a, b = np.zeros(60, np.uint8), np.ones(60, np.uint8)
   assert cache.get("a", lambda: a) is a
-  assert cache.get("b", lambda: b) is b       # evicts "a": 120 > 100 bytes
+  assert cache.get("b", lambda: b) is b  # evicts "a": 120 > 100 bytes
   assert cache.nbytes == 60
   calls = []
   cache.get("a", lambda: calls.append(1) or a)
@@ -98,15 +107,19 @@ def test_invalid_utf8_entries_are_dropped_counted_and_named(tmp_path):
   d.mkdir()
   shutil.copy(BIKES, d / "bikes.mp4")
   annotations = {
-      "bikes.mp4": {
-          "narrations": [{"timestamp_sec": 1.2, "narration_text": "a cyclist rides past"},
-                         {"timestamp_sec": 2.0, "narration_text": "RAW_BYTES"},
-                         {"timestamp_sec": 3.0, "narration_text": "a caf\udce9 sign"},
-                         {"timestamp_sec": 4.0, "narration_text": "two cars drive by"}],
-          "queries": [{"timestamp_sec": 0.5, "text": "what RAW_BYTES?"},
-                      {"timestamp_sec": 0.7, "text": "what is happening?"}],
-      },
-      "RAW_KEY.mp4": {"narrations": [{"timestamp_sec": 1.0, "narration_text": "a cyclist"}]},
+    "bikes.mp4": {
+      "narrations": [
+        {"timestamp_sec": 1.2, "narration_text": "a cyclist rides past"},
+        {"timestamp_sec": 2.0, "narration_text": "RAW_BYTES"},
+        {"timestamp_sec": 3.0, "narration_text": "a caf\udce9 sign"},
+        {"timestamp_sec": 4.0, "narration_text": "two cars drive by"},
+      ],
+      "queries": [
+        {"timestamp_sec": 0.5, "text": "what RAW_BYTES?"},
+        {"timestamp_sec": 0.7, "text": "what is happening?"},
+      ],
+    },
+    "RAW_KEY.mp4": {"narrations": [{"timestamp_sec": 1.0, "narration_text": "a cyclist"}]},
   }
   text = json.dumps(annotations).encode("utf-8", "surrogatepass")  # "\udce9" stays an escape
   assert b"\\udce9" in text
@@ -126,8 +139,12 @@ def test_invalid_utf8_entries_are_dropped_counted_and_named(tmp_path):
   assert stats.bad_annotations == {"invalid_utf8": 4}
   messages = "\n".join(str(w.message) for w in record)
   assert os.path.join(str(d), "narrations.json") in messages
-  for entry in ("'bikes.mp4' narrations[1]", "'bikes.mp4' narrations[2]",
-                "'bikes.mp4' queries[0]", "video path '\\udcffclip.mp4'"):
+  for entry in (
+    "'bikes.mp4' narrations[1]",
+    "'bikes.mp4' narrations[2]",
+    "'bikes.mp4' queries[0]",
+    "video path '\\udcffclip.mp4'",
+  ):
     assert entry in messages, entry
   assert "dropped 4 entries that are not valid UTF-8" in messages
   # Every kept text reaches the tokenizer as valid UTF-8.

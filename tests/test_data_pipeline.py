@@ -15,7 +15,7 @@ N_CHECK = 6  # batches inspected per test
 def setup(tmp_path_factory):
   c = tiny.get_config()
   c.data.dir = str(tmp_path_factory.mktemp("procedural"))
-  c.data.max_frames = 5          # < 12 frames per clip: clips are cut into windows
+  c.data.max_frames = 5  # < 12 frames per clip: clips are cut into windows
   c.data.max_text = 40
   pipeline.prepare_data(c)
   return c, pipeline.load_tokenizer(c)
@@ -40,24 +40,26 @@ def samples_of(batch, n):
 
 
 def check_batch(batch, config, tok):
-  d, n = config.data, config.model.tokens_per_frame
+  _d, n = config.data, config.model.tokens_per_frame
   rows = config.train.batch_size
   spec = pipeline.batch_spec(config, rows)
   assert set(batch) == set(spec)
   for k, (shape, dtype) in spec.items():
     assert batch[k].shape == shape and batch[k].dtype == dtype, k
-  for (r, seg), (stream, t, f) in samples_of(batch, n).items():
+  for (r, _seg), (stream, t, f) in samples_of(batch, n).items():
     assert f.any() and t.any(), "a sample has both text and frames"
     # The sample's slots tile its stream positions 0..L-1 exactly (no gap, no overlap).
     assert sorted(stream) == list(range(len(stream)))
     assert stream[0] == tok.bos_id
-    for p, tgt, w in zip(batch["text_positions"][r][t], batch["text_targets"][r][t],
-                         batch["text_weights"][r][t]):
+    for p, tgt, w in zip(
+      batch["text_positions"][r][t], batch["text_targets"][r][t], batch["text_weights"][r][t]
+    ):
       nxt = stream.get(int(p) + 1)
       assert tgt == (nxt if nxt is not None and nxt >= 0 else 0)
       assert w in (0.0, 1.0) and (w == 0 or tgt != 0)
-    for p, tgt, w in zip(batch["frame_positions"][r][f], batch["frame_targets"][r][f],
-                         batch["frame_weights"][r][f]):
+    for p, tgt, w in zip(
+      batch["frame_positions"][r][f], batch["frame_targets"][r][f], batch["frame_weights"][r][f]
+    ):
       nxt = stream.get(int(p) + n)
       assert tgt in (0, tok.interval_id, tok.stream_close_ids[0])
       if nxt is not None and nxt >= 0:
@@ -102,8 +104,9 @@ def test_iterator_state_resumes_exactly(setup, tmp_path):
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
   # The same through orbax with grain's checkpoint handler.
-  mngr = ocp.CheckpointManager(str(tmp_path / "ckpt"), item_names=("data",),
-                               options=ocp.CheckpointManagerOptions(create=True))
+  mngr = ocp.CheckpointManager(
+    str(tmp_path / "ckpt"), item_names=("data",), options=ocp.CheckpointManagerOptions(create=True)
+  )
   it = iter(pipeline.make_dataset(c, "train", tok))
   for _ in range(5):
     next(it)
@@ -164,8 +167,10 @@ def test_processes_split_the_windows_and_eval_counts_agree(setup, max_frames, ba
       assert b["text_tokens"].shape[0] == c.train.batch_size // 2
       seen += sum(len(np.unique(s[s > 0])) for s in b["text_segment_ids"])
   assert counts[0] == counts[1] and seen == len(index.windows)
-  assert counts[0] == -(-max(pipeline._count_packed_rows([w for _, w in index.windows[p::2]], c)
-                             for p in range(2)) // (c.train.batch_size // 2))
+  assert counts[0] == -(
+    -max(pipeline._count_packed_rows([w for _, w in index.windows[p::2]], c) for p in range(2))
+    // (c.train.batch_size // 2)
+  )
   b0 = next(iter(pipeline.make_dataset(c, "train", tok, process_index=0, process_count=2)))
   b1 = next(iter(pipeline.make_dataset(c, "train", tok, process_index=1, process_count=2)))
   assert b0["text_tokens"].shape[0] == c.train.batch_size // 2

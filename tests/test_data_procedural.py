@@ -41,16 +41,17 @@ def blob(mask):
 def shape_of(mask):
   """Names the shape of one object's pixel mask: the best IoU among ideal shapes in its box."""
   ys, xs = np.nonzero(mask)
-  box = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+  box = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
   h, w = box.shape
-  v, u = np.meshgrid((np.arange(h) + 0.5) / h * 2 - 1, (np.arange(w) + 0.5) / w * 2 - 1,
-                     indexing="ij")  # [-1, 1] box coordinates, v down
+  v, u = np.meshgrid(
+    (np.arange(h) + 0.5) / h * 2 - 1, (np.arange(w) + 0.5) / w * 2 - 1, indexing="ij"
+  )  # [-1, 1] box coordinates, v down
   ideal = {
-      "square": np.ones_like(u, bool),
-      "circle": u * u + v * v <= 1,
-      "diamond": np.abs(u) + np.abs(v) <= 1,
-      "triangle": np.abs(u) <= (v + 1) / 2,      # apex up
-      "cross": (np.abs(u) <= 0.4) | (np.abs(v) <= 0.4),
+    "square": np.ones_like(u, bool),
+    "circle": u * u + v * v <= 1,
+    "diamond": np.abs(u) + np.abs(v) <= 1,
+    "triangle": np.abs(u) <= (v + 1) / 2,  # apex up
+    "cross": (np.abs(u) <= 0.4) | (np.abs(v) <= 0.4),
   }
   iou = {k: (box & m).sum() / (box | m).sum() for k, m in ideal.items()}
   return max(iou, key=iou.get)
@@ -59,12 +60,19 @@ def shape_of(mask):
 def test_generation_is_deterministic(tmp_path):
   a = procedural.ensure_procedural(make_config(tmp_path / "a"))
   b = procedural.ensure_procedural(make_config(tmp_path / "b"))
-  for rel in ("train/narrations.json", "eval/narrations.json", "tokenizer.json",
-              "train/clip_00003.mp4", "eval/clip_00001.mp4"):
+  for rel in (
+    "train/narrations.json",
+    "eval/narrations.json",
+    "tokenizer.json",
+    "train/clip_00003.mp4",
+    "eval/clip_00001.mp4",
+  ):
     assert open(os.path.join(a, rel), "rb").read() == open(os.path.join(b, rel), "rb").read(), rel
   c = procedural.ensure_procedural(make_config(tmp_path / "c", seed=1))
-  assert open(os.path.join(a, "train/narrations.json")).read() != \
-      open(os.path.join(c, "train/narrations.json")).read()
+  assert (
+    open(os.path.join(a, "train/narrations.json")).read()
+    != open(os.path.join(c, "train/narrations.json")).read()
+  )
   # An existing complete dataset is reused; a foreign non-empty directory is never overwritten.
   assert procedural.ensure_procedural(make_config(tmp_path / "a")) == a
   (tmp_path / "other").mkdir()
@@ -76,8 +84,9 @@ def test_generation_is_deterministic(tmp_path):
 
 
 def test_narrations_match_the_pixels(tmp_path):
-  c = make_config(tmp_path / "d", num_train_videos=12, num_eval_videos=1, seconds=12.0,
-                  resolution=64)
+  c = make_config(
+    tmp_path / "d", num_train_videos=12, num_eval_videos=1, seconds=12.0, resolution=64
+  )
   root = procedural.ensure_procedural(c)
   fps = c.data.fps
   split = os.path.join(root, "train")
@@ -87,7 +96,7 @@ def test_narrations_match_the_pixels(tmp_path):
   for name, entry in annotations.items():
     frames, _ = decode_video(os.path.join(split, name), fps, 64)
     masks = [colour_masks(f) for f in frames]
-    present = lambda k, colour: masks[k][colour].sum() >= 12  # noqa: E731
+    present = lambda k, colour: masks[k][colour].sum() >= 12  # noqa: B023 (used in-loop)
     narrations = entry["narrations"]
     frames_used = [math.ceil(n["timestamp_sec"] * fps - 1e-6) for n in narrations]
     assert len(set(frames_used)) == len(frames_used), "at most one narration per frame"
@@ -95,40 +104,44 @@ def test_narrations_match_the_pixels(tmp_path):
     for n, k in zip(narrations, frames_used):
       words = n["narration_text"].split()
       assert tok.count_unknown(tok.encode(n["narration_text"])) == 0
-      if words[-1] == "appears":            # a(n) <colour> <shape> appears
+      if words[-1] == "appears":  # a(n) <colour> <shape> appears
         colour, shape = words[1], words[2]
         assert present(k, colour) and not present(k - 1, colour)
         assert shape_of(blob(masks[k][colour])) == shape
-      elif words[-1] == "disappears":       # the <colour> <shape> disappears
+      elif words[-1] == "disappears":  # the <colour> <shape> disappears
         colour, shape = words[1], words[2]
         assert present(k - 1, colour) and not present(k, colour)
         assert shape_of(blob(masks[k - 1][colour])) == shape
-      elif words[-2] == "moves":            # the <colour> <shape> moves <direction>
+      elif words[-2] == "moves":  # the <colour> <shape> moves <direction>
         colour, shape, direction = words[1], words[2], words[4]
         (y0, x0), (y1, x1) = (np.argwhere(blob(masks[j][colour])).mean(0) for j in (k - 1, k))
         dx, dy = x1 - x0, y1 - y0
         expected = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
         assert np.sign(round(dx / 10)) == expected[0] and np.sign(round(dy / 10)) == expected[1]
         assert shape_of(blob(masks[k][colour])) == shape
-      elif words[-2] == "turns":            # the <shape> turns <colour>
+      elif words[-2] == "turns":  # the <shape> turns <colour>
         shape, colour = words[1], words[3]
         assert present(k, colour) and not present(k - 1, colour)
         assert shape_of(blob(masks[k][colour])) == shape
-      else:                                 # the <shape> is at the <row> <col> / in the centre
-        assert words[2] == "is"             # (the answer to "where is the <shape>")
+      else:  # the <shape> is at the <row> <col> / in the centre
+        assert words[2] == "is"  # (the answer to "where is the <shape>")
         shape = words[1]
         where = " ".join(words[3:])
         objects = [blob(masks[k][c]) for c in PALETTE if present(k, c)]
         (obj,) = [m for m in objects if shape_of(m) == shape]
         y, x = np.argwhere(obj).mean(0)
-        row, col = ("top", "middle", "bottom")[int(y // (64 / 3))], \
-            ("left", "centre", "right")[int(x // (64 / 3))]
-        assert where == ("in the centre" if (row, col) == ("middle", "centre")
-                         else f"at the {row} {col}")
+        row, col = (
+          ("top", "middle", "bottom")[int(y // (64 / 3))],
+          ("left", "centre", "right")[int(x // (64 / 3))],
+        )
+        assert where == (
+          "in the centre" if (row, col) == ("middle", "centre") else f"at the {row} {col}"
+        )
         (q,) = [q for q in entry["queries"] if math.ceil(q["timestamp_sec"] * fps - 1e-6) == k]
         assert q["text"] == f"where is the {shape}"
-      checked[words[-1] if words[-1] in checked else words[-2] if words[-2] in checked
-              else "is"] += 1
+      checked[
+        words[-1] if words[-1] in checked else words[-2] if words[-2] in checked else "is"
+      ] += 1
   assert all(v > 0 for v in checked.values()), checked
 
 

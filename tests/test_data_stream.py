@@ -11,8 +11,10 @@ N = 2  # tokens per frame
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-  return build_word_tokenizer(["go", "a", "red", "circle", "what", "is", "it"],
-                              tmp_path_factory.mktemp("tok") / "tokenizer.json")
+  return build_word_tokenizer(
+    ["go", "a", "red", "circle", "what", "is", "it"],
+    tmp_path_factory.mktemp("tok") / "tokenizer.json",
+  )
 
 
 def ids(tok, words):
@@ -22,9 +24,17 @@ def ids(tok, words):
 
 
 def render(tok, num_frames, narrations=(), queries=(), max_frames=24, max_text=64):
-  return stream.render_stream(tok, num_frames=num_frames, narrations=narrations,
-                              queries=queries, fps=2.0, system_prompt="go",
-                              tokens_per_frame=N, max_frames=max_frames, max_text=max_text)
+  return stream.render_stream(
+    tok,
+    num_frames=num_frames,
+    narrations=narrations,
+    queries=queries,
+    fps=2.0,
+    system_prompt="go",
+    tokens_per_frame=N,
+    max_frames=max_frames,
+    max_text=max_text,
+  )
 
 
 def test_word_tokenizer_ids(tok):
@@ -40,8 +50,10 @@ def test_word_tokenizer_ids(tok):
 def test_missing_special_token_is_a_clear_error(tmp_path):
   import tokenizers
   from tokenizers import models, pre_tokenizers
-  t = tokenizers.Tokenizer(models.WordLevel({"<unk>": 0, "<bos>": 1, "<eos>": 2, "<pad>": 3},
-                                            unk_token="<unk>"))
+
+  t = tokenizers.Tokenizer(
+    models.WordLevel({"<unk>": 0, "<bos>": 1, "<eos>": 2, "<pad>": 3}, unk_token="<unk>")
+  )
   t.pre_tokenizer = pre_tokenizers.Whitespace()
   with pytest.raises(TokenizerError, match="vision placeholder token '<v>'"):
     StreamTokenizer(t)
@@ -54,12 +66,29 @@ def test_three_frames_one_narration(tok):
   w = windows[0]
   # Positions: 0     1  2  3 4-5 6 7-8 9   10         11 12  13     14    15 16 17-18
   #            <bos> go \n [ <v> , <v> ]\n Assistant: a  red circle <eos> \n [  <v>
-  text = ["<bos>", "go", "\n", "[", ",", "]\n", "Assistant:", "a", "red", "circle", "<eos>", "\n",
-          "["]
+  text = [
+    "<bos>",
+    "go",
+    "\n",
+    "[",
+    ",",
+    "]\n",
+    "Assistant:",
+    "a",
+    "red",
+    "circle",
+    "<eos>",
+    "\n",
+    "[",
+  ]
   np.testing.assert_array_equal(w.text_tokens, ids(tok, text))
   np.testing.assert_array_equal(w.text_positions, [0, 1, 2, 3, 6, 9, 10, 11, 12, 13, 14, 15, 16])
-  expected_targets = ids(tok, ["go", "\n", "["]) + [0, 0] + ids(
-      tok, ["Assistant:", "a", "red", "circle", "<eos>", "\n", "["]) + [0]
+  expected_targets = (
+    ids(tok, ["go", "\n", "["])
+    + [0, 0]
+    + ids(tok, ["Assistant:", "a", "red", "circle", "<eos>", "\n", "["])
+    + [0]
+  )
   np.testing.assert_array_equal(w.text_targets, expected_targets)
   # videollm-online's labels: from the ]\n slot (target Assistant:) to the last word (target <eos>).
   np.testing.assert_array_equal(w.text_weights, [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0])
@@ -81,15 +110,34 @@ def test_narration_times_round_up_to_the_frame_grid(tok):
   # Two narrations on one frame: the later one is kept, the other counted.
   (w,), stats = render(tok, 3, narrations=[(0.6, "a red circle"), (0.9, "a circle")])
   assert stats.replaced_narrations == 1
-  np.testing.assert_array_equal(w.text_targets[w.text_weights > 0],
-                                ids(tok, ["Assistant:", "a", "circle", "<eos>"]))
+  np.testing.assert_array_equal(
+    w.text_targets[w.text_weights > 0], ids(tok, ["Assistant:", "a", "circle", "<eos>"])
+  )
 
 
 def test_query_enters_before_the_first_frame_at_or_after_it(tok):
   """Query at 0.7 s -> before frame 2 (t = 1.0 s); its answer is narrated after frame 2."""
   (w,), _ = render(tok, 3, narrations=[(1.0, "it is red")], queries=[(0.7, "what is it")])
-  text = ["<bos>", "go", "\n", "[", ",", "]\n", "User:", "what", "is", "it", "\n", "[", "]\n",
-          "Assistant:", "it", "is", "red", "<eos>"]
+  text = [
+    "<bos>",
+    "go",
+    "\n",
+    "[",
+    ",",
+    "]\n",
+    "User:",
+    "what",
+    "is",
+    "it",
+    "\n",
+    "[",
+    "]\n",
+    "Assistant:",
+    "it",
+    "is",
+    "red",
+    "<eos>",
+  ]
   np.testing.assert_array_equal(w.text_tokens, ids(tok, text))
   # <bos> go \n [ <v><v> , <v><v> ]\n User: what is it \n [ <v><v> ]\n Assistant: it is red <eos>
   # 0     1  2  3 4    5 6 7    8 9   10    11   12 13 14 15 16   17 18  ...
@@ -101,8 +149,9 @@ def test_query_enters_before_the_first_frame_at_or_after_it(tok):
   np.testing.assert_array_equal(np.flatnonzero(w.text_weights), [12, 13, 14, 15, 16])
   # A query at time 0 goes right after the system prompt.
   (w,), _ = render(tok, 2, queries=[(0.0, "what is it")])
-  assert w.text_tokens[:9].tolist() == ids(tok, ["<bos>", "go", "\n", "User:", "what", "is",
-                                                 "it", "\n", "["])
+  assert w.text_tokens[:9].tolist() == ids(
+    tok, ["<bos>", "go", "\n", "User:", "what", "is", "it", "\n", "["]
+  )
 
 
 def test_windows_cut_mid_video(tok):
@@ -110,9 +159,10 @@ def test_windows_cut_mid_video(tok):
   windows, stats = render(tok, 3, narrations=[(0.3, "a red circle")], max_frames=2)
   assert stats.windows == 2
   w0, w1 = windows
-  np.testing.assert_array_equal(w0.text_tokens, ids(tok, ["<bos>", "go", "\n", "[", ",", "]\n",
-                                                          "Assistant:", "a", "red", "circle",
-                                                          "<eos>"]))
+  np.testing.assert_array_equal(
+    w0.text_tokens,
+    ids(tok, ["<bos>", "go", "\n", "[", ",", "]\n", "Assistant:", "a", "red", "circle", "<eos>"]),
+  )
   assert w0.text_targets[-1] == 0
   np.testing.assert_array_equal(w0.text_weights, [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 0])
   np.testing.assert_array_equal(w0.frame_targets, [tok.interval_id, tok.stream_close_ids[0]])
@@ -123,9 +173,10 @@ def test_windows_cut_mid_video(tok):
   # A window whose FIRST frame is answered: its ]\n slot right after the prefix is learned.
   windows, _ = render(tok, 3, narrations=[(0.5, "a red circle")], max_frames=1)
   w1 = windows[1]
-  np.testing.assert_array_equal(w1.text_tokens, ids(tok, ["<bos>", "go", "\n", "[", "]\n",
-                                                          "Assistant:", "a", "red", "circle",
-                                                          "<eos>"]))
+  np.testing.assert_array_equal(
+    w1.text_tokens,
+    ids(tok, ["<bos>", "go", "\n", "[", "]\n", "Assistant:", "a", "red", "circle", "<eos>"]),
+  )
   np.testing.assert_array_equal(w1.text_weights, [0, 0, 0, 0, 1, 1, 1, 1, 1, 0])
   np.testing.assert_array_equal(w1.frame_targets, [tok.stream_close_ids[0]])
   # A silent video cut after frame 0: its target is the interval token, with weight 1.
@@ -153,13 +204,14 @@ def bpe_like_tok(tmp_path_factory):
   (SmolLM2's encodes ']\\n' as ']' '\\n' and 'User:' as 'User' ':')."""
   import tokenizers
   from tokenizers import models, pre_tokenizers
+
   specials = ["<pad>", "<bos>", "<eos>", "<unk>", "<v>", "[", ",", "\n"]
   words = ["]", "Assistant", "User", ":", "go", "a", "red", "circle", "what", "is", "it"]
-  t = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + words)},
-                                            unk_token="<unk>"))
+  t = tokenizers.Tokenizer(
+    models.WordLevel({w: i for i, w in enumerate(specials + words)}, unk_token="<unk>")
+  )
   t.pre_tokenizer = pre_tokenizers.Whitespace()
-  t.add_special_tokens([tokenizers.AddedToken(w, special=True, normalized=False)
-                        for w in specials])
+  t.add_special_tokens([tokenizers.AddedToken(w, special=True, normalized=False) for w in specials])
   path = tmp_path_factory.mktemp("bpe_like") / "tokenizer.json"
   t.save(str(path))
   return StreamTokenizer.from_file(path)
@@ -176,21 +228,50 @@ def test_labels_equal_videollm_online_with_a_multi_token_stream_close(bpe_like_t
   tok = bpe_like_tok
   assert len(tok.stream_close_ids) == 2 and len(tok.assistant_ids) == 2
   (w,), _ = stream.render_stream(
-      tok, num_frames=3, narrations=[(0.5, "a red circle"), (1.0, "it is red")],
-      queries=[(0.3, "what is it")], fps=2.0, system_prompt="go", tokens_per_frame=N,
-      max_frames=8, max_text=64)
+    tok,
+    num_frames=3,
+    narrations=[(0.5, "a red circle"), (1.0, "it is red")],
+    queries=[(0.3, "what is it")],
+    fps=2.0,
+    system_prompt="go",
+    tokens_per_frame=N,
+    max_frames=8,
+    max_text=64,
+  )
   # (position, token, target, learned) per text slot; frames at positions 4, 15, 27.
   table = [
-      (0, "<bos>", "go", 0), (1, "go", "\n", 0), (2, "\n", "[", 0), (3, "[", None, 0),
-      (6, "]", "\n", 1), (7, "\n", "User", 0), (8, "User", ":", 0), (9, ":", "what", 0),
-      (10, "what", "is", 0), (11, "is", "it", 0), (12, "it", "\n", 0), (13, "\n", "[", 0),
-      (14, "[", None, 0),
-      (17, "]", "\n", 1), (18, "\n", "Assistant", 1), (19, "Assistant", ":", 1),
-      (20, ":", "a", 1), (21, "a", "red", 1), (22, "red", "circle", 1), (23, "circle", "<eos>", 1),
-      (24, "<eos>", "\n", 0), (25, "\n", "[", 0), (26, "[", None, 0),
-      (29, "]", "\n", 1), (30, "\n", "Assistant", 1), (31, "Assistant", ":", 1),
-      (32, ":", "it", 1), (33, "it", "is", 1), (34, "is", "red", 1), (35, "red", "<eos>", 1),
-      (36, "<eos>", None, 0)]
+    (0, "<bos>", "go", 0),
+    (1, "go", "\n", 0),
+    (2, "\n", "[", 0),
+    (3, "[", None, 0),
+    (6, "]", "\n", 1),
+    (7, "\n", "User", 0),
+    (8, "User", ":", 0),
+    (9, ":", "what", 0),
+    (10, "what", "is", 0),
+    (11, "is", "it", 0),
+    (12, "it", "\n", 0),
+    (13, "\n", "[", 0),
+    (14, "[", None, 0),
+    (17, "]", "\n", 1),
+    (18, "\n", "Assistant", 1),
+    (19, "Assistant", ":", 1),
+    (20, ":", "a", 1),
+    (21, "a", "red", 1),
+    (22, "red", "circle", 1),
+    (23, "circle", "<eos>", 1),
+    (24, "<eos>", "\n", 0),
+    (25, "\n", "[", 0),
+    (26, "[", None, 0),
+    (29, "]", "\n", 1),
+    (30, "\n", "Assistant", 1),
+    (31, "Assistant", ":", 1),
+    (32, ":", "it", 1),
+    (33, "it", "is", 1),
+    (34, "is", "red", 1),
+    (35, "red", "<eos>", 1),
+    (36, "<eos>", None, 0),
+  ]
   vocab = tok.tokenizer.get_vocab()
   np.testing.assert_array_equal(w.text_positions, [p for p, *_ in table])
   np.testing.assert_array_equal(w.text_tokens, [vocab[t] for _, t, _, _ in table])

@@ -37,15 +37,15 @@ def test_sampled_frames_match_an_independent_decode():
   with av.open(BIKES) as c:
     for n, f in enumerate(c.decode(video=0)):
       if n in wanted:
-        small = f.reformat(width=48, height=20, format="rgb24",
-                           interpolation="AREA").to_ndarray()
+        small = f.reformat(width=48, height=20, format="rgb24", interpolation="AREA").to_ndarray()
         np.testing.assert_array_equal(frames[wanted[n], 14:34], small)
   # An odd sample (t = 4.5 s = native frame 112.5) shows native frame 112 (last with pts <= t).
   with av.open(BIKES) as c:
     f112 = next(f for n, f in enumerate(c.decode(video=0)) if n == 112)
   np.testing.assert_array_equal(
-      frames[9, 14:34],
-      f112.reformat(width=48, height=20, format="rgb24", interpolation="AREA").to_ndarray())
+    frames[9, 14:34],
+    f112.reformat(width=48, height=20, format="rgb24", interpolation="AREA").to_ndarray(),
+  )
 
 
 def test_errors_name_the_file(tmp_path):
@@ -61,7 +61,7 @@ def test_errors_name_the_file(tmp_path):
 
   half = tmp_path / "half.mp4"
   data = open(BIKES, "rb").read()
-  half.write_bytes(data[:len(data) // 2])
+  half.write_bytes(data[: len(data) // 2])
   with pytest.raises(video.VideoError, match="half.mp4"):
     video.decode_video(str(half), 2.0, 32)
 
@@ -79,6 +79,7 @@ def test_errors_name_the_file(tmp_path):
 def test_truncated_stream_detected(tmp_path):
   """A file whose index survives but whose frames stop early is reported as truncated."""
   from mod_jax.data.sources.procedural import write_mp4
+
   path = str(tmp_path / "clip.mp4")
   noise = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
   write_mp4(path, noise, 8.0)  # 5 s of noise: the media data dwarfs the index
@@ -98,14 +99,17 @@ def test_truncated_stream_detected(tmp_path):
   data = open(fast, "rb").read()
   # Cut in the middle of a packet: the decoder fails there.
   cut = str(tmp_path / "cut.mp4")
-  open(cut, "wb").write(data[:len(data) // 2])
+  open(cut, "wb").write(data[: len(data) // 2])
   with pytest.raises(video.VideoError, match="cut.mp4: decoding failed"):
     video.decode_video(cut, 2.0, 32)
   # Cut exactly where packet 20 (t = 2.5 s) starts: demuxing ends cleanly, frames stop early.
   with av.open(fast) as c:
     pos = [p.pos for p in c.demux(video=0) if p.dts is not None]
   clean = str(tmp_path / "clean_cut.mp4")
-  open(clean, "wb").write(data[:pos[20]])
-  with pytest.raises(video.VideoError, match=r"clean_cut.mp4: truncated: frames stop at 2\.50s "
-                     r"but the container announces 5\.00s"):
+  open(clean, "wb").write(data[: pos[20]])
+  with pytest.raises(
+    video.VideoError,
+    match=r"clean_cut.mp4: truncated: frames stop at 2\.50s "
+    r"but the container announces 5\.00s",
+  ):
     video.decode_video(clean, 2.0, 32)

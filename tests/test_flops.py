@@ -33,14 +33,15 @@ def test_analytic_step_flops_match_xla_within_5_percent(tiny_report, model):
 
 def test_ratios_and_memory(tiny_report):
   r = tiny_report["ratios"]
-  assert r["flops_xla"] < 0.85                       # half the layers drop 80% of vision tokens
+  assert r["flops_xla"] < 0.85  # half the layers drop 80% of vision tokens
   assert abs(r["flops_analytic"] - r["flops_xla"]) < 0.02
   assert r["peak_memory"] < 1.0 and r["temp_memory"] < 1.0
   mod_layers = tiny_report["mod"]["analytic"]["per_layer"]
   c = tiny.get_config()
   assert [x["keep"] for x in mod_layers] == [None, 2, None, 2]
   assert [x["compact_len"] for x in mod_layers] == [
-      c.data.max_text + c.data.max_frames * k for k in (10, 2, 10, 2)]
+    c.data.max_text + c.data.max_frames * k for k in (10, 2, 10, 2)
+  ]
 
 
 @pytest.mark.parametrize("k", [10, 2])
@@ -79,19 +80,44 @@ def test_frozen_vision_tower_counts_forward_only():
 
 def test_command_prints_json():
   out = subprocess.run(
-      [sys.executable, "-m", "mod_jax.cli", "flops", "--config", "configs/tiny.py", "--json",
-       "--analytic_only", "--config.model.mod.keep_ratio=0.1"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+    [
+      sys.executable,
+      "-m",
+      "mod_jax.cli",
+      "flops",
+      "--config",
+      "configs/tiny.py",
+      "--json",
+      "--analytic_only",
+      "--config.model.mod.keep_ratio=0.1",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=True,
+  )
   report = json.loads(out.stdout.strip().splitlines()[-1])
   assert report["config"]["keep_per_layer"] == [None, 1, None, 1]
   assert 0 < report["ratios"]["flops_analytic"] < 1
-  assert set(report["mod"]["analytic"]["by_class"]) >= {"decoder_text", "decoder_vision",
-                                                         "vision_tower", "lm_head", "router"}
-  assert np.isclose(sum(report["mod"]["analytic"]["by_class"].values()),
-                    report["mod"]["analytic"]["total"])
+  assert set(report["mod"]["analytic"]["by_class"]) >= {
+    "decoder_text",
+    "decoder_vision",
+    "vision_tower",
+    "lm_head",
+    "router",
+  }
+  assert np.isclose(
+    sum(report["mod"]["analytic"]["by_class"].values()), report["mod"]["analytic"]["total"]
+  )
 
 
 def test_command_needs_config():
-  out = subprocess.run([sys.executable, "-m", "mod_jax.cli", "flops"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+    [sys.executable, "-m", "mod_jax.cli", "flops"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode != 0 and "needs --config" in out.stderr

@@ -34,8 +34,9 @@ def smollm():
   torch.set_grad_enabled(False)
   folder, name = os.path.split(path)
   ref_tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-  ref = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                          dtype=torch.float32).eval()
+  ref = transformers.AutoModelForCausalLM.from_pretrained(
+    folder, gguf_file=name, dtype=torch.float32
+  ).eval()
   model, tok = api.from_pretrained(path)
   text = ref_tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
   return dict(path=path, ref=ref, ref_tok=ref_tok, model=model, tok=tok, text=text)
@@ -44,7 +45,12 @@ def smollm():
 def test_config_and_tokenizer_from_metadata(smollm):
   f = pretrained.llm_fields(smollm["path"])
   assert (f["d_model"], f["n_layers"], f["n_heads"], f["n_kv_heads"], f["vocab_size"]) == (
-      576, 30, 9, 3, 49152)
+    576,
+    30,
+    9,
+    3,
+    49152,
+  )
   assert f["tie_embeddings"] and f["rope_theta"] == 1e5 and f["head_dim"] == 64
   ids = smollm["tok"].encode(smollm["text"]).ids
   assert ids == smollm["ref_tok"](smollm["text"])["input_ids"]
@@ -57,17 +63,26 @@ def test_logits_match_transformers(smollm):
   ref = smollm["ref"](torch.tensor(ids)).logits.numpy()
   ours = np.asarray(nnx.jit(lambda m, x: m(x))(smollm["model"], jnp.asarray(ids, jnp.int32)))
   assert ours.shape == ref.shape == (1, ids.shape[1], 49152)
-  print(f"\nSmolLM2 fp32 logits: max |mod_jax - transformers| = {np.abs(ours - ref).max():.3g} "
-        f"(|logit| up to {np.abs(ref).max():.1f})")
+  print(
+    f"\nSmolLM2 fp32 logits: max |mod_jax - transformers| = {np.abs(ours - ref).max():.3g} "
+    f"(|logit| up to {np.abs(ref).max():.1f})"
+  )
   assert np.abs(ours - ref).max() <= 1e-3
 
 
 def test_greedy_generation_matches_transformers(smollm):
   prompt = smollm["tok"].encode(smollm["text"]).ids
-  ref = smollm["ref"].generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS,
-                               do_sample=False)[0, len(prompt):].tolist()
+  ref = (
+    smollm["ref"]
+    .generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(prompt) :]
+    .tolist()
+  )
   ours = api.generate_greedy(smollm["model"], prompt, NEW_TOKENS, stop_ids=[2])
-  print("\ntransformers:", repr(smollm["tok"].decode(ref)), "\nmod_jax:     ",
-        repr(smollm["tok"].decode(ours)))
+  print(
+    "\ntransformers:",
+    repr(smollm["tok"].decode(ref)),
+    "\nmod_jax:     ",
+    repr(smollm["tok"].decode(ours)),
+  )
   assert len(ours) >= 8
-  assert ours == ref[:len(ours)]
+  assert ours == ref[: len(ours)]

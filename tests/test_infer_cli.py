@@ -35,9 +35,18 @@ def workdir(tmp_path_factory):
   split.mkdir(parents=True)
   rng = np.random.default_rng(0)
   write_mp4(str(split / "clip.mp4"), rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8), 8.0)
-  (split / "narrations.json").write_text(json.dumps({"clip.mp4": {"narrations": [
-      {"timestamp_sec": 1.0, "narration_text": "a red circle"},
-      {"timestamp_sec": 2.5, "narration_text": "the square moves"}]}}))
+  (split / "narrations.json").write_text(
+    json.dumps(
+      {
+        "clip.mp4": {
+          "narrations": [
+            {"timestamp_sec": 1.0, "narration_text": "a red circle"},
+            {"timestamp_sec": 2.5, "narration_text": "the square moves"},
+          ]
+        }
+      }
+    )
+  )
   c = tiny.get_config()
   c.mesh.shape = (1, 1, 1)
   c.data.source, c.data.dir = "folder", str(root / "data")
@@ -74,9 +83,21 @@ def test_stream_command_on_bikes(workdir, tmp_path):
   """The real CLI on a real mp4: timestamped lines as they come, JSON lines, exit status 0."""
   out = tmp_path / "bikes.jsonl"
   proc = subprocess.run(
-      [sys.executable, "-m", "mod_jax.cli", "stream", f"--workdir={workdir}", f"--video={BIKES}",
-       f"--output={out}", "--max_new_tokens=2", "--query=3:where is the red circle"],
-      capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      "-m",
+      "mod_jax.cli",
+      "stream",
+      f"--workdir={workdir}",
+      f"--video={BIKES}",
+      f"--output={out}",
+      "--max_new_tokens=2",
+      "--query=3:where is the red circle",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = proc.stdout.strip().splitlines()
   summary = json.loads(lines[-1])
@@ -95,27 +116,33 @@ def test_stream_command_on_bikes(workdir, tmp_path):
 def test_stream_on_mpeg2_with_stop_policy(workdir, tmp_path):
   """cityCC0.mpg (MPEG-2): a small cache under on_full='stop' ends the stream with a message;
   under 'slide' the whole video streams, dropping the oldest frames."""
-  kw = dict(max_frames=4, max_text=16, max_new_tokens=1, threshold=0.0, progress=False,
-            echo=lambda *_: None)
-  summary = run_stream(str(workdir), CITY, output=str(tmp_path / "city.jsonl"), on_full="stop",
-                       **kw)
+  kw = dict(
+    max_frames=4, max_text=16, max_new_tokens=1, threshold=0.0, progress=False, echo=lambda *_: None
+  )
+  summary = run_stream(
+    str(workdir), CITY, output=str(tmp_path / "city.jsonl"), on_full="stop", **kw
+  )
   assert summary["video_frames"] == 16 and 1 <= summary["frames"] < 16
   assert "KV cache full" in summary["stopped"] and "on_full='stop'" in summary["stopped"]
-  slide = run_stream(str(workdir), CITY, output=str(tmp_path / "city2.jsonl"), on_full="slide",
-                     **kw)
+  slide = run_stream(
+    str(workdir), CITY, output=str(tmp_path / "city2.jsonl"), on_full="slide", **kw
+  )
   assert slide["frames"] == 16 and slide["stopped"] is None and slide["evicted_chunks"] > 0
 
 
 def test_stream_rejects_a_corrupt_video_naming_it(workdir, tmp_path):
   broken = tmp_path / "broken.mp4"
-  broken.write_bytes(open(BIKES, "rb").read()[:40000])       # truncated mp4
+  broken.write_bytes(open(BIKES, "rb").read()[:40000])  # truncated mp4
   with pytest.raises(VideoError, match="broken.mp4"):
     run_stream(str(workdir), str(broken), progress=False, echo=lambda *_: None)
   garbage = tmp_path / "garbage.mp4"
   garbage.write_bytes(b"not a video at all" * 100)
   proc = subprocess.run(
-      [sys.executable, "-m", "mod_jax.cli", "stream", f"--workdir={workdir}",
-       f"--video={garbage}"], capture_output=True, text=True, timeout=300)
+    [sys.executable, "-m", "mod_jax.cli", "stream", f"--workdir={workdir}", f"--video={garbage}"],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode != 0
   assert f"mod-jax stream: error: {garbage}: cannot open as a media container" in proc.stderr
   with pytest.raises(ValueError, match="--query='soon:hello'"):

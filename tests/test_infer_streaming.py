@@ -19,7 +19,7 @@ from mod_jax.model.video_llm import VideoLLM
 ATOL = 1e-4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(variant, n_layers=None):
   cfg = tiny.get_config(variant)
   if n_layers is not None:
@@ -61,14 +61,19 @@ def _layout(events, n):
       fr.append(e[2])
       fp.append(pos)
       pos += n
-  return {"text_tokens": np.array([tt], np.int32), "text_positions": np.array([tp], np.int32),
-          "text_segment_ids": np.ones((1, len(tt)), np.int32), "frames": np.stack(fr)[None],
-          "frame_positions": np.array([fp], np.int32),
-          "frame_segment_ids": np.ones((1, len(fr)), np.int32)}
+  return {
+    "text_tokens": np.array([tt], np.int32),
+    "text_positions": np.array([tp], np.int32),
+    "text_segment_ids": np.ones((1, len(tt)), np.int32),
+    "frames": np.stack(fr)[None],
+    "frame_positions": np.array([fp], np.int32),
+    "frame_segment_ids": np.ones((1, len(fr)), np.int32),
+  }
 
 
-_full = jax.jit(lambda params, batch, graphdef: nnx.merge(graphdef, params)(batch)[:2],
-                static_argnums=2)
+_full = jax.jit(
+  lambda params, batch, graphdef: nnx.merge(graphdef, params)(batch)[:2], static_argnums=2
+)
 
 
 @pytest.mark.parametrize("variant", ["", "dense"])
@@ -99,12 +104,14 @@ def test_incremental_logits_equal_full_pass(variant):
   np.testing.assert_allclose(np.stack(text_inc), text_full[0], atol=ATOL, rtol=0)
   np.testing.assert_allclose(np.stack(frame_inc), frame_full[0], atol=ATOL, rtol=0)
 
-  live = [int((np.asarray(layer["attn"]["cache"]["segment_ids"][...]) != 0).sum())
-          for layer in session.cache["llm"]["layers"].values()]
+  live = [
+    int((np.asarray(layer["attn"]["cache"]["segment_ids"][...]) != 0).sum())
+    for layer in session.cache["llm"]["layers"].values()
+  ]
   k = plan.keep
   assert live == [t + f * (n if k[i] is None else k[i]) for i in range(cfg.model.n_layers)]
   if variant == "":
-    assert sorted(set(live)) == [t + f * 2, t + f * n]   # k = ceil(0.2·10) = 2
+    assert sorted(set(live)) == [t + f * 2, t + f * n]  # k = ceil(0.2·10) = 2
 
 
 def test_prefix_chunk_then_frames_equals_full_pass():
@@ -115,10 +122,14 @@ def test_prefix_chunk_then_frames_equals_full_pass():
   n = cfg.model.tokens_per_frame
   events = _stream(cfg, seed=1, frames=6)
   batch = _layout(events, n)
-  cut, m = 3, 3                  # keep frames 0..2 (and the text before), feed frames 3..5
+  cut, m = 3, 3  # keep frames 0..2 (and the text before), feed frames 3..5
   probs = evaluate.continue_after(
-      streaming.Session(graphdef, params, cfg.model, sizes=_sizes(cfg)), batch, cut - 1, m,
-      interval_id=7)
+    streaming.Session(graphdef, params, cfg.model, sizes=_sizes(cfg)),
+    batch,
+    cut - 1,
+    m,
+    interval_id=7,
+  )
   # Oracle: the full pass over [the stream up to frame 2's last <v>] + [7, frame]·3.
   p_end = int(batch["frame_positions"][0, cut - 1]) + n - 1
   keep = batch["text_positions"][0] <= p_end
@@ -129,10 +140,14 @@ def test_prefix_chunk_then_frames_equals_full_pass():
     tp.append(pos)
     fp.append(pos + 1)
     pos += 1 + n
-  oracle = {"text_tokens": np.array([tt], np.int32), "text_positions": np.array([tp], np.int32),
-            "text_segment_ids": np.ones((1, len(tt)), np.int32), "frames": batch["frames"],
-            "frame_positions": np.array([fp], np.int32),
-            "frame_segment_ids": np.ones((1, cut + m), np.int32)}
+  oracle = {
+    "text_tokens": np.array([tt], np.int32),
+    "text_positions": np.array([tp], np.int32),
+    "text_segment_ids": np.ones((1, len(tt)), np.int32),
+    "frames": batch["frames"],
+    "frame_positions": np.array([fp], np.int32),
+    "frame_segment_ids": np.ones((1, cut + m), np.int32),
+  }
   _, frame_oracle = jax.device_get(_full(params, oracle, graphdef))
   np.testing.assert_allclose(probs, jax.nn.softmax(frame_oracle[0, cut:]), atol=1e-5, rtol=0)
 
@@ -145,8 +160,13 @@ def test_slide_keeps_prompt_and_equals_full_pass_over_kept_stream():
   n = cfg.model.tokens_per_frame
   plan = RoutingPlan.from_config(cfg.model)
   prompt_len, hold = 5, 3
-  session = streaming.Session(graphdef, params, cfg.model, on_full="slide",
-                              sizes=streaming.cache_sizes(plan, hold, prompt_len + hold))
+  session = streaming.Session(
+    graphdef,
+    params,
+    cfg.model,
+    on_full="slide",
+    sizes=streaming.cache_sizes(plan, hold, prompt_len + hold),
+  )
   events = _stream(cfg, seed=2, frames=7)
   frames = [e for e in events if e[0] == "frame"]
   session.feed(events[0][1])
@@ -161,10 +181,14 @@ def test_slide_keeps_prompt_and_equals_full_pass_over_kept_stream():
     tt.append(e[1][0])
     tp.append(p)
     fp.append(p + 1)
-  oracle = {"text_tokens": np.array([tt], np.int32), "text_positions": np.array([tp], np.int32),
-            "text_segment_ids": np.ones((1, len(tt)), np.int32),
-            "frames": np.stack([e[2] for e in kept])[None], "frame_positions": np.array([fp]),
-            "frame_segment_ids": np.ones((1, hold), np.int32)}
+  oracle = {
+    "text_tokens": np.array([tt], np.int32),
+    "text_positions": np.array([tp], np.int32),
+    "text_segment_ids": np.ones((1, len(tt)), np.int32),
+    "frames": np.stack([e[2] for e in kept])[None],
+    "frame_positions": np.array([fp]),
+    "frame_segment_ids": np.ones((1, hold), np.int32),
+  }
   _, frame_oracle = jax.device_get(_full(params, oracle, graphdef))
   np.testing.assert_allclose(out["frame_logits"][0, 0], frame_oracle[0, -1], atol=ATOL, rtol=0)
   seg0 = np.asarray(session.cache["llm"]["layers"][0]["attn"]["cache"]["segment_ids"][...])
@@ -176,8 +200,9 @@ def test_slide_keeps_prompt_and_equals_full_pass_over_kept_stream():
 def test_stop_policy_raises_clear_error_and_writes_nothing():
   cfg, graphdef, params = _model("", n_layers=1)
   plan = RoutingPlan.from_config(cfg.model)
-  session = streaming.Session(graphdef, params, cfg.model, on_full="stop",
-                              sizes=streaming.cache_sizes(plan, 2, 4))
+  session = streaming.Session(
+    graphdef, params, cfg.model, on_full="stop", sizes=streaming.cache_sizes(plan, 2, 4)
+  )
   s = cfg.model.vision.image_size
   session.feed([1, 2])
   session.pin()
@@ -185,11 +210,14 @@ def test_stop_policy_raises_clear_error_and_writes_nothing():
   session.feed([3], frame)
   session.feed([3], frame)
   used = list(session.ledger.used)
-  with pytest.raises(streaming.CacheFull, match=r"KV cache full: the frame 2 needs .* "
-                                                r"on_full='stop'.*on_full='slide'"):
+  with pytest.raises(
+    streaming.CacheFull,
+    match=r"KV cache full: the frame 2 needs .* "
+    r"on_full='stop'.*on_full='slide'",
+  ):
     session.feed([3], frame, what="frame 2")
   assert session.ledger.used == used and session.position == 2 + 2 * 11
-  assert used == [2 + 2 * (1 + 2)]         # prompt + 2 x (interval + k = 2 kept vision tokens)
+  assert used == [2 + 2 * (1 + 2)]  # prompt + 2 x (interval + k = 2 kept vision tokens)
 
 
 def test_ledger_refuses_an_event_larger_than_the_cache():
@@ -197,17 +225,17 @@ def test_ledger_refuses_an_event_larger_than_the_cache():
   ledger.reserve([2, 2], 0)
   ledger.pin()
   ledger.reserve([3, 1], 2)
-  assert ledger.reserve([6, 2], 5) == 5 and ledger.evicted_events == 1   # oldest chunk dropped
+  assert ledger.reserve([6, 2], 5) == 5 and ledger.evicted_events == 1  # oldest chunk dropped
   with pytest.raises(streaming.CacheFull, match="layer 1"):
     ledger.reserve([1, 3], 11)
 
 
 def test_frames_for_budget_counts_interval_and_kept_tokens():
   cfg = tiny.get_config()
-  plan = RoutingPlan.from_config(cfg.model)      # layers 1, 3 keep k = 2 of N = 10
+  plan = RoutingPlan.from_config(cfg.model)  # layers 1, 3 keep k = 2 of N = 10
   entry = streaming.bytes_per_entry(cfg.model)
   assert entry == 2 * 2 * 16 * 4 + 8
-  budget = entry * (11 + 3 + 11 + 3) * 100       # exactly 100 frames of MoD cache
+  budget = entry * (11 + 3 + 11 + 3) * 100  # exactly 100 frames of MoD cache
   assert streaming.frames_for_budget(cfg.model, plan, budget) == 100
   dense = RoutingPlan.from_config(tiny.get_config("dense").model)
   assert streaming.frames_for_budget(cfg.model, dense, budget) == 28 * 100 // 44
@@ -220,7 +248,7 @@ class _ScriptedSession:
   def __init__(self, tok, n, speak_at, response):
     self.tok, self.n, self.speak_at, self.response = tok, n, set(speak_at), list(response)
     self.fed, self.frame = [], 0
-    self.ledger = streaming.CacheLedger([10 ** 6], "stop")
+    self.ledger = streaming.CacheLedger([10**6], "stop")
 
   def reset(self):
     self.fed, self.frame, self._queue = [], 0, []
@@ -249,31 +277,46 @@ def test_engine_feeds_exactly_the_training_stream_format(tmp_path):
   n, fps, num_frames = 3, 2.0, 7
   response = tok.encode("a red circle appears")
   speak_at = [1, 4, 6]
-  queries = [(0.0, "where is the square ?"), (1.4, "where is the circle ?"),
-             (2.5, "is the square red ?")]     # before frames 0, 3 and 5 (after a response)
+  queries = [
+    (0.0, "where is the square ?"),
+    (1.4, "where is the circle ?"),
+    (2.5, "is the square red ?"),
+  ]  # before frames 0, 3 and 5 (after a response)
   session = _ScriptedSession(tok, n, speak_at, response)
-  engine = streaming.StreamEngine(session, tok, fps=fps, system_prompt="narrate .",
-                                  threshold=0.725)
+  engine = streaming.StreamEngine(session, tok, fps=fps, system_prompt="narrate .", threshold=0.725)
   for t, q in queries:
     engine.add_query(t, q)
   turns = []
-  for i in range(num_frames):
+  for _i in range(num_frames):
     turns += engine.push_frame(np.zeros((4, 4, 3), np.uint8))
   assert [(t.role, t.frame) for t in turns] == [
-      ("user", -1), ("assistant", 1), ("user", 2), ("assistant", 4), ("user", 4),
-      ("assistant", 6)]
+    ("user", -1),
+    ("assistant", 1),
+    ("user", 2),
+    ("assistant", 4),
+    ("user", 4),
+    ("assistant", 6),
+  ]
   assert turns[1].text == "a red circle appears" and turns[1].p_interval == 0.5
 
   windows, _ = stream_lib.render_stream(
-      tok, num_frames=num_frames, narrations=[(i / fps, "a red circle appears") for i in speak_at],
-      queries=queries, fps=fps, system_prompt="narrate .", tokens_per_frame=n,
-      max_frames=100, max_text=1000)
+    tok,
+    num_frames=num_frames,
+    narrations=[(i / fps, "a red circle appears") for i in speak_at],
+    queries=queries,
+    fps=fps,
+    system_prompt="narrate .",
+    tokens_per_frame=n,
+    max_frames=100,
+    max_text=1000,
+  )
   (w,) = windows
-  rendered = np.zeros(int(max(w.text_positions.max(), w.frame_positions.max() + n - 1)) + 1,
-                      np.int64)
+  rendered = np.zeros(
+    int(max(w.text_positions.max(), w.frame_positions.max() + n - 1)) + 1, np.int64
+  )
   rendered[w.text_positions] = w.text_tokens
   for p in w.frame_positions:
-    rendered[p:p + n] = tok.vision_id
+    rendered[p : p + n] = tok.vision_id
   # The engine feeds <eos> only with the next frame; the stream ended after the last response.
   assert session.fed + [tok.eos_id] == rendered.tolist()
 
@@ -286,7 +329,7 @@ def test_engine_truncates_long_responses_and_closes_them(tmp_path):
   assert turn.truncated and turn.token_ids == tok.encode("a b a")
   engine.push_frame(np.zeros((4, 4, 3), np.uint8), respond=False)
   closing = [tok.eos_id] + list(tok.newline_ids) + list(tok.stream_open_ids)
-  assert session.fed[-(len(closing) + 2):-2] == closing and engine.truncated_responses == 1
+  assert session.fed[-(len(closing) + 2) : -2] == closing and engine.truncated_responses == 1
 
 
 # ------------------------------------------------------------------------------ sampling
@@ -296,17 +339,26 @@ def test_sampling_greedy_temperature_and_top_p():
   greedy = streaming.sample_token(logits, key, temperature=0.0, top_p=1.0, vocab_size=5)
   assert int(greedy[0]) == 3
   # vocab_size hides ids the tokenizer does not have.
-  assert int(streaming.sample_token(logits, key, temperature=0.0, top_p=1.0,
-                                    vocab_size=3)[0]) == 2
+  assert int(streaming.sample_token(logits, key, temperature=0.0, top_p=1.0, vocab_size=3)[0]) == 2
+
   def draw(keys, top_p):
-    return np.asarray(jax.jit(jax.vmap(lambda k: streaming.sample_token(
-        logits, k, temperature=1.0, top_p=top_p, vocab_size=5)[0]))(keys))
+    return np.asarray(
+      jax.jit(
+        jax.vmap(
+          lambda k: streaming.sample_token(logits, k, temperature=1.0, top_p=top_p, vocab_size=5)[0]
+        )
+      )(keys)
+    )
+
   keys = jax.random.split(key, 4000)
   full = np.bincount(draw(keys, 1.0), minlength=5) / 4000
   np.testing.assert_allclose(full, [0.1, 0.2, 0.3, 0.4, 0.0], atol=0.03)
   # top_p = 0.5: the smallest set reaching 0.5 is {0.4, 0.3}, renormalised to 4/7, 3/7.
   nucleus = np.bincount(draw(keys, 0.5), minlength=5) / 4000
   np.testing.assert_allclose(nucleus, [0, 0, 3 / 7, 4 / 7, 0], atol=0.03)
-  sharp = jax.jit(jax.vmap(lambda k: streaming.sample_token(
-      logits, k, temperature=0.05, top_p=1.0, vocab_size=5)[0]))(keys[:200])
-  assert (np.asarray(sharp) == 3).mean() > 0.99    # low temperature -> argmax
+  sharp = jax.jit(
+    jax.vmap(
+      lambda k: streaming.sample_token(logits, k, temperature=0.05, top_p=1.0, vocab_size=5)[0]
+    )
+  )(keys[:200])
+  assert (np.asarray(sharp) == 3).mean() > 0.99  # low temperature -> argmax

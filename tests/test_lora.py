@@ -75,8 +75,11 @@ def test_training_moves_only_trainable_params_and_merge_is_exact():
   state, graphdef, tx, shardings = sharding.create_train_state(c, mesh)
   labels = dict(jax.tree_util.tree_flatten_with_path(trainable_labels(state.params, c.model))[0])
   before = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
-  step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, stream_loss_weight=1.0,
-                                   base_rng=jax.random.key(0)))
+  step = jax.jit(
+    functools.partial(
+      train_step, graphdef=graphdef, tx=tx, stream_loss_weight=1.0, base_rng=jax.random.key(0)
+    )
+  )
   with jax.set_mesh(mesh):
     for i in range(3):
       state, metrics = step(state, _batch(c, seed=i))
@@ -88,8 +91,10 @@ def test_training_moves_only_trainable_params_and_merge_is_exact():
     if labels[path] == "frozen":
       np.testing.assert_array_equal(x, after[path], err_msg=f"frozen {name} changed")
     elif not np.array_equal(x, after[path]):
-      trained.add(name.split("/")[0] + ("/lora" if "_lora" in name else
-                                         "/routers" if "routers" in name else ""))
+      trained.add(
+        name.split("/")[0]
+        + ("/lora" if "_lora" in name else "/routers" if "routers" in name else "")
+      )
   assert {"llm/lora", "llm/routers", "connector", "vision"} <= trained
   frozen = [p for p, lab in labels.items() if lab == "frozen"]
   assert any("embed" in str(p) for p in frozen) and any("'q'" in str(p) for p in frozen)

@@ -26,8 +26,11 @@ def _setup(variant="", **model):
 
 def _grads(model, batch, **kw):
   graphdef, params = nnx.split(model, nnx.Param)
-  return jax.jit(jax.grad(lambda p: loss_fn(p, graphdef, batch, jax.random.key(0),
-                                            stream_loss_weight=1.0, **kw)[0]))(params)
+  return jax.jit(
+    jax.grad(
+      lambda p: loss_fn(p, graphdef, batch, jax.random.key(0), stream_loss_weight=1.0, **kw)[0]
+    )
+  )(params)
 
 
 def _assert_trees_close(a, b, atol, rtol=0.0):
@@ -61,8 +64,12 @@ def test_chunked_cross_entropy_equals_full_logits():
   targets = batch["text_targets"]
   ce, pred = model.llm.cross_entropy(h_text, targets, chunk=7)  # 64 slots: 9 chunks, padded
   logits = model.llm.logits(h_text)
-  np.testing.assert_allclose(np.asarray(ce), np.asarray(
-      optax.softmax_cross_entropy_with_integer_labels(logits, targets)), atol=1e-5, rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(ce),
+    np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, targets)),
+    atol=1e-5,
+    rtol=1e-6,
+  )
   np.testing.assert_array_equal(np.asarray(pred), np.asarray(jnp.argmax(logits, -1)))
 
 
@@ -73,17 +80,20 @@ def test_grad_accumulation_equals_full_batch():
   graphdef, params = nnx.split(model, nnx.Param)
   tx = optax.sgd(1.0)
   state = TrainState.create(params, tx)
-  step = lambda a: jax.jit(lambda s, b: train_step(s, b, graphdef=graphdef, tx=tx,
-                                                   stream_loss_weight=0.5, base_rng=0,
-                                                   grad_accum_steps=a))(state, batch)
+  step = lambda a: jax.jit(
+    lambda s, b: train_step(
+      s, b, graphdef=graphdef, tx=tx, stream_loss_weight=0.5, base_rng=0, grad_accum_steps=a
+    )
+  )(state, batch)
   (one, m1), (two, m2) = step(1), step(2)
   _assert_trees_close(one.params, two.params, 1e-6)
   for k in ("loss", "lm_loss", "stream_loss", "stream_accuracy", "router_aux_loss", "grad_norm"):
     np.testing.assert_allclose(float(m1[k]), float(m2[k]), rtol=1e-5, err_msg=k)
   # row r goes to micro-batch r mod 2
   mb = micro_batches(batch, 2)
-  np.testing.assert_array_equal(np.asarray(mb["text_tokens"][1, 0]),
-                                np.asarray(batch["text_tokens"][1]))
+  np.testing.assert_array_equal(
+    np.asarray(mb["text_tokens"][1, 0]), np.asarray(batch["text_tokens"][1])
+  )
   with pytest.raises(ValueError, match="grad_accum_steps=3"):
     micro_batches(batch, 3)
 
@@ -120,15 +130,17 @@ def test_model_attention_kernels_equal_the_position_mask_reference(impl):
     layer.attn.implementation = "xla"
   want_h = _layout_reference(model, batch)
   text_ok = np.asarray(batch["text_segment_ids"]) != 0
-  np.testing.assert_allclose(np.asarray(got[0])[text_ok], np.asarray(want_h)[text_ok],
-                             atol=2e-5, rtol=0)
+  np.testing.assert_allclose(
+    np.asarray(got[0])[text_ok], np.asarray(want_h)[text_ok], atol=2e-5, rtol=0
+  )
 
 
 def _layout_reference(model, batch):
   """Text logits of the dense-equivalent model (r irrelevant: tiny is interleaved, so compare a
   dense config) computed in the layout order with ``ordered=False``."""
-  from mod_jax.model import rows  # pylint: disable=g-import-not-at-top
-  from mod_jax.model.video_llm import frame_token_layout  # pylint: disable=g-import-not-at-top
+  from mod_jax.model import rows
+  from mod_jax.model.video_llm import frame_token_layout
+
   n = model.tokens_per_frame
   text = model.llm.embed_tokens(batch["text_tokens"])
   b, t, d = text.shape

@@ -26,16 +26,23 @@ def _sample(events):
         cols[k].append(v)
       pos += N
   a = lambda k, dt: np.asarray(cols[k], dt)
-  return metrics.SampleStream(a("tt", np.int32), a("tp", np.int32), a("tw", np.float32),
-                              a("ce", np.float32), a("ok", bool), a("fp", np.int32),
-                              a("fw", np.float32), a("fs", bool))
+  return metrics.SampleStream(
+    a("tt", np.int32),
+    a("tp", np.int32),
+    a("tw", np.float32),
+    a("ce", np.float32),
+    a("ok", bool),
+    a("fp", np.int32),
+    a("fw", np.float32),
+    a("fs", bool),
+  )
 
 
 def _turn(speaks, ces=(0.5, 1.0, 1.5), oks=(True, False, True), close=True):
   """frames (all labelled, decisions ``speaks``) then ']\\n Assistant: w1 w2 <eos>'."""
-  ev = [("t", 7, 0.0, 9.0, False)]                        # interval / stream open (unlabelled)
+  ev = [("t", 7, 0.0, 9.0, False)]  # interval / stream open (unlabelled)
   ev += [("f", 1.0, s) for s in speaks]
-  ev += [("t", 5, 0.0, 9.0, False)]                       # ]\n
+  ev += [("t", 5, 0.0, 9.0, False)]  # ]\n
   ev += [("t", 9 + i, 1.0, c, o) for i, (c, o) in enumerate(zip(ces, oks))]
   if close:
     ev += [("t", EOS, 0.0, 9.0, False)]
@@ -50,18 +57,20 @@ PROMPT = [("t", 1, 0.0, 9.0, False)]
 
 
 def test_on_time_single_turn():
-  r = metrics.evaluate_sample(_sample(PROMPT + _turn([False, False, True])), eos_id=EOS,
-                              late_fn=_never)
-  assert r.lm_ppl == pytest.approx(math.exp(1.0))          # exp(mean(0.5, 1.0, 1.5))
-  assert r.lm_correctness == pytest.approx(1 / 3)          # first error at the 2nd token
+  r = metrics.evaluate_sample(
+    _sample(PROMPT + _turn([False, False, True])), eos_id=EOS, late_fn=_never
+  )
+  assert r.lm_ppl == pytest.approx(math.exp(1.0))  # exp(mean(0.5, 1.0, 1.5))
+  assert r.lm_correctness == pytest.approx(1 / 3)  # first error at the 2nd token
   assert r.frame_diff == 0 and r.frame_diffs == [0]
-  assert r.fluency == pytest.approx((3 + 1) / (3 + 3))     # frames + leading-correct tokens
+  assert r.fluency == pytest.approx((3 + 1) / (3 + 3))  # frames + leading-correct tokens
 
 
 def test_early_response():
-  r = metrics.evaluate_sample(_sample(PROMPT + _turn([True, False, True])), eos_id=EOS,
-                              late_fn=_never)
-  assert r.frame_diffs == [2] and r.frame_diff == 2        # spoke 2 frames before the answer
+  r = metrics.evaluate_sample(
+    _sample(PROMPT + _turn([True, False, True])), eos_id=EOS, late_fn=_never
+  )
+  assert r.frame_diffs == [2] and r.frame_diff == 2  # spoke 2 frames before the answer
   assert r.fluency == pytest.approx((3 - 2) / 6)
 
 
@@ -75,15 +84,15 @@ def test_late_response_found_in_the_next_frames():
   # Turn 1: 4 frames, never speaks; turn 2: 4 frames. m = min(4, 4 - 1) = 3.
   ev = PROMPT + _turn([False] * 4) + _turn([False, False, False, True])
   r = metrics.evaluate_sample(_sample(ev), eos_id=EOS, late_fn=late)
-  assert calls == [(3, 3)]                                 # after frame 3, feed 3 more frames
-  assert r.frame_diffs == [-2, 0]                          # spoke at the 2nd appended frame
+  assert calls == [(3, 3)]  # after frame 3, feed 3 more frames
+  assert r.frame_diffs == [-2, 0]  # spoke at the 2nd appended frame
   assert r.frame_diff == pytest.approx((2 + 0) / 2)
   assert r.fluency == pytest.approx(((4 - 1) / 7 + (4 + 1) / 7) / 2)
   assert r.turns == 2 and r.late_queries == 1
 
 
 def test_late_response_never_comes():
-  ev = PROMPT + _turn([False] * 3) + _turn([True, False])   # m = min(2, 3 - 1) = 2
+  ev = PROMPT + _turn([False] * 3) + _turn([True, False])  # m = min(2, 3 - 1) = 2
   r = metrics.evaluate_sample(_sample(ev), eos_id=EOS, late_fn=lambda i, m: [False] * m)
   assert r.frame_diffs[0] == -2
   # Turn 2 spoke at its first of 2 frames: early by 1.
@@ -91,22 +100,24 @@ def test_late_response_never_comes():
 
 
 def test_late_in_last_turn_counts_as_on_time():
-  r = metrics.evaluate_sample(_sample(PROMPT + _turn([False, False])), eos_id=EOS,
-                              late_fn=_never)
+  r = metrics.evaluate_sample(_sample(PROMPT + _turn([False, False])), eos_id=EOS, late_fn=_never)
   assert r.frame_diffs == [0]
   assert r.fluency == pytest.approx((2 + 1) / (2 + 3))
 
 
 def test_late_with_a_single_frame_turn_appends_nothing():
-  ev = PROMPT + _turn([False]) + _turn([True])              # m = min(1, 1 - 1) = 0
+  ev = PROMPT + _turn([False]) + _turn([True])  # m = min(1, 1 - 1) = 0
   r = metrics.evaluate_sample(_sample(ev), eos_id=EOS, late_fn=_never)
   assert r.frame_diffs == [0, 0]
 
 
 def test_several_turns_are_averaged_and_trailing_frames_ignored():
-  ev = (PROMPT + _turn([False, True], ces=(0.0, 0.0, 0.0), oks=(True, True, True))
-        + _turn([True, False, False], ces=(2.0, 2.0, 2.0), oks=(False, True, True))
-        + [("t", 7, 0.0, 9.0, False), ("f", 1.0, True), ("f", 1.0, False)])   # no <eos> after
+  ev = (
+    PROMPT
+    + _turn([False, True], ces=(0.0, 0.0, 0.0), oks=(True, True, True))
+    + _turn([True, False, False], ces=(2.0, 2.0, 2.0), oks=(False, True, True))
+    + [("t", 7, 0.0, 9.0, False), ("f", 1.0, True), ("f", 1.0, False)]
+  )  # no <eos> after
   r = metrics.evaluate_sample(_sample(ev), eos_id=EOS, late_fn=_never)
   assert r.turns == 2
   assert r.lm_ppl == pytest.approx((1.0 + math.exp(2.0)) / 2)
@@ -118,7 +129,7 @@ def test_several_turns_are_averaged_and_trailing_frames_ignored():
 def test_unlabelled_frames_are_not_stream_targets():
   ev = PROMPT + [("t", 7, 0.0, 9.0, False), ("f", 0.0, True)] + _turn([False, True])[1:]
   r = metrics.evaluate_sample(_sample(ev), eos_id=EOS, late_fn=_never)
-  assert r.frame_diffs == [0]           # the unlabelled early "speak" is not counted
+  assert r.frame_diffs == [0]  # the unlabelled early "speak" is not counted
 
 
 def test_sample_without_turns_gets_reference_defaults():
@@ -129,16 +140,23 @@ def test_sample_without_turns_gets_reference_defaults():
 
 def test_threshold_option_of_the_decision():
   interval = 3
-  probs = np.array([[0.0, 0.3, 0.0, 0.7],     # argmax interval, P = 0.7
-                    [0.0, 0.35, 0.25, 0.4],   # argmax interval, P = 0.4
-                    [0.0, 0.5, 0.2, 0.3],     # argmax another token
-                    [0.0, 0.2, 0.0, 0.8]])
-  np.testing.assert_array_equal(metrics.speak_decision(probs, interval, 0.0),
-                                [False, False, True, False])
-  np.testing.assert_array_equal(metrics.speak_decision(probs, interval, 0.725),
-                                [True, True, True, False])
-  np.testing.assert_array_equal(metrics.speak_decision(probs, interval, 0.5),
-                                [False, True, True, False])
+  probs = np.array(
+    [
+      [0.0, 0.3, 0.0, 0.7],  # argmax interval, P = 0.7
+      [0.0, 0.35, 0.25, 0.4],  # argmax interval, P = 0.4
+      [0.0, 0.5, 0.2, 0.3],  # argmax another token
+      [0.0, 0.2, 0.0, 0.8],
+    ]
+  )
+  np.testing.assert_array_equal(
+    metrics.speak_decision(probs, interval, 0.0), [False, False, True, False]
+  )
+  np.testing.assert_array_equal(
+    metrics.speak_decision(probs, interval, 0.725), [True, True, True, False]
+  )
+  np.testing.assert_array_equal(
+    metrics.speak_decision(probs, interval, 0.5), [False, True, True, False]
+  )
   with pytest.raises(ValueError, match="threshold=1.5"):
     metrics.speak_decision(probs, interval, 1.5)
 
@@ -149,7 +167,7 @@ def test_aggregate_means_over_samples_and_frames_to_seconds():
   c = metrics.SampleResult(1.0, 0.0, 1.0, 1.0, 0, [], 0)
   out = metrics.aggregate([a, b, c], fps=2.0)
   assert out["lm_ppl"] == pytest.approx(7 / 3)
-  assert out["time_diff"] == pytest.approx((4 / 3) / 2.0)   # mean frame_diff / fps
+  assert out["time_diff"] == pytest.approx((4 / 3) / 2.0)  # mean frame_diff / fps
   assert out["fluency"] == pytest.approx(2.5 / 3)
   assert out["lm_correctness"] == pytest.approx(2 / 3)
   assert (out["samples"], out["turns"], out["samples_without_turns"]) == (3, 3, 1)
@@ -166,21 +184,36 @@ def test_a_rendered_stream_counts_the_references_labels_per_turn(tmp_path):
   """
   from mod_jax.data import stream
   from mod_jax.data.tokenizer import build_word_tokenizer
-  tok = build_word_tokenizer(["go", "a", "red", "circle", "what", "is", "it"],
-                             tmp_path / "tokenizer.json")
+
+  tok = build_word_tokenizer(
+    ["go", "a", "red", "circle", "what", "is", "it"], tmp_path / "tokenizer.json"
+  )
   (w,), _ = stream.render_stream(
-      tok, num_frames=3, narrations=[(0.5, "a red circle"), (1.0, "it is red")],
-      queries=[(0.3, "what is it")], fps=2.0, system_prompt="go", tokens_per_frame=N,
-      max_frames=8, max_text=64)
+    tok,
+    num_frames=3,
+    narrations=[(0.5, "a red circle"), (1.0, "it is red")],
+    queries=[(0.3, "what is it")],
+    fps=2.0,
+    system_prompt="go",
+    tokens_per_frame=N,
+    max_frames=8,
+    max_text=64,
+  )
   np.testing.assert_array_equal(w.frame_positions, [4, 13, 23])
   pos = w.text_positions
   sample = metrics.SampleStream(
-      text_tokens=w.text_tokens, text_positions=pos, text_weights=w.text_weights,
-      text_ce=pos / 10.0, text_correct=pos != 17, frame_positions=w.frame_positions,
-      frame_weights=w.frame_weights, frame_speak=np.array([False, True, True]))
+    text_tokens=w.text_tokens,
+    text_positions=pos,
+    text_weights=w.text_weights,
+    text_ce=pos / 10.0,
+    text_correct=pos != 17,
+    frame_positions=w.frame_positions,
+    frame_weights=w.frame_weights,
+    frame_speak=np.array([False, True, True]),
+  )
   r = metrics.evaluate_sample(sample, eos_id=tok.eos_id, late_fn=_never)
   assert r.frame_diffs == [0, 0] and r.turns == 2
   # Mean CE 1.5..1.9 in turn 1, 2.5..2.9 in turn 2.
   assert r.lm_ppl == pytest.approx((math.exp(1.7) + math.exp(2.7)) / 2)
-  assert r.lm_correctness == pytest.approx((2 / 5 + 5 / 5) / 2)         # slot 17 is wrong
+  assert r.lm_correctness == pytest.approx((2 / 5 + 5 / 5) / 2)  # slot 17 is wrong
   assert r.fluency == pytest.approx(((2 + 2) / (2 + 5) + (1 + 5) / (1 + 5)) / 2)

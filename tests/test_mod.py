@@ -15,32 +15,43 @@ from tests.helpers import frame_scores_router, ordered_row, synthetic_batch
 
 def _plus_one_block(seen):
   """A stand-in decoder layer: adds 1 to every token it processes, records what it saw."""
+
   def block(x, seq):
     seen.append((x.shape, np.asarray(seq.positions), np.asarray(seq.segment_ids)))
     return x + 1.0
+
   return block
 
 
 def test_top_k_per_frame_processed_and_text_always():
   b, t, f, n, d, k = 2, 3, 2, 4, 5, 1
-  scores = jnp.array([[[.1, .9, .3, .2], [.4, .0, .8, .7]],
-                      [[.5, .1, .2, .3], [.0, .1, .2, .9]]])
+  scores = jnp.array(
+    [[[0.1, 0.9, 0.3, 0.2], [0.4, 0.0, 0.8, 0.7]], [[0.5, 0.1, 0.2, 0.3], [0.0, 0.1, 0.2, 0.9]]]
+  )
   x = jnp.zeros((b, t + f * n, d))
   pos = jnp.broadcast_to(jnp.arange(t + f * n, dtype=jnp.int32) + 100, (b, t + f * n))
   seg = jnp.ones((b, t + f * n), jnp.int32)
   seen = []
   x_s, seq, layout = ordered_row(x, pos, seg, t, n)
-  y, aux = mod.routed_block(_plus_one_block(seen), x_s, seq, layout, k=k, selection="learned",
-                            weighting="ste", router=frame_scores_router(scores, layout))
+  y, aux = mod.routed_block(
+    _plus_one_block(seen),
+    x_s,
+    seq,
+    layout,
+    k=k,
+    selection="learned",
+    weighting="ste",
+    router=frame_scores_router(scores, layout),
+  )
   processed = np.asarray(rows.take(y, layout.inverse)[..., 0]) == 1.0
   expected = np.zeros((b, t + f * n), bool)
-  expected[:, :t] = True                       # text always processed
-  for bi, frames in enumerate([[1, 2], [0, 3]]):   # argmax per frame
+  expected[:, :t] = True  # text always processed
+  for bi, frames in enumerate([[1, 2], [0, 3]]):  # argmax per frame
     for fi, j in enumerate(frames):
       expected[bi, t + fi * n + j] = True
   np.testing.assert_array_equal(processed, expected)
   # The block ran on the compact sequence C = T + F*k, with the ORIGINAL positions.
-  (shape, seen_pos, _), = seen
+  ((shape, seen_pos, _),) = seen
   assert shape == (b, t + f * k, d)
   np.testing.assert_array_equal(seen_pos[0], [100, 101, 102, 100 + t + 1, 100 + t + n + 2])
   np.testing.assert_array_equal(np.asarray(aux["kept_index"])[:, :, 0], [[1, 2], [0, 3]])
@@ -53,8 +64,16 @@ def test_keeps_exactly_k_per_frame(k):
   x = jnp.zeros((b, t + f * n, d))
   pos = jnp.arange(t + f * n, dtype=jnp.int32)[None]
   x_s, seq, layout = ordered_row(x, pos, jnp.ones_like(pos), t, n)
-  y, _ = mod.routed_block(_plus_one_block([]), x_s, seq, layout, k=k, selection="learned",
-                          weighting="ste", router=frame_scores_router(scores, layout))
+  y, _ = mod.routed_block(
+    _plus_one_block([]),
+    x_s,
+    seq,
+    layout,
+    k=k,
+    selection="learned",
+    weighting="ste",
+    router=frame_scores_router(scores, layout),
+  )
   y = rows.take(y, layout.inverse)
   vis = np.asarray(y[0, t:, 0]).reshape(f, n)
   assert (vis.sum(axis=1) == k).all()
@@ -124,7 +143,7 @@ def test_router_receives_gradient(weighting):
 
   def loss(p):
     tl, fl, _ = nnx.merge(graphdef, p)(batch)
-    return jnp.mean(tl ** 2) + jnp.mean(fl ** 2)
+    return jnp.mean(tl**2) + jnp.mean(fl**2)
 
   grads = jax.grad(loss)(params)
   # Layer 1 routes; its kept tokens feed layers 2-3, so its router must learn from the loss.

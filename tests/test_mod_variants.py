@@ -44,8 +44,9 @@ def _row_inputs(model, batch):
   b, t, d = text.shape
   f = vis.shape[1]
   x = jnp.concatenate([text, vis.reshape(b, f * n, d)], axis=1)
-  v_pos, v_seg = frame_token_layout(jnp.asarray(batch["frame_positions"]),
-                                    jnp.asarray(batch["frame_segment_ids"]), n)
+  v_pos, v_seg = frame_token_layout(
+    jnp.asarray(batch["frame_positions"]), jnp.asarray(batch["frame_segment_ids"]), n
+  )
   pos = jnp.concatenate([jnp.asarray(batch["text_positions"]), v_pos], axis=1)
   seg = jnp.concatenate([jnp.asarray(batch["text_segment_ids"]), v_seg], axis=1)
   return x, pos, seg, t, f
@@ -73,10 +74,12 @@ def _assert_logits_match(got, want, batch):
   """Compare at real (non-padding) text slots and frames: padding queries attend to nothing."""
   text_ok = np.asarray(batch["text_segment_ids"]) != 0
   frame_ok = np.asarray(batch["frame_segment_ids"]) != 0
-  np.testing.assert_allclose(np.asarray(got[0])[text_ok], np.asarray(want[0])[text_ok],
-                             atol=2e-5, rtol=0)
-  np.testing.assert_allclose(np.asarray(got[1])[frame_ok], np.asarray(want[1])[frame_ok],
-                             atol=2e-5, rtol=0)
+  np.testing.assert_allclose(
+    np.asarray(got[0])[text_ok], np.asarray(want[0])[text_ok], atol=2e-5, rtol=0
+  )
+  np.testing.assert_allclose(
+    np.asarray(got[1])[frame_ok], np.asarray(want[1])[frame_ok], atol=2e-5, rtol=0
+  )
 
 
 def _uniform_kept(layers, k_idx):
@@ -87,13 +90,21 @@ def _uniform_kept(layers, k_idx):
     kept = np.zeros((b, f, n), bool)
     kept[..., list(k_idx)] = True
     return kept
+
   return kept_fn
 
 
 # ------------------------------------------------------------------ insertion strategies
-@pytest.mark.parametrize("insertion,layers", [
-    ("all", (0, 1, 2, 3)), ("all_deep", (2, 3)), ("interleaved", (1, 3)),
-    ("interleaved_deep", (3,)), ([0, 2], (0, 2))])
+@pytest.mark.parametrize(
+  "insertion,layers",
+  [
+    ("all", (0, 1, 2, 3)),
+    ("all_deep", (2, 3)),
+    ("interleaved", (1, 3)),
+    ("interleaved_deep", (3,)),
+    ([0, 2], (0, 2)),
+  ],
+)
 def test_insertion_routes_exactly_its_layers(insertion, layers, monkeypatch):
   """Each layer sees the tokens it should: routed layers T + F·k tokens, with the kept vision
   tokens at their original positions; the others the whole row. Output equals the oracle."""
@@ -119,20 +130,24 @@ def test_insertion_routes_exactly_its_layers(insertion, layers, monkeypatch):
       kept_pos = (fpos[:, :, None] + np.array(UNIFORM_2_OF_10)).reshape(2, -1)
       want = np.concatenate([batch["text_positions"], kept_pos], axis=1)
     else:
-      want = np.concatenate([batch["text_positions"],
-                             (fpos[:, :, None] + np.arange(n)).reshape(2, -1)], axis=1)
+      want = np.concatenate(
+        [batch["text_positions"], (fpos[:, :, None] + np.arange(n)).reshape(2, -1)], axis=1
+      )
     # The layer sees the row in stream order: the same positions, ascending within the sample.
     np.testing.assert_array_equal(np.sort(seen[i]), np.sort(want), err_msg=f"layer {i}")
-    real = seen[i][:, :(np.asarray(batch["text_segment_ids"]) != 0).sum(1).min()]
+    real = seen[i][:, : (np.asarray(batch["text_segment_ids"]) != 0).sum(1).min()]
     assert (np.diff(real, axis=1) > 0).all(), f"layer {i} is not in stream order"
   assert seen[layers[0]].shape[1] == t + f * 2
-  _assert_logits_match(got, _oracle_logits(model, batch, _uniform_kept(layers, UNIFORM_2_OF_10)),
-                       batch)
+  _assert_logits_match(
+    got, _oracle_logits(model, batch, _uniform_kept(layers, UNIFORM_2_OF_10)), batch
+  )
 
 
 # ------------------------------------------------------------------ selection strategies
-@pytest.mark.parametrize("n,k,want", [(10, 1, [5]), (10, 2, [2, 7]), (10, 3, [1, 5, 8]),
-                                      (5, 2, [1, 3]), (4, 4, [0, 1, 2, 3])])
+@pytest.mark.parametrize(
+  "n,k,want",
+  [(10, 1, [5]), (10, 2, [2, 7]), (10, 3, [1, 5, 8]), (5, 2, [1, 3]), (4, 4, [0, 1, 2, 3])],
+)
 def test_uniform_selection_is_strided(n, k, want):
   idx = np.asarray(mod.select(None, k, n, "uniform", (2, 3), None))
   assert idx.shape == (2, 3, k)
@@ -149,7 +164,7 @@ def test_learned_selection_equals_masked_dense_oracle():
     if i not in (1, 3):
       return None
     r = model.llm.routers[str(i)]
-    scores = x_vis @ np.asarray(r.kernel[...]) + float(r.bias[...])   # [b, f, n]
+    scores = x_vis @ np.asarray(r.kernel[...]) + float(r.bias[...])  # [b, f, n]
     top = np.argsort(-scores, axis=-1)[..., :k]
     kept = np.zeros(scores.shape, bool)
     np.put_along_axis(kept, top, True, axis=-1)
@@ -165,12 +180,23 @@ def test_learned_selection_follows_router_scores():
   router.kernel[...] = jnp.array([1.0, 0.0, 0.0])
   router.bias[...] = jnp.array(0.0)
   x = np.zeros((b, t + f * n, d), np.float32)
-  x[0, t:, 0] = [.3, .9, .1, .5, .2,   # frame 0: keep 1, 3
-                 .8, .0, .7, .1, .6]   # frame 1: keep 0, 2
+  x[0, t:, 0] = [
+    0.3,
+    0.9,
+    0.1,
+    0.5,
+    0.2,  # frame 0: keep 1, 3
+    0.8,
+    0.0,
+    0.7,
+    0.1,
+    0.6,
+  ]  # frame 1: keep 0, 2
   pos = jnp.arange(t + f * n, dtype=jnp.int32)[None]
   x_s, seq, layout = ordered_row(x, pos, jnp.ones_like(pos), t, n)
-  _, aux = mod.routed_block(lambda xc, sc: xc, x_s, seq, layout, k=k, selection="learned",
-                            weighting="ste", router=router)
+  _, aux = mod.routed_block(
+    lambda xc, sc: xc, x_s, seq, layout, k=k, selection="learned", weighting="ste", router=router
+  )
   np.testing.assert_array_equal(np.asarray(aux["kept_index"]), [[[1, 3], [0, 2]]])
 
 
@@ -212,8 +238,9 @@ def test_early_exit_is_k0_routing_of_the_deep_layers():
   c = _config(**settings)
   assert mod.RoutingPlan.from_config(c.model).keep == (None, 0, 0, 0)
   model, batch = _model_and_batch(c)
-  _assert_logits_match(model(batch), _oracle_logits(model, batch, _uniform_kept({1, 2, 3}, ())),
-                       batch)
+  _assert_logits_match(
+    model(batch), _oracle_logits(model, batch, _uniform_kept({1, 2, 3}, ())), batch
+  )
 
 
 def test_layer_skip_is_k0_routing_of_interleaved_layers():
@@ -221,8 +248,7 @@ def test_layer_skip_is_k0_routing_of_interleaved_layers():
   assert mod.RoutingPlan.from_config(c.model).keep == (None, 0, None, 0)
   model, batch = _model_and_batch(c)
   assert not model.llm.routers  # k = 0 layers need no router
-  _assert_logits_match(model(batch), _oracle_logits(model, batch, _uniform_kept({1, 3}, ())),
-                       batch)
+  _assert_logits_match(model(batch), _oracle_logits(model, batch, _uniform_kept({1, 3}, ())), batch)
 
 
 def test_full_computation_baseline_is_dense():
@@ -243,12 +269,15 @@ def test_keep_schedule_per_layer():
   _assert_logits_match(model(batch), _oracle_logits(model, batch, lambda i, xv: None), batch)
 
 
-@pytest.mark.parametrize("settings,match", [
+@pytest.mark.parametrize(
+  "settings,match",
+  [
     (dict(insertion="interleaved", keep_ratio=[0.2]), r"2 layers \[1, 3\]"),
     (dict(insertion="all", keep_ratio=[0.2, 0.2, 1.5, 0.2]), r"\[1.5\] are outside"),
     (dict(keep_ratio=0.0), r"keep_ratio=0.0 must be in \(0, 1\].*baseline_routing"),
     (dict(router_aux_loss_weight=-1.0), "router_aux_loss_weight=-1.0"),
-])
+  ],
+)
 def test_bad_routing_settings_are_named(settings, match):
   c = tiny.get_config()
   c.model.mod.update(settings)
@@ -271,15 +300,25 @@ def test_router_bce_is_bce_of_logits_against_membership():
   pos = jnp.arange(t + f * n, dtype=jnp.int32)[None]
   seg = jnp.array([[1] + [1] * (2 * n) + [0] * n])  # frame 2 is padding: not counted
   x_s, seq, layout = ordered_row(x, pos, seg, t, n)
-  _, aux = mod.routed_block(lambda xc, sc: xc, x_s, seq, layout, k=k, selection="learned",
-                            weighting="ste", router=frame_scores_router(scores, layout))
+  _, aux = mod.routed_block(
+    lambda xc, sc: xc,
+    x_s,
+    seq,
+    layout,
+    k=k,
+    selection="learned",
+    weighting="ste",
+    router=frame_scores_router(scores, layout),
+  )
   member = np.zeros((f, n))
-  member[0, 0] = member[1, 1] = 1.0          # argmax of frames 0 and 1
+  member[0, 0] = member[1, 1] = 1.0  # argmax of frames 0 and 1
   s = scores[0, :2]
-  bce = -(member[:2] * np.log(1 / (1 + np.exp(-s))) +
-          (1 - member[:2]) * np.log(1 - 1 / (1 + np.exp(-s))))
-  np.testing.assert_allclose(float(aux["router_bce_sum"] / aux["router_bce_count"]), bce.mean(),
-                             rtol=1e-5)
+  bce = -(
+    member[:2] * np.log(1 / (1 + np.exp(-s))) + (1 - member[:2]) * np.log(1 - 1 / (1 + np.exp(-s)))
+  )
+  np.testing.assert_allclose(
+    float(aux["router_bce_sum"] / aux["router_bce_count"]), bce.mean(), rtol=1e-5
+  )
 
 
 def test_aux_loss_weight_adds_to_the_training_loss():
@@ -288,11 +327,18 @@ def test_aux_loss_weight_adds_to_the_training_loss():
   graphdef, params = nnx.split(model, nnx.Param)
   loss, metrics = loss_fn(params, graphdef, batch, jax.random.key(0), stream_loss_weight=1.0)
   _, _, aux = model(batch)
-  bce_sum = sum(float(aux[f"layer_{i}"]["router_bce_sum"] / aux[f"layer_{i}"]["router_bce_count"])
-                for i in (1, 3))
+  bce_sum = sum(
+    float(aux[f"layer_{i}"]["router_bce_sum"] / aux[f"layer_{i}"]["router_bce_count"])
+    for i in (1, 3)
+  )
   assert bce_sum > 0
   np.testing.assert_allclose(float(metrics["router_aux_loss"]), bce_sum, rtol=1e-5)
   c0 = _config()
-  loss0, _ = loss_fn(params, nnx.split(VideoLLM(c0.model, rngs=nnx.Rngs(0)), nnx.Param)[0],
-                     batch, jax.random.key(0), stream_loss_weight=1.0)
+  loss0, _ = loss_fn(
+    params,
+    nnx.split(VideoLLM(c0.model, rngs=nnx.Rngs(0)), nnx.Param)[0],
+    batch,
+    jax.random.key(0),
+    stream_loss_weight=1.0,
+  )
   np.testing.assert_allclose(float(loss) - float(loss0), 0.5 * bce_sum, rtol=1e-4)

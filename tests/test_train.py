@@ -13,14 +13,20 @@ from tests.helpers import synthetic_batch
 
 def _run_steps(config, devices, batches):
   import functools
+
   from mod_jax.train.step import train_step
+
   mesh = sharding.make_mesh(config, devices=devices)
   rules = sharding.rules_of(config)
   state, graphdef, tx, shardings = sharding.create_train_state(config, mesh)
   init = jax.device_get(state.params)
-  fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, stream_loss_weight=1.0,
-                                 base_rng=jax.random.key(0)),
-               in_shardings=(shardings, None), out_shardings=(shardings, None))
+  fn = jax.jit(
+    functools.partial(
+      train_step, graphdef=graphdef, tx=tx, stream_loss_weight=1.0, base_rng=jax.random.key(0)
+    ),
+    in_shardings=(shardings, None),
+    out_shardings=(shardings, None),
+  )
   with jax.set_mesh(mesh):
     for b in batches:
       state, metrics = fn(state, sharding.host_to_global(b, mesh, rules))
@@ -42,8 +48,9 @@ def test_sharded_step_matches_single_device(variant):
   assert len(q.sharding.device_set) == 8
   assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), init1, init8)
-  for (path, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(p1)[0],
-                               jax.tree_util.tree_flatten_with_path(p8)[0]):
+  for (path, a), (_, b) in zip(
+    jax.tree_util.tree_flatten_with_path(p1)[0], jax.tree_util.tree_flatten_with_path(p8)[0]
+  ):
     name = jax.tree_util.keystr(path)
     if "['vision']" in name and "['k']['bias']" in name:
       # A key bias adds q·b_k to every logit of a query: softmax cancels it, so its true
@@ -51,8 +58,9 @@ def test_sharded_step_matches_single_device(variant):
       continue
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=name)
   np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
-  moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(init1),
-                                                          jax.tree.leaves(p1)))
+  moved = max(
+    float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(init1), jax.tree.leaves(p1))
+  )
   assert moved > 1e-4  # the step really changed the parameters
 
 

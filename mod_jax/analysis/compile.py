@@ -42,11 +42,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import math
 import os
 import re
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,16 +62,16 @@ from mod_jax.infer import streaming
 from mod_jax.model.mod import RoutingPlan
 from mod_jax.train import sharding
 
-GiB = 2 ** 30
+GiB = 2**30
 
 # HBM per chip that XLA may use, in bytes, as the TPU compiler reports it in its out-of-memory
 # message ("exceeds available HBM (95.74G)", G = GiB), checked with libtpu from jax[tpu]==0.10.2.
 # Used only when the compiler cannot be asked (:func:`hbm_bytes` probes it).
 HBM_BY_DEVICE_KIND = {
-    "TPU v4": 30.75 * GiB,
-    "TPU v5": 95.74 * GiB,        # v5p
-    "TPU v5 lite": 15.75 * GiB,   # v5e
-    "TPU v6 lite": 31.25 * GiB,   # v6e (Trillium)
+  "TPU v4": 30.75 * GiB,
+  "TPU v5": 95.74 * GiB,  # v5p
+  "TPU v5 lite": 15.75 * GiB,  # v5e
+  "TPU v6 lite": 31.25 * GiB,  # v6e (Trillium)
 }
 
 
@@ -81,6 +83,7 @@ class TopologyError(ValueError):
 class Generation:
   """A TPU generation: libtpu's topology prefix, chip config, mesh rank, cores per chip in the
   cloud accelerator-type name (``v5p-128`` counts cores, ``v5litepod-256`` chips)."""
+
   libtpu: str
   chip_config: str
   rank: int
@@ -88,23 +91,32 @@ class Generation:
 
 
 _GENERATIONS = {
-    "v4": Generation("v4", "megacore", 3, 2),
-    "v5": Generation("v5", "megacore", 3, 2),
-    "v5p": Generation("v5", "megacore", 3, 2),
-    "v5e": Generation("v5e", "default", 2, 1),
-    "v5litepod": Generation("v5e", "default", 2, 1),   # the cloud name of v5e
-    "v6e": Generation("v6e", "default", 2, 1),
+  "v4": Generation("v4", "megacore", 3, 2),
+  "v5": Generation("v5", "megacore", 3, 2),
+  "v5p": Generation("v5", "megacore", 3, 2),
+  "v5e": Generation("v5e", "default", 2, 1),
+  "v5litepod": Generation("v5e", "default", 2, 1),  # the cloud name of v5e
+  "v6e": Generation("v6e", "default", 2, 1),
 }
-_CHIP_NAMES = ("v4", "v5", "v5p", "v5e", "v6e")          # accepted before ':'
-_CLOUD_NAMES = ("v4", "v5p", "v5e", "v5litepod", "v6e")   # accepted before '-'
-EXAMPLES = ("v5:4x4x4 (v5p-128, 64 chips)", "v5p:2x2x1 (4 chips)", "v5e:16x16 (v5e-256)",
-            "v5e:2x2", "v4:2x2x2", "v6e:4x4", "v5p-128", "v5litepod-256")
+_CHIP_NAMES = ("v4", "v5", "v5p", "v5e", "v6e")  # accepted before ':'
+_CLOUD_NAMES = ("v4", "v5p", "v5e", "v5litepod", "v6e")  # accepted before '-'
+EXAMPLES = (
+  "v5:4x4x4 (v5p-128, 64 chips)",
+  "v5p:2x2x1 (4 chips)",
+  "v5e:16x16 (v5e-256)",
+  "v5e:2x2",
+  "v4:2x2x2",
+  "v6e:4x4",
+  "v5p-128",
+  "v5litepod-256",
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
   """A resolved topology: ``name`` as libtpu takes it (``v5:4x4x4``), its chip config, chips per
   slice, and the name the user gave."""
+
   name: str
   chip_config: str
   chips: int
@@ -115,8 +127,9 @@ def standard_shape(chips: int, rank: int) -> tuple[int, ...]:
   """The usual slice shape of ``chips`` chips (a power of two >= 4 for rank 3): the smallest
   axis doubles first, e.g. 64 → (4, 4, 4), 128 → (4, 4, 8), 256 → (16, 16) for rank 2."""
   if chips < 1 or chips & (chips - 1) or (rank == 3 and chips < 4):
-    raise ValueError(f"{chips} chips is not a standard slice size (a power of two"
-                     f"{', >= 4' if rank == 3 else ''}).")
+    raise ValueError(
+      f"{chips} chips is not a standard slice size (a power of two{', >= 4' if rank == 3 else ''})."
+    )
   shape = [2, 2, 1] if rank == 3 else [1, 1]
   while math.prod(shape) < chips:
     i = min(range(rank), key=lambda j: (shape[j], -j))
@@ -136,15 +149,18 @@ def parse_topology(name: str) -> Topology:
   if m:
     gen, dims = m.group(1), tuple(int(x) for x in m.group(2).split("x"))
     if gen not in _CHIP_NAMES:
-      raise TopologyError(f"unknown TPU topology {name!r}: generation {gen!r} is not one of "
-                       f"{_CHIP_NAMES} ('v5litepod' is a cloud name: v5litepod-256 or "
-                       f"v5e:16x16). {hint}")
+      raise TopologyError(
+        f"unknown TPU topology {name!r}: generation {gen!r} is not one of "
+        f"{_CHIP_NAMES} ('v5litepod' is a cloud name: v5litepod-256 or "
+        f"v5e:16x16). {hint}"
+      )
     g = _GENERATIONS[gen]
     if len(dims) != g.rank or min(dims) < 1:
-      raise TopologyError(f"topology {name!r}: {gen} slices have {g.rank} axes of chips "
-                       f"(e.g. {'2x2x1' if g.rank == 3 else '2x2'}). {hint}")
-    return Topology(f"{g.libtpu}:{'x'.join(map(str, dims))}", g.chip_config, math.prod(dims),
-                    name)
+      raise TopologyError(
+        f"topology {name!r}: {gen} slices have {g.rank} axes of chips "
+        f"(e.g. {'2x2x1' if g.rank == 3 else '2x2'}). {hint}"
+      )
+    return Topology(f"{g.libtpu}:{'x'.join(map(str, dims))}", g.chip_config, math.prod(dims), name)
   m = re.fullmatch(r"([a-z0-9]+)-(\d+)", name.strip().lower())
   if m and m.group(1) in _CLOUD_NAMES:
     g = _GENERATIONS[m.group(1)]
@@ -172,32 +188,37 @@ def topology_devices(name: str, num_slices: int = 1) -> tuple[Topology, list]:
   # (/tmp/libtpu_lockfile), which another process on this host may hold.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
-    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+    from jax.experimental import topologies
+
     desc = topologies.get_topology_desc(
-        platform="tpu", topology_name=topo.name, chip_config_name=topo.chip_config,
-        chips_per_host_bounds=(2, 2, 1), num_slices=num_slices)
-  except Exception as e:  # pylint: disable=broad-except (libtpu missing or name rejected)
+      platform="tpu",
+      topology_name=topo.name,
+      chip_config_name=topo.chip_config,
+      chips_per_host_bounds=(2, 2, 1),
+      num_slices=num_slices,
+    )
+  except Exception as e:  # noqa: BLE001 (libtpu missing or name rejected)
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if not libtpu_available():
-      raise TopologyError(f"compiling for TPU topology {name!r} needs libtpu: pip install "
-                         f"'jax[tpu]==0.10.2' (the mod_jax 'tpu' extra). ({msg})") from None
-    raise TopologyError(f"libtpu rejected topology {topo.name!r} (from {name!r}, chip config "
-                     f"{topo.chip_config!r}): {msg}. Examples: {', '.join(EXAMPLES)}.") from None
+      raise TopologyError(
+        f"compiling for TPU topology {name!r} needs libtpu: pip install "
+        f"'jax[tpu]==0.10.2' (the mod_jax 'tpu' extra). ({msg})"
+      ) from None
+    raise TopologyError(
+      f"libtpu rejected topology {topo.name!r} (from {name!r}, chip config "
+      f"{topo.chip_config!r}): {msg}. Examples: {', '.join(EXAMPLES)}."
+    ) from None
   return topo, list(desc.devices)
 
 
 def libtpu_available() -> bool:
   """Whether libtpu (``jax[tpu]``) is importable, i.e. TPU topologies can be compiled for."""
-  try:
-    import libtpu  # pylint: disable=g-import-not-at-top,unused-import
-    return True
-  except ImportError:
-    return False
+  return importlib.util.find_spec("libtpu") is not None
 
 
 # ----------------------------------------------------------------------------- memory limits
 _SIZE = r"([\d.]+)\s*([KMGT]?)i?B?"
-_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def _bytes(value: str, unit: str) -> float:
@@ -213,13 +234,17 @@ def parse_oom(message: str) -> dict[str, Any] | None:
   """
   if "RESOURCE_EXHAUSTED" not in message and "exceeds available HBM" not in message:
     return None
-  line = next((l.strip() for l in message.splitlines() if "RESOURCE_EXHAUSTED" in l
-               or "exceed" in l), message.strip().splitlines()[0])
+  line = next(
+    (l.strip() for l in message.splitlines() if "RESOURCE_EXHAUSTED" in l or "exceed" in l),
+    message.strip().splitlines()[0],
+  )
   hbm = re.search(r"available HBM \(" + _SIZE + r"\)", message)
   need = re.search(r"\(" + _SIZE + r"\)\s+exceeds?", message)
-  return {"summary": line[:400],
-          "required_bytes": _bytes(*need.groups()) if need else None,
-          "hbm_bytes": _bytes(*hbm.groups()) if hbm else None}
+  return {
+    "summary": line[:400],
+    "required_bytes": _bytes(*need.groups()) if need else None,
+    "hbm_bytes": _bytes(*hbm.groups()) if hbm else None,
+  }
 
 
 _HBM_CACHE: dict[str, tuple[float | None, str]] = {}
@@ -239,16 +264,17 @@ def hbm_bytes(device) -> tuple[float | None, str]:
     stats = device.memory_stats()
     if stats and stats.get("bytes_limit"):
       return float(stats["bytes_limit"]), "device memory_stats"
-  except Exception:  # pylint: disable=broad-except (topology devices are not addressable)
+  except Exception:  # noqa: BLE001 (topology devices are not addressable)
     pass
   if kind not in _HBM_CACHE:
     limit, source = None, "unknown"
     mesh = Mesh(np.array([device]), ("x",))
-    too_big = jax.ShapeDtypeStruct((2 ** 42,), jnp.int8, sharding=NamedSharding(mesh,
-                                                                                  PartitionSpec()))
+    too_big = jax.ShapeDtypeStruct(
+      (2**42,), jnp.int8, sharding=NamedSharding(mesh, PartitionSpec())
+    )
     try:
       jax.jit(lambda x: x + 1).lower(too_big).compile()
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:  # noqa: BLE001
       oom = parse_oom(str(e))
       if oom and oom["hbm_bytes"]:
         limit, source = oom["hbm_bytes"], "compiler out-of-memory message"
@@ -269,7 +295,7 @@ def _compile(lowerable, *args, **kwargs) -> dict[str, Any]:
   lower_s = time.perf_counter() - t0
   try:
     compiled = lowered.compile()
-  except Exception as e:  # pylint: disable=broad-except (jax raises JaxRuntimeError)
+  except Exception as e:  # jax raises JaxRuntimeError (re-raised unless it is an OOM)
     oom = parse_oom(str(e))
     if oom is None:
       raise
@@ -285,8 +311,11 @@ def _with_sharding(abstract, shardings):
   ``in_shardings`` prefix trees do."""
   empty = lambda x: not isinstance(x, jax.ShapeDtypeStruct) and not jax.tree.leaves(x)
   return jax.tree.map(
-      lambda a, s: a if empty(a) else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract, shardings, is_leaf=empty)
+    lambda a, s: a if empty(a) else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    abstract,
+    shardings,
+    is_leaf=empty,
+  )
 
 
 def compile_train(config: ConfigDict, mesh: Mesh) -> dict[str, Any]:
@@ -308,8 +337,9 @@ def compile_stream(config: ConfigDict, mesh: Mesh) -> dict[str, Any]:
   activation constraints: batch 1), caches and inputs replicated.
   """
   rules = sharding.rules_of(config)
-  sizes = streaming.cache_sizes(RoutingPlan.from_config(config.model), config.data.max_frames,
-                                config.data.max_text)
+  sizes = streaming.cache_sizes(
+    RoutingPlan.from_config(config.model), config.data.max_frames, config.data.max_text
+  )
 
   def build():
     model = sharding.build_model(config)
@@ -319,48 +349,81 @@ def compile_stream(config: ConfigDict, mesh: Mesh) -> dict[str, Any]:
   graphdef, abs_params, abs_cache = nnx.split(nnx.eval_shape(build), nnx.Param, nnx.Cache)
   replicated = NamedSharding(mesh, PartitionSpec())
   params = _with_sharding(abs_params, sharding.param_shardings(abs_params, mesh, rules))
-  cache = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                       abs_cache)
+  cache = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abs_cache
+  )
   s = config.model.vision.image_size
   sd = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
   i32 = jnp.int32
-  batch = {"text_tokens": sd((1, 1), i32), "text_positions": sd((1, 1), i32),
-           "text_segment_ids": sd((1, 1), i32), "frames": sd((1, 1, s, s, 3), jnp.uint8),
-           "frame_positions": sd((1, 1), i32), "frame_segment_ids": sd((1, 1), i32)}
+  batch = {
+    "text_tokens": sd((1, 1), i32),
+    "text_positions": sd((1, 1), i32),
+    "text_segment_ids": sd((1, 1), i32),
+    "frames": sd((1, 1, s, s, 3), jnp.uint8),
+    "frame_positions": sd((1, 1), i32),
+    "frame_segment_ids": sd((1, 1), i32),
+  }
   key = jax.eval_shape(lambda: jax.random.key(0))
   with jax.set_mesh(mesh):
-    # pylint: disable-next=protected-access (the engine's own step, as Session calls it)
-    return _compile(streaming._step, params, cache, batch, sd((), i32),
-                    jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
-                    graphdef=graphdef, sampler=streaming.Sampler(),
-                    vocab_size=int(config.model.vocab_size))
+    # the engine's own step, as Session calls it
+    return _compile(
+      streaming._step,
+      params,
+      cache,
+      batch,
+      sd((), i32),
+      jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
+      graphdef=graphdef,
+      sampler=streaming.Sampler(),
+      vocab_size=int(config.model.vocab_size),
+    )
 
 
-def _figures(rep: dict[str, Any] | None, hbm: float | None, chips: int,
-             step_flops: float | None = None) -> dict[str, Any]:
+def _figures(
+  rep: dict[str, Any] | None, hbm: float | None, chips: int, step_flops: float | None = None
+) -> dict[str, Any]:
   """JSON fields of one compiled step (None when it was skipped); ``step_flops``: the analytic
   FLOPs of a training step (None for the streaming step)."""
   if rep is None:
     return {}
   if "oom" in rep:
-    return {"fits": False, "peak_bytes_per_chip": None,
-            "required_bytes_per_chip": rep["oom"]["required_bytes"],
-            "flops_per_step": step_flops, "xla_flops_per_chip": None,
-            "compile_s": rep["compile_s"], "lower_s": rep["lower_s"],
-            "error": rep["oom"]["summary"]}
-  out = {f"{k.removesuffix('_bytes')}_bytes_per_chip": rep[k]
-         for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes")}
-  out.update(peak_bytes_per_chip=rep["peak_bytes"],
-             fits=bool(hbm is None or rep["peak_bytes"] <= hbm),
-             headroom=None if hbm is None else 1.0 - rep["peak_bytes"] / hbm,
-             flops_per_step=step_flops, xla_flops_per_chip=rep["flops"],
-             compile_s=rep["compile_s"], lower_s=rep["lower_s"], error=None)
+    return {
+      "fits": False,
+      "peak_bytes_per_chip": None,
+      "required_bytes_per_chip": rep["oom"]["required_bytes"],
+      "flops_per_step": step_flops,
+      "xla_flops_per_chip": None,
+      "compile_s": rep["compile_s"],
+      "lower_s": rep["lower_s"],
+      "error": rep["oom"]["summary"],
+    }
+  out = {
+    f"{k.removesuffix('_bytes')}_bytes_per_chip": rep[k]
+    for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes")
+  }
+  out.update(
+    peak_bytes_per_chip=rep["peak_bytes"],
+    fits=bool(hbm is None or rep["peak_bytes"] <= hbm),
+    headroom=None if hbm is None else 1.0 - rep["peak_bytes"] / hbm,
+    flops_per_step=step_flops,
+    xla_flops_per_chip=rep["flops"],
+    compile_s=rep["compile_s"],
+    lower_s=rep["lower_s"],
+    error=None,
+  )
   return out
 
 
-def run(config: ConfigDict, topology: str | None = None, *, num_slices: int = 1,
-        dense: bool = True, stream: bool = True, hbm_override: float | None = None,
-        progress=None) -> dict[str, Any]:
+def run(
+  config: ConfigDict,
+  topology: str | None = None,
+  *,
+  num_slices: int = 1,
+  dense: bool = True,
+  stream: bool = True,
+  hbm_override: float | None = None,
+  progress=None,
+) -> dict[str, Any]:
   """Compiles the configured train step, its dense counterpart and the streaming step.
 
   Args:
@@ -391,7 +454,7 @@ def run(config: ConfigDict, topology: str | None = None, *, num_slices: int = 1,
   say = progress or (lambda _: None)
   config = copy.deepcopy(config)
   if topology is not None and "attention_platform" in config.model:
-    config.model.attention_platform = "tpu"   # kernels for the target, not this host's backend
+    config.model.attention_platform = "tpu"  # kernels for the target, not this host's backend
   if topology is None:
     if num_slices != 1:
       raise TopologyError("num_slices > 1 needs a TPU --topology.")
@@ -405,16 +468,18 @@ def run(config: ConfigDict, topology: str | None = None, *, num_slices: int = 1,
     hbm, hbm_source = float(hbm_override), "override"
   chips = len(devices)
   out: dict[str, Any] = {
-      "topology": topo.name if topo else f"local:{jax.default_backend()}",
-      "topology_given": topo.given if topo else None,
-      "chip_config": topo.chip_config if topo else None, "num_slices": num_slices,
-      "chips": chips, "device_kind": devices[0].device_kind,
-      "mesh": {k: int(v) for k, v in mesh.shape.items()}, "hbm_bytes": hbm,
-      "hbm_source": hbm_source,
-      "batch_size": int(config.train.batch_size),
+    "topology": topo.name if topo else f"local:{jax.default_backend()}",
+    "topology_given": topo.given if topo else None,
+    "chip_config": topo.chip_config if topo else None,
+    "num_slices": num_slices,
+    "chips": chips,
+    "device_kind": devices[0].device_kind,
+    "mesh": {k: int(v) for k, v in mesh.shape.items()},
+    "hbm_bytes": hbm,
+    "hbm_source": hbm_source,
+    "batch_size": int(config.train.batch_size),
   }
-  say(f"train step ({config.model.mod.insertion!r} MoD) on {out['topology']}, mesh "
-      f"{out['mesh']}")
+  say(f"train step ({config.model.mod.insertion!r} MoD) on {out['topology']}, mesh {out['mesh']}")
   mod = compile_train(config, mesh)
   mod_flops = flops.analytic_flops(config)["total"]
   out.update(_figures(mod, hbm, chips, mod_flops))
@@ -429,16 +494,21 @@ def run(config: ConfigDict, topology: str | None = None, *, num_slices: int = 1,
     out["flops_ratio"] = mod_flops / den_flops
   if stream:
     say("streaming per-frame step")
-    out.update({f"stream_{k}": v
-                for k, v in _figures(compile_stream(config, mesh), hbm, chips).items()})
-    out["stream_cache_frames"], out["stream_cache_text"] = (int(config.data.max_frames),
-                                                            int(config.data.max_text))
+    out.update(
+      {f"stream_{k}": v for k, v in _figures(compile_stream(config, mesh), hbm, chips).items()}
+    )
+    out["stream_cache_frames"], out["stream_cache_text"] = (
+      int(config.data.max_frames),
+      int(config.data.max_text),
+    )
   out["all_fit"] = all(v for k, v in out.items() if k.endswith("fits"))
   return out
 
 
 def steps_of(summary: dict[str, Any]) -> Sequence[tuple[str, str]]:
   """(label, key prefix) of the steps a :func:`run` summary holds."""
-  return [(label, p) for label, p in (("MoD train", ""), ("dense train", "dense_"),
-                                       ("stream step", "stream_"))
-          if f"{p}fits" in summary]
+  return [
+    (label, p)
+    for label, p in (("MoD train", ""), ("dense train", "dense_"), ("stream step", "stream_"))
+    if f"{p}fits" in summary
+  ]

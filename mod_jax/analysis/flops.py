@@ -65,8 +65,8 @@ import jax
 from flax import nnx
 
 from mod_jax.config import ConfigDict
-from mod_jax.model.mod import RoutingPlan
 from mod_jax.data import pipeline
+from mod_jax.model.mod import RoutingPlan
 from mod_jax.train import sharding
 from mod_jax.train.sharding import build_model
 from mod_jax.train.state import TrainState, make_optimizer, trainable_labels
@@ -75,13 +75,14 @@ from mod_jax.train.state import TrainState, make_optimizer, trainable_labels
 @dataclasses.dataclass(frozen=True)
 class LayerCount:
   """Training-step FLOPs of decoder layer ``layer`` for the whole batch, by token class."""
+
   layer: int
-  keep: int | None        # k_i vision tokens kept per frame; None = dense layer
-  compact_len: int        # c_i tokens per row the layer runs on
+  keep: int | None  # k_i vision tokens kept per frame; None = dense layer
+  compact_len: int  # c_i tokens per row the layer runs on
   text: float
   vision: float
-  router: float           # LayerExpert logits
-  routing: float          # element-wise work of routing (gathers move rows: no FLOPs)
+  router: float  # LayerExpert logits
+  routing: float  # element-wise work of routing (gathers move rows: no FLOPs)
 
   @property
   def total(self) -> float:
@@ -111,17 +112,24 @@ def analytic_flops(config: ConfigDict) -> dict[str, Any]:
   bsz = config.train.batch_size
   d, n, nkv, hd, f, voc = m.d_model, m.n_heads, m.n_kv_heads, m.head_dim, m.d_ff, m.vocab_size
   t_cap, frames, tpf = dt.max_text, dt.max_frames, m.tokens_per_frame
-  lin_p = 2 * d * hd * (2 * n + 2 * nkv) + 6 * d * f                       # products / token
-  lin_e = 8 * d + 2 * d + 4 * (n + nkv) * hd + 5 * f                       # element-wise / token
+  lin_p = 2 * d * hd * (2 * n + 2 * nkv) + 6 * d * f  # products / token
+  lin_e = 8 * d + 2 * d + 4 * (n + nkv) * hd + 5 * f  # element-wise / token
   # LoRA (rank > 0): base weights frozen, so their products count 2x; adapters x·A·B count 3x.
   lora = m.get("lora")
   rank = int(lora.rank) if lora is not None else 0
   targets = set(lora.targets) if rank else set()
   base = 2 if rank else 3
-  shapes = {"q": (d, n * hd), "k": (d, nkv * hd), "v": (d, nkv * hd), "o": (n * hd, d),
-            "gate": (d, f), "up": (d, f), "down": (f, d)}
+  shapes = {
+    "q": (d, n * hd),
+    "k": (d, nkv * hd),
+    "v": (d, nkv * hd),
+    "o": (n * hd, d),
+    "gate": (d, f),
+    "up": (d, f),
+    "down": (f, d),
+  }
   lora_p = sum(2 * rank * (i + o) for t, (i, o) in shapes.items() if t in targets)
-  lora_e = sum(2 * o for t, (_, o) in shapes.items() if t in targets)      # scale, add
+  lora_e = sum(2 * o for t, (_, o) in shapes.items() if t in targets)  # scale, add
   acc = _Acc()
 
   layers = []
@@ -130,13 +138,23 @@ def analytic_flops(config: ConfigDict) -> dict[str, Any]:
     c = t_cap + frames * k
     per_tok_p, per_tok_e = 4 * n * hd * c + lora_p, lin_e + lora_e + (6 * n + 5) * c
     text = acc.add(base, lin_p, count=t_cap) + acc.add(3, per_tok_p, per_tok_e, count=t_cap)
-    vision = (acc.add(base, lin_p, count=frames * k)
-              + acc.add(3, per_tok_p, per_tok_e, count=frames * k))
+    vision = acc.add(base, lin_p, count=frames * k) + acc.add(
+      3, per_tok_p, per_tok_e, count=frames * k
+    )
     row = t_cap + frames * tpf
     router = acc.add(3, 2 * d * row if plan.needs_router(i) else 0)
     routing = acc.add(3, 0, 3 * d * frames * k + d * row if plan.routed(i) else 0)
-    layers.append(LayerCount(layer=i, keep=plan.keep[i], compact_len=c, text=bsz * text,
-                             vision=bsz * vision, router=bsz * router, routing=bsz * routing))
+    layers.append(
+      LayerCount(
+        layer=i,
+        keep=plan.keep[i],
+        compact_len=c,
+        text=bsz * text,
+        vision=bsz * vision,
+        router=bsz * router,
+        routing=bsz * routing,
+      )
+    )
 
   # Vision tower, per frame: s patches of width w; products then element-wise (LayerNorm 7,
   # tanh-GELU 8, bias 1, residual 1 per element; softmax 6 per logit). Not part of the step
@@ -145,38 +163,54 @@ def analytic_flops(config: ConfigDict) -> dict[str, Any]:
   s = (v.image_size // v.patch_size) ** 2
   grad = 3 if v.trainable else 1
   tower_frames = 0 if dt.get("input", "frames") == "features" else frames
-  tower = acc.add(2 if v.trainable else 1, 2 * s * 3 * v.patch_size ** 2 * w,
-                  2 * 3 * v.image_size ** 2 + 2 * s * w, count=tower_frames)  # pixels, bias + pos
-  tower += acc.add(grad, v.depth * (8 * s * w * w + 4 * s * s * w + 4 * s * w * mlp),
-                   v.depth * (14 * s * w + 6 * s * w + 9 * s * mlp + s * w + 6 * nv * s * s),
-                   count=tower_frames)
-  tower += acc.add(grad, 4 * w * w + 4 * s * w * w + 4 * s * w + 4 * w * mlp,
-                   7 * s * w + 2 * s * w + 6 * nv * s + 20 * w + 9 * mlp + s * w,
-                   count=tower_frames)                                     # post norm, head
+  tower = acc.add(
+    2 if v.trainable else 1,
+    2 * s * 3 * v.patch_size**2 * w,
+    2 * 3 * v.image_size**2 + 2 * s * w,
+    count=tower_frames,
+  )  # pixels, bias + pos
+  tower += acc.add(
+    grad,
+    v.depth * (8 * s * w * w + 4 * s * s * w + 4 * s * w * mlp),
+    v.depth * (14 * s * w + 6 * s * w + 9 * s * mlp + s * w + 6 * nv * s * s),
+    count=tower_frames,
+  )
+  tower += acc.add(
+    grad,
+    4 * w * w + 4 * s * w * w + 4 * s * w + 4 * w * mlp,
+    7 * s * w + 2 * s * w + 6 * nv * s + 20 * w + 9 * mlp + s * w,
+    count=tower_frames,
+  )  # post norm, head
   # Connector (bias + exact GELU ~ 10 per element) and LM head with its cross-entropy (~5 per
   # logit: log-softmax and argmax) at the T text slots and F frame ends.
-  connector = (acc.add(3 if v.trainable else 2, 2 * w * d, 11 * d, count=frames * tpf)
-               + acc.add(3, 2 * d * d, d, count=frames * tpf))
+  connector = acc.add(3 if v.trainable else 2, 2 * w * d, 11 * d, count=frames * tpf) + acc.add(
+    3, 2 * d * d, d, count=frames * tpf
+  )
   head_lora = 2 * rank * (d + voc) if "lm_head" in targets else 0
-  lm_head = (acc.add(base, 2 * d * voc, 5 * voc, count=t_cap + frames)
-             + acc.add(3, head_lora, 2 * voc if head_lora else 0, count=t_cap + frames))
+  lm_head = acc.add(base, 2 * d * voc, 5 * voc, count=t_cap + frames) + acc.add(
+    3, head_lora, 2 * voc if head_lora else 0, count=t_cap + frames
+  )
   per_row_fwd = acc.forward
-  optimizer = 16.0 * _trainable_parameter_count(config)     # clip + AdamW per parameter
+  optimizer = 16.0 * _trainable_parameter_count(config)  # clip + AdamW per parameter
 
   by_class = {
-      "vision_tower": bsz * tower,
-      "connector": bsz * connector,
-      "decoder_text": sum(x.text for x in layers),
-      "decoder_vision": sum(x.vision for x in layers),
-      "router": sum(x.router for x in layers),
-      "routing": sum(x.routing for x in layers),
-      "lm_head": bsz * lm_head,
-      "optimizer": optimizer,
+    "vision_tower": bsz * tower,
+    "connector": bsz * connector,
+    "decoder_text": sum(x.text for x in layers),
+    "decoder_vision": sum(x.vision for x in layers),
+    "router": sum(x.router for x in layers),
+    "routing": sum(x.routing for x in layers),
+    "lm_head": bsz * lm_head,
+    "optimizer": optimizer,
   }
-  return {"per_layer": layers, "by_class": by_class, "total": float(sum(by_class.values())),
-          "products": float(bsz * acc.products),
-          "elementwise": float(bsz * acc.elementwise + optimizer),
-          "forward_total": float(bsz * per_row_fwd)}
+  return {
+    "per_layer": layers,
+    "by_class": by_class,
+    "total": float(sum(by_class.values())),
+    "products": float(bsz * acc.products),
+    "elementwise": float(bsz * acc.elementwise + optimizer),
+    "forward_total": float(bsz * per_row_fwd),
+  }
 
 
 class _Acc:
@@ -186,8 +220,9 @@ class _Acc:
   def __init__(self):
     self.products = self.elementwise = self.forward = 0.0
 
-  def add(self, multiplier: int, products: float, elementwise: float = 0.0,
-          count: int = 1) -> float:
+  def add(
+    self, multiplier: int, products: float, elementwise: float = 0.0, count: int = 1
+  ) -> float:
     self.products += count * multiplier * products
     self.elementwise += count * multiplier * elementwise
     self.forward += count * (products + elementwise)
@@ -197,8 +232,11 @@ class _Acc:
 def _trainable_parameter_count(config: ConfigDict) -> int:
   params = nnx.state(nnx.eval_shape(lambda: build_model(config)), nnx.Param)
   labels = trainable_labels(params, config.model)
-  return int(sum(x.size for x, lab in zip(jax.tree.leaves(params), jax.tree.leaves(labels))
-                 if lab == "train"))
+  return int(
+    sum(
+      x.size for x, lab in zip(jax.tree.leaves(params), jax.tree.leaves(labels)) if lab == "train"
+    )
+  )
 
 
 def abstract_batch(config: ConfigDict, sharding_of=None) -> dict[str, jax.ShapeDtypeStruct]:
@@ -208,9 +246,12 @@ def abstract_batch(config: ConfigDict, sharding_of=None) -> dict[str, jax.ShapeD
   ``mod_jax.train.sharding.batch_sharding``).
   """
   spec = pipeline.batch_spec(config, config.train.batch_size)
-  return {k: jax.ShapeDtypeStruct(shape, dtype,
-                                  sharding=None if sharding_of is None else sharding_of(len(shape)))
-          for k, (shape, dtype) in spec.items()}
+  return {
+    k: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=None if sharding_of is None else sharding_of(len(shape))
+    )
+    for k, (shape, dtype) in spec.items()
+  }
 
 
 def abstract_train_state(config: ConfigDict):
@@ -275,10 +316,15 @@ def xla_analysis(compiled) -> dict[str, float]:
     raise RuntimeError(f"backend {jax.default_backend()!r} gives no cost/memory analysis.")
   arg, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
   alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
-  return {"flops": float(cost.get("flops", 0.0)),
-          "transcendentals": float(cost.get("transcendentals", 0.0)),
-          "argument_bytes": float(arg), "output_bytes": float(out), "alias_bytes": float(alias),
-          "temp_bytes": float(temp), "peak_bytes": float(arg + out - alias + temp)}
+  return {
+    "flops": float(cost.get("flops", 0.0)),
+    "transcendentals": float(cost.get("transcendentals", 0.0)),
+    "argument_bytes": float(arg),
+    "output_bytes": float(out),
+    "alias_bytes": float(alias),
+    "temp_bytes": float(temp),
+    "peak_bytes": float(arg + out - alias + temp),
+  }
 
 
 def analyze(config: ConfigDict, *, with_xla: bool = True) -> dict[str, Any]:
@@ -290,14 +336,21 @@ def analyze(config: ConfigDict, *, with_xla: bool = True) -> dict[str, Any]:
     ratios are MoD / dense (``flops_analytic``, ``flops_xla``, ``peak_memory``, ``temp_memory``),
     plus ``xla_over_analytic`` for each model. Without ``with_xla`` nothing is compiled.
   """
-  out: dict[str, Any] = {"config": {
-      "batch_size": config.train.batch_size, "max_text": config.data.max_text,
-      "max_frames": config.data.max_frames, "tokens_per_frame": config.model.tokens_per_frame,
-      "n_layers": config.model.n_layers, "d_model": config.model.d_model,
+  out: dict[str, Any] = {
+    "config": {
+      "batch_size": config.train.batch_size,
+      "max_text": config.data.max_text,
+      "max_frames": config.data.max_frames,
+      "tokens_per_frame": config.model.tokens_per_frame,
+      "n_layers": config.model.n_layers,
+      "d_model": config.model.d_model,
       "insertion": _plain(config.model.mod.insertion),
       "keep_ratio": _plain(config.model.mod.keep_ratio),
       "keep_per_layer": list(RoutingPlan.from_config(config.model).keep),
-      "selection": config.model.mod.selection, "device": jax.devices()[0].device_kind}}
+      "selection": config.model.mod.selection,
+      "device": jax.devices()[0].device_kind,
+    }
+  }
   for name, c in (("mod", config), ("dense", dense_counterpart(config))):
     a = analytic_flops(c)
     rep = {"analytic": {**a, "per_layer": [dataclasses.asdict(x) for x in a["per_layer"]]}}
@@ -308,9 +361,11 @@ def analyze(config: ConfigDict, *, with_xla: bool = True) -> dict[str, Any]:
   mod_r, den = out["mod"], out["dense"]
   ratios = {"flops_analytic": mod_r["analytic"]["total"] / den["analytic"]["total"]}
   if with_xla:
-    ratios.update(flops_xla=mod_r["xla"]["flops"] / den["xla"]["flops"],
-                  peak_memory=mod_r["xla"]["peak_bytes"] / den["xla"]["peak_bytes"],
-                  temp_memory=mod_r["xla"]["temp_bytes"] / den["xla"]["temp_bytes"])
+    ratios.update(
+      flops_xla=mod_r["xla"]["flops"] / den["xla"]["flops"],
+      peak_memory=mod_r["xla"]["peak_bytes"] / den["xla"]["peak_bytes"],
+      temp_memory=mod_r["xla"]["temp_bytes"] / den["xla"]["temp_bytes"],
+    )
   out["ratios"] = ratios
   return out
 

@@ -19,11 +19,21 @@ from mod_jax import flags as mj_flags
 
 JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of tables.")
 ANALYTIC_ONLY = flags.DEFINE_bool(
-    "analytic_only", False, "Skip XLA compilation (analytic count only; for configs too large "
-    "to compile on this machine).")
+  "analytic_only",
+  False,
+  "Skip XLA compilation (analytic count only; for configs too large to compile on this machine).",
+)
 
-_CLASSES = ("vision_tower", "connector", "decoder_text", "decoder_vision", "router", "routing",
-            "lm_head", "optimizer")
+_CLASSES = (
+  "vision_tower",
+  "connector",
+  "decoder_text",
+  "decoder_vision",
+  "router",
+  "routing",
+  "lm_head",
+  "optimizer",
+)
 
 
 def _unit(largest: float, units) -> tuple[float, str]:
@@ -35,7 +45,7 @@ def _unit(largest: float, units) -> tuple[float, str]:
 
 
 _FLOP_UNITS = ((1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"))
-_BYTE_UNITS = ((2 ** 40, "TiB"), (2 ** 30, "GiB"), (2 ** 20, "MiB"), (2 ** 10, "KiB"))
+_BYTE_UNITS = ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB"))
 
 
 def render(report: dict) -> str:
@@ -45,12 +55,12 @@ def render(report: dict) -> str:
   fs, fu = _unit(den["analytic"]["total"], _FLOP_UNITS)
   _g = lambda x: f"{x / fs:12.3f}"
   lines = [
-      f"batch {c['batch_size']} rows x (text {c['max_text']} + frames {c['max_frames']} x "
-      f"{c['tokens_per_frame']} tokens); {c['n_layers']} layers, d_model {c['d_model']}; "
-      f"insertion {c['insertion']!r}, keep_ratio {c['keep_ratio']}, selection "
-      f"{c['selection']!r}; device {c['device']}",
-      "",
-      f"Training-step FLOPs ({fu}, analytic){'MoD':>14s}{'dense':>12s}{'MoD/dense':>12s}",
+    f"batch {c['batch_size']} rows x (text {c['max_text']} + frames {c['max_frames']} x "
+    f"{c['tokens_per_frame']} tokens); {c['n_layers']} layers, d_model {c['d_model']}; "
+    f"insertion {c['insertion']!r}, keep_ratio {c['keep_ratio']}, selection "
+    f"{c['selection']!r}; device {c['device']}",
+    "",
+    f"Training-step FLOPs ({fu}, analytic){'MoD':>14s}{'dense':>12s}{'MoD/dense':>12s}",
   ]
   ratio = lambda a, b: f"{a / b:12.3f}" if b else f"{'-':>12s}"
   for k in _CLASSES:
@@ -61,33 +71,41 @@ def render(report: dict) -> str:
     lines.append(f"  {'= ' + k if k == 'total' else k:34s}{_g(a)}{_g(b)}{ratio(a, b)}")
   if has_xla:
     a, b = mod["xla"]["flops"], den["xla"]["flops"]
-    lines += [f"  {'XLA cost_analysis flops':34s}{_g(a)}{_g(b)}{ratio(a, b)}",
-              f"  {'XLA / analytic':34s}{mod['xla_over_analytic']:12.3f}"
-              f"{den['xla_over_analytic']:12.3f}",
-              ""]
+    lines += [
+      f"  {'XLA cost_analysis flops':34s}{_g(a)}{_g(b)}{ratio(a, b)}",
+      f"  {'XLA / analytic':34s}{mod['xla_over_analytic']:12.3f}{den['xla_over_analytic']:12.3f}",
+      "",
+    ]
     bs, bu = _unit(den["xla"]["peak_bytes"], _BYTE_UNITS)
     _mib = lambda x: f"{x / bs:12.1f}"
-    lines.append(f"Compiled step memory ({bu}, one device){'MoD':>13s}{'dense':>12s}"
-                 f"{'MoD/dense':>12s}")
+    lines.append(
+      f"Compiled step memory ({bu}, one device){'MoD':>13s}{'dense':>12s}{'MoD/dense':>12s}"
+    )
     for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "peak_bytes"):
       a, b = mod["xla"][k], den["xla"][k]
       lines.append(f"  {k:34s}{_mib(a)}{_mib(b)}{ratio(a, b)}")
-  lines += ["", f"Per decoder layer ({fu}; k kept of N per frame, - = dense; compact = tokens/row)",
-            f"  {'layer':>5s} {'k':>3s} {'compact':>8s} {'MoD text':>10s} {'MoD vision':>11s} "
-            f"{'router+routing':>15s} {'dense total':>12s}"]
+  lines += [
+    "",
+    f"Per decoder layer ({fu}; k kept of N per frame, - = dense; compact = tokens/row)",
+    f"  {'layer':>5s} {'k':>3s} {'compact':>8s} {'MoD text':>10s} {'MoD vision':>11s} "
+    f"{'router+routing':>15s} {'dense total':>12s}",
+  ]
   for lm, ld in zip(mod["analytic"]["per_layer"], den["analytic"]["per_layer"]):
     k = "-" if lm["keep"] is None else str(lm["keep"])
-    lines.append(f"  {lm['layer']:5d} {k:>3s} {lm['compact_len']:8d} {lm['text'] / fs:10.3f} "
-                 f"{lm['vision'] / fs:11.3f} {(lm['router'] + lm['routing']) / fs:15.4f} "
-                 f"{(ld['text'] + ld['vision']) / fs:12.3f}")
+    lines.append(
+      f"  {lm['layer']:5d} {k:>3s} {lm['compact_len']:8d} {lm['text'] / fs:10.3f} "
+      f"{lm['vision'] / fs:11.3f} {(lm['router'] + lm['routing']) / fs:15.4f} "
+      f"{(ld['text'] + ld['vision']) / fs:12.3f}"
+    )
   lines += ["", "Ratios MoD/dense: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items())]
   return "\n".join(lines)
 
 
 def main(argv):
   config = mj_flags.config_from(argv, "flops", "configs/bench_paper.py")
-  from mod_jax.analysis import flops  # pylint: disable=g-import-not-at-top (jax after flags)
-  from mod_jax.config import validate  # pylint: disable=g-import-not-at-top
+  from mod_jax.analysis import flops
+  from mod_jax.config import validate
+
   validate(config)
   report = flops.analyze(config, with_xla=not ANALYTIC_ONLY.value)
   print(json.dumps(report) if JSON.value else render(report))

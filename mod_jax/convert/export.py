@@ -19,8 +19,15 @@ from mod_jax.convert import hf
 from mod_jax.model import lora
 
 
-def export_hf(model, model_cfg, out_dir: str, *, tokenizer=None, vision: bool = True,
-              max_shard_bytes: int = 4 << 30) -> dict:
+def export_hf(
+  model,
+  model_cfg,
+  out_dir: str,
+  *,
+  tokenizer=None,
+  vision: bool = True,
+  max_shard_bytes: int = 4 << 30,
+) -> dict:
   """Writes ``model`` (a ``VideoLLM``) to ``out_dir``; returns a summary dict.
 
   Args:
@@ -48,8 +55,10 @@ def export_hf(model, model_cfg, out_dir: str, *, tokenizer=None, vision: bool = 
   dtype = str(jnp.dtype(model_cfg.param_dtype))
   hf.write_config(out_dir, hf.llm_hf_config(model_cfg, dtype))
   llm_files = hf.write_safetensors(
-      hf.hf_tensors(lambda p: param(("llm",) + tuple(p)), hf.llm_specs(model_cfg)), out_dir,
-      max_shard_bytes=max_shard_bytes)
+    hf.hf_tensors(lambda p: param(("llm",) + tuple(p)), hf.llm_specs(model_cfg)),
+    out_dir,
+    max_shard_bytes=max_shard_bytes,
+  )
   if tokenizer is not None:
     tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
   vision_files = []
@@ -57,10 +66,20 @@ def export_hf(model, model_cfg, out_dir: str, *, tokenizer=None, vision: bool = 
     vdir = os.path.join(out_dir, "vision_tower")
     hf.write_config(vdir, hf.vision_hf_config(model_cfg.vision))
     vision_files = hf.write_safetensors(
-        hf.hf_tensors(lambda p: param(("vision",) + tuple(p)), hf.vision_specs(model_cfg.vision)),
-        vdir, max_shard_bytes=max_shard_bytes)
-  rest = sorted({"connector" if p[0] == "connector" else "llm/routers"
-                 for p, _ in state.flat_state()
-                 if p[0] == "connector" or (p[0] == "llm" and p[1] == "routers")})
-  return {"llm_files": llm_files, "vision_files": vision_files, "merged_lora": len(merged),
-          "not_exported": rest}
+      hf.hf_tensors(lambda p: param(("vision",) + tuple(p)), hf.vision_specs(model_cfg.vision)),
+      vdir,
+      max_shard_bytes=max_shard_bytes,
+    )
+  rest = sorted(
+    {
+      "connector" if p[0] == "connector" else "llm/routers"
+      for p, _ in state.flat_state()
+      if p[0] == "connector" or (p[0] == "llm" and p[1] == "routers")
+    }
+  )
+  return {
+    "llm_files": llm_files,
+    "vision_files": vision_files,
+    "merged_lora": len(merged),
+    "not_exported": rest,
+  }

@@ -33,28 +33,34 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 # GGUF tensor name (after "blk.{i}.") → transformers name (after "model.layers.{i}.").
 _LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
+  "attn_norm.weight": "input_layernorm.weight",
+  "ffn_norm.weight": "post_attention_layernorm.weight",
+  "attn_q.weight": "self_attn.q_proj.weight",
+  "attn_k.weight": "self_attn.k_proj.weight",
+  "attn_v.weight": "self_attn.v_proj.weight",
+  "attn_output.weight": "self_attn.o_proj.weight",
+  "attn_q.bias": "self_attn.q_proj.bias",
+  "attn_k.bias": "self_attn.k_proj.bias",
+  "attn_v.bias": "self_attn.v_proj.bias",
+  "ffn_gate.weight": "mlp.gate_proj.weight",
+  "ffn_up.weight": "mlp.up_proj.weight",
+  "ffn_down.weight": "mlp.down_proj.weight",
 }
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
-                 "output_norm.weight": "model.norm.weight",
-                 "output.weight": "lm_head.weight"}
+_GLOBAL_NAMES = {
+  "token_embd.weight": "model.embed_tokens.weight",
+  "output_norm.weight": "model.norm.weight",
+  "output.weight": "lm_head.weight",
+}
 
 # Pre-tokenizer split patterns of llama.cpp's ``llama-vocab.cpp`` for tokenizer.ggml.pre values.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (
+  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _PRE_TOKENIZERS = ("default", "gpt2", "smollm", "llama-bpe", "llama3", "qwen2")
 
 
@@ -75,8 +81,9 @@ def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
   llama.cpp: ``w.reshape(n, 2, h // 2, ...).swapaxes(1, 2).reshape(w.shape)``.
   """
-  return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(
-      w.shape)
+  return (
+    w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+  )
 
 
 class GGUFSource:
@@ -93,7 +100,8 @@ class GGUFSource:
   """
 
   def __init__(self, path: str):
-    import gguf  # pylint: disable=g-import-not-at-top
+    import gguf
+
     self._gguf = gguf
     self.path = path
     if not os.path.isfile(path):
@@ -104,15 +112,19 @@ class GGUFSource:
       raise CheckpointError(f"{path}: not a readable GGUF file ({e}).") from None
     self.arch = self.field("general.architecture")
     if self.arch not in ARCHITECTURES:
-      raise CheckpointError(f"{path}: general.architecture={self.arch!r} is not supported; "
-                            f"mod_jax loads {sorted(ARCHITECTURES)}.")
+      raise CheckpointError(
+        f"{path}: general.architecture={self.arch!r} is not supported; "
+        f"mod_jax loads {sorted(ARCHITECTURES)}."
+      )
     self._tensors = {}
     for t in self.reader.tensors:
       name = self._hf_name(t.name)
       self._tensors[name] = t
     if "rope_freqs.weight" in self._tensors:
-      raise CheckpointError(f"{path}: tensor 'rope_freqs.weight' (llama.cpp's per-frequency RoPE "
-                            f"factors) is not supported; convert from the Hugging Face checkpoint.")
+      raise CheckpointError(
+        f"{path}: tensor 'rope_freqs.weight' (llama.cpp's per-frequency RoPE "
+        f"factors) is not supported; convert from the Hugging Face checkpoint."
+      )
     self.n_heads = int(self.field(f"{self.arch}.attention.head_count"))
     self.n_kv_heads = int(self.field(f"{self.arch}.attention.head_count_kv", self.n_heads))
 
@@ -156,30 +168,36 @@ class GGUFSource:
     vocab = self.field(f"{a}.vocab_size", None if tokens is None else len(tokens.data))
     if vocab is None:
       vocab = self.shape("model.embed_tokens.weight")[0]
-    head_dim = self.field(f"{a}.attention.key_length") or self.field(
-        f"{a}.rope.dimension_count") or d // self.n_heads
+    head_dim = (
+      self.field(f"{a}.attention.key_length")
+      or self.field(f"{a}.rope.dimension_count")
+      or d // self.n_heads
+    )
     cfg = {
-        "architectures": [ARCHITECTURES[a]],
-        "model_type": a,
-        "vocab_size": int(vocab),
-        "hidden_size": d,
-        "intermediate_size": int(self.field(f"{a}.feed_forward_length")),
-        "num_hidden_layers": int(self.field(f"{a}.block_count")),
-        "num_attention_heads": self.n_heads,
-        "num_key_value_heads": self.n_kv_heads,
-        "head_dim": int(head_dim),
-        "rms_norm_eps": float(self.field(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(self.field(f"{a}.rope.freq_base", 10000.0)),
-        "tie_word_embeddings": "lm_head.weight" not in self._tensors,
-        "hidden_act": "silu",
+      "architectures": [ARCHITECTURES[a]],
+      "model_type": a,
+      "vocab_size": int(vocab),
+      "hidden_size": d,
+      "intermediate_size": int(self.field(f"{a}.feed_forward_length")),
+      "num_hidden_layers": int(self.field(f"{a}.block_count")),
+      "num_attention_heads": self.n_heads,
+      "num_key_value_heads": self.n_kv_heads,
+      "head_dim": int(head_dim),
+      "rms_norm_eps": float(self.field(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+      "rope_theta": float(self.field(f"{a}.rope.freq_base", 10000.0)),
+      "tie_word_embeddings": "lm_head.weight" not in self._tensors,
+      "hidden_act": "silu",
     }
     kind = self.field(f"{a}.rope.scaling.type", "none")
     if kind == "linear":
-      cfg["rope_scaling"] = {"rope_type": "linear",
-                             "factor": float(self.field(f"{a}.rope.scaling.factor"))}
+      cfg["rope_scaling"] = {
+        "rope_type": "linear",
+        "factor": float(self.field(f"{a}.rope.scaling.factor")),
+      }
     elif kind not in ("none", None):
-      raise CheckpointError(f"{self.path}: {a}.rope.scaling.type={kind!r} is not supported "
-                            f"(none or linear).")
+      raise CheckpointError(
+        f"{self.path}: {a}.rope.scaling.type={kind!r} is not supported (none or linear)."
+      )
     return cfg
 
   def tokenizer(self):
@@ -194,52 +212,76 @@ class GGUFSource:
     Raises:
       CheckpointError: another tokenizer model or pre-tokenizer (the message names the field).
     """
-    import tokenizers  # pylint: disable=g-import-not-at-top
-    from tokenizers import decoders, models, pre_tokenizers, processors  # pylint: disable=g-import-not-at-top
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, processors
+
     kind = self.field("tokenizer.ggml.model")
     if kind != "gpt2":
-      raise CheckpointError(f"{self.path}: tokenizer.ggml.model={kind!r} is not supported (only "
-                            f"byte-level BPE, 'gpt2'); pass a tokenizer.json instead.")
+      raise CheckpointError(
+        f"{self.path}: tokenizer.ggml.model={kind!r} is not supported (only "
+        f"byte-level BPE, 'gpt2'); pass a tokenizer.json instead."
+      )
     pre = self.field("tokenizer.ggml.pre", "default")
     if pre not in _PRE_TOKENIZERS:
-      raise CheckpointError(f"{self.path}: tokenizer.ggml.pre={pre!r} is not supported; known: "
-                            f"{_PRE_TOKENIZERS}. Pass a tokenizer.json instead.")
+      raise CheckpointError(
+        f"{self.path}: tokenizer.ggml.pre={pre!r} is not supported; known: "
+        f"{_PRE_TOKENIZERS}. Pass a tokenizer.json instead."
+      )
     tokens = list(self.field("tokenizer.ggml.tokens"))
     merges = [tuple(m.split(" ", 1)) for m in self.field("tokenizer.ggml.merges", [])]
     types = list(self.field("tokenizer.ggml.token_type", [1] * len(tokens)))
-    tok = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
-                                          merges=merges, fuse_unk=False))
+    tok = tokenizers.Tokenizer(
+      models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False)
+    )
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre == "smollm":
       tok.pre_tokenizer = pre_tokenizers.Sequence(
-          [pre_tokenizers.Digits(individual_digits=True), byte_level])
+        [pre_tokenizers.Digits(individual_digits=True), byte_level]
+      )
     elif pre in ("default", "gpt2"):
       tok.pre_tokenizer = byte_level
     else:
       split = _QWEN2_SPLIT if pre == "qwen2" else _LLAMA3_SPLIT
-      tok.pre_tokenizer = pre_tokenizers.Sequence([
+      tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
           pre_tokenizers.Split(tokenizers.Regex(split), behavior="isolated"),
-          pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+          pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+      )
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(tokens, types) if ty == 3])
-    user = [tokenizers.AddedToken(t, special=False, normalized=False)
-            for t, ty in zip(tokens, types) if ty == 4]
+    tok.add_special_tokens(
+      [
+        tokenizers.AddedToken(t, special=True, normalized=False)
+        for t, ty in zip(tokens, types)
+        if ty == 3
+      ]
+    )
+    user = [
+      tokenizers.AddedToken(t, special=False, normalized=False)
+      for t, ty in zip(tokens, types)
+      if ty == 4
+    ]
     if user:
       tok.add_tokens(user)
     bos = self.field("tokenizer.ggml.bos_token_id")
     if self.field("tokenizer.ggml.add_bos_token", False) and bos is not None:
       tok.post_processor = processors.TemplateProcessing(
-          single=f"{tokens[bos]}:0 $A:0", pair=f"{tokens[bos]}:0 $A:0 $B:1",
-          special_tokens=[(tokens[bos], int(bos))])
+        single=f"{tokens[bos]}:0 $A:0",
+        pair=f"{tokens[bos]}:0 $A:0 $B:1",
+        special_tokens=[(tokens[bos], int(bos))],
+      )
     return tok
 
   def special_tokens(self) -> dict[str, str | None]:
     """The bos / eos / pad / unk token strings named by the metadata (None when absent)."""
     tokens = self.field("tokenizer.ggml.tokens")
     out = {}
-    for key, field in (("bos", "bos_token_id"), ("eos", "eos_token_id"),
-                       ("pad", "padding_token_id"), ("unk", "unknown_token_id")):
+    for key, field in (
+      ("bos", "bos_token_id"),
+      ("eos", "eos_token_id"),
+      ("pad", "padding_token_id"),
+      ("unk", "unknown_token_id"),
+    ):
       i = self.field(f"tokenizer.ggml.{field}")
       out[key] = None if (i is None or tokens is None) else tokens[i]
     return out

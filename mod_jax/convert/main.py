@@ -21,28 +21,32 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from mod_jax import flags as mj_flags
 
 FROM_HF = flags.DEFINE_string("from-hf", None, "Hugging Face LLM directory to import.")
 FROM_GGUF = flags.DEFINE_string("from-gguf", None, "GGUF file to import.")
 TO_HF = flags.DEFINE_string("to-hf", None, "mod_jax checkpoint dir or training workdir to export.")
-VISION = flags.DEFINE_string("vision", None, "SigLIP directory for the vision tower (import); "
-                             "'false' skips the vision tower (export).")
+VISION = flags.DEFINE_string(
+  "vision",
+  None,
+  "SigLIP directory for the vision tower (import); 'false' skips the vision tower (export).",
+)
 OUT = flags.DEFINE_string("out", None, "Output directory.")
 DTYPE = flags.DEFINE_string("param_dtype", None, "Parameter dtype of the import (e.g. bfloat16).")
 
 
-def convert_from(path: str, out: str, *, vision: str | None = None, config=None,
-                 param_dtype: str | None = None) -> dict:
+def convert_from(
+  path: str, out: str, *, vision: str | None = None, config=None, param_dtype: str | None = None
+) -> dict:
   """Imports an HF directory or GGUF file into a mod_jax checkpoint at ``out``; returns a summary."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from mod_jax import api  # pylint: disable=g-import-not-at-top
-  from mod_jax.convert import pretrained  # pylint: disable=g-import-not-at-top
-  model, tok, cfg = api.load_pretrained(path, vision=vision, config=config,
-                                        param_dtype=param_dtype)
+  from flax import nnx
+
+  from mod_jax import api
+  from mod_jax.convert import pretrained
+
+  model, tok, cfg = api.load_pretrained(path, vision=vision, config=config, param_dtype=param_dtype)
   params = nnx.state(model, nnx.Param)
   pretrained.save_native(params, cfg.model, out, tok)
   n = sum(int(v.get_value().size) for _, v in params.flat_state())
@@ -51,11 +55,13 @@ def convert_from(path: str, out: str, *, vision: str | None = None, config=None,
 
 def convert_to_hf(src: str, out: str, *, vision: bool = True) -> dict:
   """Exports a mod_jax checkpoint / training workdir ``src`` as HF checkpoints in ``out``."""
-  from mod_jax import api  # pylint: disable=g-import-not-at-top
-  from mod_jax.convert import export, pretrained  # pylint: disable=g-import-not-at-top
+  from mod_jax import api
+  from mod_jax.convert import export, pretrained
+
   if pretrained.kind_of(src) != "mod_jax":
-    raise app.UsageError(f"--to-hf {src!r} is not a mod_jax checkpoint (convert output or "
-                         f"training workdir).")
+    raise app.UsageError(
+      f"--to-hf {src!r} is not a mod_jax checkpoint (convert output or training workdir)."
+    )
   model, tok, cfg = api.load_pretrained(src)
   summary = export.export_hf(model, cfg.model, out, tokenizer=tok, vision=vision)
   return {"out": os.path.abspath(out), **summary}
@@ -66,12 +72,19 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   sources = [x for x in (FROM_HF.value, FROM_GGUF.value, TO_HF.value) if x]
   if len(sources) != 1 or not OUT.value:
-    raise app.UsageError("give exactly one of --from-hf DIR, --from-gguf FILE, --to-hf SRC, "
-                         "and --out DIR.")
+    raise app.UsageError(
+      "give exactly one of --from-hf DIR, --from-gguf FILE, --to-hf SRC, and --out DIR."
+    )
   if TO_HF.value:
-    out = convert_to_hf(TO_HF.value, OUT.value, vision=(VISION.value or "true").lower() not in (
-        "false", "0", "no"))
+    out = convert_to_hf(
+      TO_HF.value, OUT.value, vision=(VISION.value or "true").lower() not in ("false", "0", "no")
+    )
   else:
-    out = convert_from(sources[0], OUT.value, vision=VISION.value, config=mj_flags.CONFIG.value,
-                       param_dtype=DTYPE.value)
+    out = convert_from(
+      sources[0],
+      OUT.value,
+      vision=VISION.value,
+      config=mj_flags.CONFIG.value,
+      param_dtype=DTYPE.value,
+    )
   print(json.dumps(out))

@@ -32,10 +32,29 @@ from mod_jax.convert import hf
 from mod_jax.convert.hf import CheckpointError
 
 KINDS = ("gguf", "hf_llm", "hf_vision", "mod_jax")
-_LLM_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
-               "rope_theta", "rope_scaling", "rms_norm_eps", "tie_embeddings", "qkv_bias")
-_VISION_FIELDS = ("image_size", "patch_size", "width", "depth", "n_heads", "mlp_dim",
-                  "layer_norm_eps")
+_LLM_FIELDS = (
+  "vocab_size",
+  "d_model",
+  "n_layers",
+  "n_heads",
+  "n_kv_heads",
+  "head_dim",
+  "d_ff",
+  "rope_theta",
+  "rope_scaling",
+  "rms_norm_eps",
+  "tie_embeddings",
+  "qkv_bias",
+)
+_VISION_FIELDS = (
+  "image_size",
+  "patch_size",
+  "width",
+  "depth",
+  "n_heads",
+  "mlp_dim",
+  "layer_norm_eps",
+)
 
 
 # ===================================================================================== kinds
@@ -50,22 +69,26 @@ def kind_of(path: str) -> str:
     with open(path, "rb") as f:
       if f.read(4) == b"GGUF":
         return "gguf"
-    raise CheckpointError(f"{path!r} is a file but not GGUF; give a .gguf file or a checkpoint "
-                          f"directory.")
+    raise CheckpointError(
+      f"{path!r} is a file but not GGUF; give a .gguf file or a checkpoint directory."
+    )
   if not os.path.isdir(path):
     raise CheckpointError(f"checkpoint {path!r} does not exist.")
   if os.path.isfile(os.path.join(path, "model_config.json")) or os.path.isdir(
-      os.path.join(path, "checkpoints")):
+    os.path.join(path, "checkpoints")
+  ):
     return "mod_jax"
   cfg = hf.read_config(path)
-  return "hf_vision" if hf.architecture(cfg, os.path.join(path, "config.json")) == "siglip" \
-      else "hf_llm"
+  return (
+    "hf_vision" if hf.architecture(cfg, os.path.join(path, "config.json")) == "siglip" else "hf_llm"
+  )
 
 
 @functools.lru_cache(maxsize=2)
 def _gguf_source(path: str, mtime_ns: int):
   del mtime_ns  # cache key only: a rewritten file is parsed again
-  from mod_jax.convert import gguf  # pylint: disable=g-import-not-at-top
+  from mod_jax.convert import gguf
+
   return gguf.GGUFSource(path)
 
 
@@ -84,8 +107,10 @@ def llm_source(path: str):
     return src, src.hf_config(), path
   if kind == "hf_llm":
     return hf.SafetensorsSource(path), hf.read_config(path), path
-  raise CheckpointError(f"{path!r} is a {kind} checkpoint; a language model (HF Llama/Qwen2 "
-                        f"directory or .gguf) was expected.")
+  raise CheckpointError(
+    f"{path!r} is a {kind} checkpoint; a language model (HF Llama/Qwen2 "
+    f"directory or .gguf) was expected."
+  )
 
 
 def llm_fields(path: str) -> dict:
@@ -117,13 +142,18 @@ def check_fields(cfg, fields: dict, prefix: str, where: str) -> None:
   for k, want in fields.items():
     have = _plain(cfg.get(k))
     want = _plain(want)
-    same = math.isclose(have, want, rel_tol=1e-6) if isinstance(want, float) and isinstance(
-        have, (int, float)) else have == want
+    same = (
+      math.isclose(have, want, rel_tol=1e-6)
+      if isinstance(want, float) and isinstance(have, (int, float))
+      else have == want
+    )
     if not same:
       bad.append(f"{prefix}{k}={have!r} but the checkpoint has {want!r}")
   if bad:
-    raise ConfigError(f"config does not match {where}: " + "; ".join(bad) + ". Set these fields "
-                      "(or build the config from the checkpoint with mod_jax.from_pretrained).")
+    raise ConfigError(
+      f"config does not match {where}: " + "; ".join(bad) + ". Set these fields "
+      "(or build the config from the checkpoint with mod_jax.from_pretrained)."
+    )
 
 
 # ===================================================================================== loading
@@ -145,8 +175,10 @@ def assign(state, path: tuple, value: np.ndarray, where: str) -> None:
     node = _child(node, key)
   old = node.get_value()
   if tuple(value.shape) != tuple(old.shape):
-    raise CheckpointError(f"{where}: parameter {'/'.join(map(str, path))} has shape "
-                          f"{tuple(old.shape)} but the checkpoint gives {tuple(value.shape)}.")
+    raise CheckpointError(
+      f"{where}: parameter {'/'.join(map(str, path))} has shape "
+      f"{tuple(old.shape)} but the checkpoint gives {tuple(value.shape)}."
+    )
   host = np.asarray(value).astype(old.dtype)
   sharding = getattr(old, "sharding", None)
   if sharding is None:
@@ -161,8 +193,9 @@ def _llm_plan(model_cfg, path: str):
   check_fields(model_cfg, hf.llm_fields(cfg, where), "model.", where)
   specs = hf.llm_specs(model_cfg)
   prefix = hf.find_prefix(source.names(), "model.embed_tokens.weight", where)
-  extra = hf.tied_head_check(source, prefix, where) if model_cfg.tie_embeddings else (
-      lambda _: False)
+  extra = (
+    hf.tied_head_check(source, prefix, where) if model_cfg.tie_embeddings else (lambda _: False)
+  )
   hf.check_tensors(source, specs, prefix, where, extra)
   return source, specs, prefix, where, extra
 
@@ -237,8 +270,10 @@ def config_from_json(text: str, template: ml_collections.ConfigDict | None = Non
       try:
         dst[k] = v
       except (TypeError, KeyError) as e:
-        raise ConfigError(f"saved config field {where}{k}={v!r} does not fit this version of "
-                          f"mod_jax ({e}).") from None
+        raise ConfigError(
+          f"saved config field {where}{k}={v!r} does not fit this version of mod_jax ({e})."
+        ) from None
+
   out = ml_collections.ConfigDict(template.to_dict(), type_safe=False)
   merge(out, json.loads(text), "")
   return out
@@ -250,7 +285,8 @@ def save_native(params, model_cfg, out_dir: str, tokenizer=None) -> None:
   ``params``: ``nnx.State`` of a ``VideoLLM``'s parameters; ``tokenizer``: a
   ``tokenizers.Tokenizer`` or None.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp
+
   out_dir = os.path.abspath(os.path.expanduser(out_dir))
   os.makedirs(out_dir, exist_ok=True)
   with ocp.StandardCheckpointer() as ckpt:
@@ -267,6 +303,7 @@ def _as_tree(params):
 
   def walk(x):
     return {str(k): walk(v) for k, v in x.items()} if isinstance(x, dict) else x
+
   return walk(pure)
 
 
@@ -288,7 +325,8 @@ def native_config(path: str):
 
 def _native_item(path: str) -> tuple[str, tuple, tuple]:
   """(orbax item directory, key prefix, key suffix) of a converted dir or a training workdir."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp
+
   if os.path.isdir(os.path.join(path, "params")):
     return os.path.join(path, "params"), (), ()
   mngr = ocp.CheckpointManager(os.path.join(path, "checkpoints"))
@@ -315,7 +353,8 @@ def load_native(state, path: str, *, optional=lambda p: False) -> tuple[int, lis
   Raises:
     CheckpointError: a required parameter is missing or has another shape (named).
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp
+
   path = os.path.abspath(os.path.expanduser(path))
   item, prefix, suffix = _native_item(path)
   with ocp.PyTreeCheckpointer() as ckpt:
@@ -325,8 +364,8 @@ def load_native(state, path: str, *, optional=lambda p: False) -> tuple[int, lis
   saved = {}
   for kp, m in jax.tree_util.tree_flatten_with_path(meta)[0]:
     keys = tuple(str(getattr(k, "key", k)) for k in kp)
-    if keys[:len(prefix)] == prefix and (not suffix or keys[-len(suffix):] == suffix):
-      saved["/".join(keys[len(prefix):len(keys) - len(suffix)])] = tuple(m.shape)
+    if keys[: len(prefix)] == prefix and (not suffix or keys[-len(suffix) :] == suffix):
+      saved["/".join(keys[len(prefix) : len(keys) - len(suffix)])] = tuple(m.shape)
   todo = []
   for p, v in state.flat_state():
     name = "/".join(map(str, p))
@@ -335,20 +374,26 @@ def load_native(state, path: str, *, optional=lambda p: False) -> tuple[int, lis
         raise CheckpointError(f"{path}: parameter {name!r} is missing from the checkpoint.")
       continue
     if saved[name] != tuple(v.get_value().shape):
-      raise CheckpointError(f"{path}: parameter {name!r} has shape {saved[name]} in the "
-                            f"checkpoint but {tuple(v.get_value().shape)} in the model.")
+      raise CheckpointError(
+        f"{path}: parameter {name!r} has shape {saved[name]} in the "
+        f"checkpoint but {tuple(v.get_value().shape)} in the model."
+      )
     todo.append((name, v))
   unused = sorted(set(saved) - {n for n, _ in todo})
   abstract: dict = {}
   default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   for name, v in todo:
     x = v.get_value()
-    _set_leaf(abstract, prefix + tuple(name.split("/")) + suffix,
-              jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)
-                                   or default))
+    _set_leaf(
+      abstract,
+      prefix + tuple(name.split("/")) + suffix,
+      jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or default),
+    )
   args = ocp.args.PyTreeRestore(
-      item=abstract, partial_restore=True,
-      restore_args=jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), abstract))
+    item=abstract,
+    partial_restore=True,
+    restore_args=jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), abstract),
+  )
   with ocp.PyTreeCheckpointer() as ckpt:
     restored = ckpt.restore(item, args=args)
   for name, v in todo:
@@ -375,8 +420,9 @@ def check_init_from(config) -> None:
     if kind_of(m.init_from) == "mod_jax":
       saved = native_config(m.init_from).model
       check_fields(m, {k: saved.get(k) for k in _LLM_FIELDS}, "model.", m.init_from)
-      check_fields(m.vision, {k: saved.vision.get(k) for k in _VISION_FIELDS}, "model.vision.",
-                   m.init_from)
+      check_fields(
+        m.vision, {k: saved.vision.get(k) for k in _VISION_FIELDS}, "model.vision.", m.init_from
+      )
     else:
       check_llm(m, m.init_from)
   if m.vision.get("init_from"):
@@ -399,8 +445,9 @@ def init_from_pretrained(config, params) -> list[str]:
   if m.init_from:
     kind = kind_of(m.init_from)
     if kind == "mod_jax":
-      n, unused = load_native(params, m.init_from,
-                              optional=lambda p: "_lora/" in p or p.startswith("llm/routers/"))
+      n, unused = load_native(
+        params, m.init_from, optional=lambda p: "_lora/" in p or p.startswith("llm/routers/")
+      )
       if unused:
         lines.append(f"not loaded (no such parameter in this model): {unused}")
     else:

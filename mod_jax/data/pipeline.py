@@ -47,8 +47,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Sequence
 import warnings
+from collections.abc import Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -78,8 +79,10 @@ def prepare_data(config: ConfigDict) -> str:
     return procedural.ensure_procedural(config)
   if d.source == "folder":
     if not d.dir or not os.path.isdir(os.path.expanduser(d.dir)):
-      raise ConfigError(f"data.source='folder' needs data.dir to be an existing folder with "
-                        f"train/ and eval/ subfolders; got data.dir={d.dir!r}.")
+      raise ConfigError(
+        f"data.source='folder' needs data.dir to be an existing folder with "
+        f"train/ and eval/ subfolders; got data.dir={d.dir!r}."
+      )
     return os.path.abspath(os.path.expanduser(d.dir))
   raise ConfigError(f"data.source={d.source!r}; choose one of {SOURCES}.")
 
@@ -94,8 +97,9 @@ def load_tokenizer(config: ConfigDict) -> StreamTokenizer:
   """
   path = config.data.tokenizer or os.path.join(prepare_data(config), "tokenizer.json")
   t = config.data.tokens
-  return StreamTokenizer.from_file(os.path.expanduser(path), pad=t.pad, bos=t.bos, eos=t.eos,
-                                   vision=t.vision)
+  return StreamTokenizer.from_file(
+    os.path.expanduser(path), pad=t.pad, bos=t.bos, eos=t.eos, vision=t.vision
+  )
 
 
 # --------------------------------------------------------------------------------- index
@@ -110,6 +114,7 @@ class SplitIndex:
     folder_stats: counts from validating the folder.
     stream_stats: counts from rendering the windows.
   """
+
   split: str
   records: list[folder.VideoRecord]
   windows: list[tuple[int, stream_lib.StreamWindow]]
@@ -120,15 +125,21 @@ class SplitIndex:
     """JSON-able counts for logging; ``samples`` are the windows this process reads."""
     f, s = self.folder_stats, self.stream_stats
     return {
-        "videos": f.videos, "skipped_videos": f.skipped_videos,
-        "skipped_paths": f.skipped_paths[:50], "narrations": f.narrations,
-        "queries": f.queries, "bad_annotations": dict(f.bad_annotations),
-        "bad_annotations_total": sum(f.bad_annotations.values()),
-        "windows": s.windows, "samples": len(range(process_index, s.windows, process_count)),
-        "truncated_windows": s.truncated_windows, "truncated_tokens": s.truncated_tokens,
-        "replaced_narrations": s.replaced_narrations, "unknown_tokens": s.unknown_tokens,
-        "frames": int(sum(w.num_frames for _, w in self.windows)),
-        "text_tokens": int(sum(w.num_text for _, w in self.windows)),
+      "videos": f.videos,
+      "skipped_videos": f.skipped_videos,
+      "skipped_paths": f.skipped_paths[:50],
+      "narrations": f.narrations,
+      "queries": f.queries,
+      "bad_annotations": dict(f.bad_annotations),
+      "bad_annotations_total": sum(f.bad_annotations.values()),
+      "windows": s.windows,
+      "samples": len(range(process_index, s.windows, process_count)),
+      "truncated_windows": s.truncated_windows,
+      "truncated_tokens": s.truncated_tokens,
+      "replaced_narrations": s.replaced_narrations,
+      "unknown_tokens": s.unknown_tokens,
+      "frames": int(sum(w.num_frames for _, w in self.windows)),
+      "text_tokens": int(sum(w.num_text for _, w in self.windows)),
     }
 
 
@@ -142,16 +153,35 @@ def _frame_size(config: ConfigDict) -> int:
 
 def _index_key(config: ConfigDict, root: str, split: str, tokenizer: StreamTokenizer) -> tuple:
   d = config.data
-  return (root, split, float(d.fps), _frame_size(config), int(config.model.tokens_per_frame),
-          int(d.max_frames), int(d.max_text), d.system_prompt, d.on_bad_video, tokenizer.name,
-          tokenizer.vocab_size)
+  return (
+    root,
+    split,
+    float(d.fps),
+    _frame_size(config),
+    int(config.model.tokens_per_frame),
+    int(d.max_frames),
+    int(d.max_text),
+    d.system_prompt,
+    d.on_bad_video,
+    tokenizer.name,
+    tokenizer.vocab_size,
+  )
 
 
 def _stats_key(config: ConfigDict) -> tuple:
   d = config.data
   params = tuple(sorted(procedural.params_of(config).items())) if d.source == "procedural" else ()
-  return (d.source, d.dir, params, d.fps, d.max_frames, d.max_text, d.system_prompt,
-          config.model.tokens_per_frame, _frame_size(config))
+  return (
+    d.source,
+    d.dir,
+    params,
+    d.fps,
+    d.max_frames,
+    d.max_text,
+    d.system_prompt,
+    config.model.tokens_per_frame,
+    _frame_size(config),
+  )
 
 
 def _check_config(config: ConfigDict, split: str) -> None:
@@ -161,8 +191,10 @@ def _check_config(config: ConfigDict, split: str) -> None:
   if d.fps <= 0:
     raise ConfigError(f"data.fps={d.fps} must be > 0 (frames per second).")
   if d.num_packing_bins < 1 or d.cache_mb < 0 or d.worker_count < 0:
-    raise ConfigError(f"data.num_packing_bins={d.num_packing_bins} must be >= 1, data.cache_mb="
-                      f"{d.cache_mb} and data.worker_count={d.worker_count} >= 0.")
+    raise ConfigError(
+      f"data.num_packing_bins={d.num_packing_bins} must be >= 1, data.cache_mb="
+      f"{d.cache_mb} and data.worker_count={d.worker_count} >= 0."
+    )
 
 
 def load_split(config: ConfigDict, split: str, tokenizer: StreamTokenizer) -> SplitIndex:
@@ -193,29 +225,49 @@ def load_split(config: ConfigDict, split: str, tokenizer: StreamTokenizer) -> Sp
     return _INDEX_CACHE[key]
   d, m = config.data, config.model
   cache = folder.frame_cache(int(d.cache_mb) << 20)
-  records, fstats = folder.index_folder(os.path.join(root, split), fps=d.fps,
-                                        size=_frame_size(config), on_bad_video=d.on_bad_video,
-                                        cache=cache)
+  records, fstats = folder.index_folder(
+    os.path.join(root, split),
+    fps=d.fps,
+    size=_frame_size(config),
+    on_bad_video=d.on_bad_video,
+    cache=cache,
+  )
   if not records:
-    raise RuntimeError(f"{os.path.join(root, split)}: no usable video ({fstats.skipped_videos} "
-                       f"skipped: {fstats.skipped_paths[:5]}).")
+    raise RuntimeError(
+      f"{os.path.join(root, split)}: no usable video ({fstats.skipped_videos} "
+      f"skipped: {fstats.skipped_paths[:5]})."
+    )
   windows, sstats = [], stream_lib.StreamStats()
   for i, r in enumerate(records):
     ws, s = stream_lib.render_stream(
-        tokenizer, num_frames=r.num_frames, narrations=r.narrations, queries=r.queries,
-        fps=d.fps, system_prompt=d.system_prompt, tokens_per_frame=m.tokens_per_frame,
-        max_frames=d.max_frames, max_text=d.max_text)
+      tokenizer,
+      num_frames=r.num_frames,
+      narrations=r.narrations,
+      queries=r.queries,
+      fps=d.fps,
+      system_prompt=d.system_prompt,
+      tokens_per_frame=m.tokens_per_frame,
+      max_frames=d.max_frames,
+      max_text=d.max_text,
+    )
     windows += [(i, w) for w in ws]
     sstats += s
   if sstats.truncated_windows:
-    warnings.warn(f"{split}: {sstats.truncated_windows} windows exceeded data.max_text="
-                  f"{d.max_text} with a single frame; {sstats.truncated_tokens} text tokens "
-                  f"were truncated (counted in data_stats). Raise data.max_text.",
-                  folder.DataWarning, stacklevel=2)
+    warnings.warn(
+      f"{split}: {sstats.truncated_windows} windows exceeded data.max_text="
+      f"{d.max_text} with a single frame; {sstats.truncated_tokens} text tokens "
+      f"were truncated (counted in data_stats). Raise data.max_text.",
+      folder.DataWarning,
+      stacklevel=2,
+    )
   if sstats.unknown_tokens:
-    warnings.warn(f"{split}: {sstats.unknown_tokens} words of the system prompt, narrations or "
-                  f"queries are not in the tokenizer {tokenizer.name} and became <unk> (counted "
-                  f"in data_stats).", folder.DataWarning, stacklevel=2)
+    warnings.warn(
+      f"{split}: {sstats.unknown_tokens} words of the system prompt, narrations or "
+      f"queries are not in the tokenizer {tokenizer.name} and became <unk> (counted "
+      f"in data_stats).",
+      folder.DataWarning,
+      stacklevel=2,
+    )
   index = SplitIndex(split, records, windows, fstats, sstats)
   _INDEX_CACHE[key] = index
   return index
@@ -258,16 +310,21 @@ class _FinishRow(grain.transforms.Map):
 
   def map(self, row):
     out = {k: row[k] for k in stream_lib.TEXT_FEATURES + stream_lib.FRAME_FEATURES}
-    for group, features, name in (("text", stream_lib.TEXT_FEATURES, "text_segment_ids"),
-                                  ("frame", stream_lib.FRAME_FEATURES, "frame_segment_ids")):
+    for group, features, name in (
+      ("text", stream_lib.TEXT_FEATURES, "text_segment_ids"),
+      ("frame", stream_lib.FRAME_FEATURES, "frame_segment_ids"),
+    ):
       ids = row[f"{features[0]}_segment_ids"]
       for f in features[1:]:
         if not np.array_equal(row[f"{f}_segment_ids"], ids):
-          raise AssertionError(f"packer gave {f} segment ids that differ from {features[0]}'s "
-                               f"in the {group} group.")
+          raise AssertionError(
+            f"packer gave {f} segment ids that differ from {features[0]}'s in the {group} group."
+          )
       out[name] = ids.astype(np.int32)
-    if not np.array_equal(np.unique(out["text_segment_ids"][out["text_segment_ids"] > 0]),
-                          np.unique(out["frame_segment_ids"][out["frame_segment_ids"] > 0])):
+    if not np.array_equal(
+      np.unique(out["text_segment_ids"][out["text_segment_ids"] > 0]),
+      np.unique(out["frame_segment_ids"][out["frame_segment_ids"] > 0]),
+    ):
       raise AssertionError("packed text and frame segment ids name different samples.")
     return out
 
@@ -280,22 +337,29 @@ class _PadRows:
 
   def __call__(self, values: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     batch = grain.experimental.batch_and_pad(values, batch_size=self._rows)
-    batch["text_tokens"][len(values):] = self._pad_id
+    batch["text_tokens"][len(values) :] = self._pad_id
     return batch
 
 
 def _length_struct(config: ConfigDict) -> dict[str, int]:
   d = config.data
-  return {**{k: int(d.max_text) for k in stream_lib.TEXT_FEATURES},
-          **{k: int(d.max_frames) for k in stream_lib.FRAME_FEATURES}}
+  return {
+    **{k: int(d.max_text) for k in stream_lib.TEXT_FEATURES},
+    **{k: int(d.max_frames) for k in stream_lib.FRAME_FEATURES},
+  }
 
 
 def _pack(ds: grain.IterDataset, config: ConfigDict, pad_id: int, shuffle_bins: bool):
   padding = {k: 0 for k in _length_struct(config)}
   padding["text_tokens"] = pad_id
   return grain.experimental.FirstFitPackIterDataset(
-      ds, length_struct=_length_struct(config), num_packing_bins=int(config.data.num_packing_bins),
-      seed=int(config.seed), shuffle_bins=shuffle_bins, padding_struct=padding)
+    ds,
+    length_struct=_length_struct(config),
+    num_packing_bins=int(config.data.num_packing_bins),
+    seed=int(config.seed),
+    shuffle_bins=shuffle_bins,
+    padding_struct=padding,
+  )
 
 
 def _count_packed_rows(windows: list[stream_lib.StreamWindow], config: ConfigDict) -> int:
@@ -304,8 +368,11 @@ def _count_packed_rows(windows: list[stream_lib.StreamWindow], config: ConfigDic
     return 0
   lengths = [(w.num_text, w.num_frames) for w in windows]
   ds = grain.MapDataset.source(lengths).map(
-      lambda x: {**{k: np.zeros(x[0], np.int8) for k in stream_lib.TEXT_FEATURES},
-                 **{k: np.zeros(x[1], np.int8) for k in stream_lib.FRAME_FEATURES}})
+    lambda x: {
+      **{k: np.zeros(x[0], np.int8) for k in stream_lib.TEXT_FEATURES},
+      **{k: np.zeros(x[1], np.int8) for k in stream_lib.FRAME_FEATURES},
+    }
+  )
   ds = _pack(ds.to_iter_dataset(grain.ReadOptions(num_threads=0)), config, 0, False)
   return sum(1 for _ in ds)
 
@@ -322,10 +389,15 @@ def _vision_input_spec(config: ConfigDict, rows: int) -> dict:
   tower output ``features`` bfloat16 [rows, F, N, vision width]."""
   f = int(config.data.max_frames)
   if config.data.get("input", "frames") == "features":
-    import ml_dtypes  # pylint: disable=g-import-not-at-top (a jax dependency)
+    import ml_dtypes
+
     m = config.model
-    return {"features": ((rows, f, int(m.tokens_per_frame), int(m.vision.width)),
-                         np.dtype(ml_dtypes.bfloat16))}
+    return {
+      "features": (
+        (rows, f, int(m.tokens_per_frame), int(m.vision.width)),
+        np.dtype(ml_dtypes.bfloat16),
+      )
+    }
   s = _frame_size(config)
   return {"frames": ((rows, f, s, s, 3), np.dtype(np.uint8))}
 
@@ -336,23 +408,35 @@ def batch_spec(config: ConfigDict, rows: int) -> dict[str, tuple[tuple[int, ...]
   t, f = int(d.max_text), int(d.max_frames)
   i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
   return {
-      "text_tokens": ((rows, t), i32), "text_positions": ((rows, t), i32),
-      "text_targets": ((rows, t), i32), "text_weights": ((rows, t), f32),
-      **_vision_input_spec(config, rows), "frame_positions": ((rows, f), i32),
-      "frame_targets": ((rows, f), i32), "frame_weights": ((rows, f), f32),
-      "text_segment_ids": ((rows, t), i32), "frame_segment_ids": ((rows, f), i32),
+    "text_tokens": ((rows, t), i32),
+    "text_positions": ((rows, t), i32),
+    "text_targets": ((rows, t), i32),
+    "text_weights": ((rows, t), f32),
+    **_vision_input_spec(config, rows),
+    "frame_positions": ((rows, f), i32),
+    "frame_targets": ((rows, f), i32),
+    "frame_weights": ((rows, f), f32),
+    "text_segment_ids": ((rows, t), i32),
+    "frame_segment_ids": ((rows, f), i32),
   }
 
 
 def _ensure_absl_flags_parsed() -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
 
 # --------------------------------------------------------------------------------- dataset
-def make_dataset(config: ConfigDict, split: str, tokenizer: StreamTokenizer, *,
-                 process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+def make_dataset(
+  config: ConfigDict,
+  split: str,
+  tokenizer: StreamTokenizer,
+  *,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> grain.IterDataset:
   """The grain dataset of packed batches for one process.
 
   Args:
@@ -379,14 +463,17 @@ def make_dataset(config: ConfigDict, split: str, tokenizer: StreamTokenizer, *,
     raise ValueError(f"process_index={process_index} must be in [0, {process_count}).")
   if config.data.get("input", "frames") != "frames":
     raise ConfigError(
-        f"data.input={config.data.input!r}: the {config.data.source!r} source yields decoded "
-        f"frames; pre-extracted feature datasets (`mod-jax encode`) are not available yet. Use "
-        f"data.input='frames' (the model also accepts a `features` batch field directly, e.g. "
-        f"for `mod-jax compile`).")
+      f"data.input={config.data.input!r}: the {config.data.source!r} source yields decoded "
+      f"frames; pre-extracted feature datasets (`mod-jax encode`) are not available yet. Use "
+      f"data.input='frames' (the model also accepts a `features` batch field directly, e.g. "
+      f"for `mod-jax compile`)."
+    )
   rows = config.train.batch_size // process_count
   if rows < 1 or config.train.batch_size % process_count:
-    raise ConfigError(f"train.batch_size={config.train.batch_size} must be a positive multiple "
-                      f"of the process count {process_count}.")
+    raise ConfigError(
+      f"train.batch_size={config.train.batch_size} must be a positive multiple "
+      f"of the process count {process_count}."
+    )
   index = load_split(config, split, tokenizer)
   _STATS[(_stats_key(config), split)] = index.stats(process_count, process_index)
   d = config.data
@@ -394,14 +481,19 @@ def make_dataset(config: ConfigDict, split: str, tokenizer: StreamTokenizer, *,
   items = [(index.records[i].path, w) for i, w in index.windows]
   ds = grain.MapDataset.source(items)[process_index::process_count]
   if len(ds) == 0:
-    raise RuntimeError(f"{split}: process {process_index} of {process_count} has no window "
-                       f"({len(items)} windows in total); use fewer processes or more data.")
+    raise RuntimeError(
+      f"{split}: process {process_index} of {process_count} has no window "
+      f"({len(items)} windows in total); use fewer processes or more data."
+    )
   if train:
     ds = ds.shuffle(seed=int(config.seed)).repeat()
   ds = ds.map(_AttachFrames(float(d.fps), _frame_size(config), int(d.cache_mb) << 20))
   threads = max(1, min(4, os.cpu_count() or 1))
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=threads, prefetch_buffer_size=max(2 * int(d.num_packing_bins), rows, 8)))
+  it_ds = ds.to_iter_dataset(
+    grain.ReadOptions(
+      num_threads=threads, prefetch_buffer_size=max(2 * int(d.num_packing_bins), rows, 8)
+    )
+  )
   if d.worker_count > 0:
     _ensure_absl_flags_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(d.worker_count)))
@@ -410,8 +502,10 @@ def make_dataset(config: ConfigDict, split: str, tokenizer: StreamTokenizer, *,
     return it_ds.batch(rows, drop_remainder=True)
   it_ds = it_ds.batch(rows, batch_fn=_PadRows(rows, tokenizer.pad_id))
   if process_count > 1:
-    counts = [-(-_count_packed_rows([w for _, w in index.windows[p::process_count]], config)
-                // rows) for p in range(process_count)]
+    counts = [
+      -(-_count_packed_rows([w for _, w in index.windows[p::process_count]], config) // rows)
+      for p in range(process_count)
+    ]
     extra = max(counts) - counts[process_index]
     if extra:
       pad = _padding_batch(config, rows, tokenizer.pad_id)

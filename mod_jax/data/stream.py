@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -88,15 +88,17 @@ class StreamStats:
     replaced_narrations: narrations dropped because a later one fell on the same frame.
     unknown_tokens: ``<unk>`` ids produced when encoding prompt / narrations / queries.
   """
+
   windows: int = 0
   truncated_windows: int = 0
   truncated_tokens: int = 0
   replaced_narrations: int = 0
   unknown_tokens: int = 0
 
-  def __add__(self, other: "StreamStats") -> "StreamStats":
-    return StreamStats(*(a + b for a, b in zip(dataclasses.astuple(self),
-                                                  dataclasses.astuple(other))))
+  def __add__(self, other: StreamStats) -> StreamStats:
+    return StreamStats(
+      *(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other)))
+    )
 
 
 @dataclasses.dataclass
@@ -114,6 +116,7 @@ class StreamWindow:
     frame_weights: float32 [n_frames].
     truncated_tokens: text tokens dropped from this window (0 unless it overflowed).
   """
+
   frame_start: int
   frame_stop: int
   text_tokens: np.ndarray
@@ -149,30 +152,33 @@ class StreamWindow:
       ValueError: ``frames`` has fewer frames than the window needs.
     """
     if frames.shape[0] < self.frame_stop:
-      raise ValueError(f"window needs frames [{self.frame_start}, {self.frame_stop}) but the video "
-                       f"has {frames.shape[0]} frames.")
+      raise ValueError(
+        f"window needs frames [{self.frame_start}, {self.frame_stop}) but the video "
+        f"has {frames.shape[0]} frames."
+      )
     return {
-        "text_tokens": self.text_tokens,
-        "text_positions": self.text_positions,
-        "text_targets": self.text_targets,
-        "text_weights": self.text_weights,
-        "frames": np.ascontiguousarray(frames[self.frame_start:self.frame_stop], np.uint8),
-        "frame_positions": self.frame_positions,
-        "frame_targets": self.frame_targets,
-        "frame_weights": self.frame_weights,
+      "text_tokens": self.text_tokens,
+      "text_positions": self.text_positions,
+      "text_targets": self.text_targets,
+      "text_weights": self.text_weights,
+      "frames": np.ascontiguousarray(frames[self.frame_start : self.frame_stop], np.uint8),
+      "frame_positions": self.frame_positions,
+      "frame_targets": self.frame_targets,
+      "frame_weights": self.frame_weights,
     }
 
 
 class _Piece:
   """A run of stream tokens: ``ids`` and, per token, whether it is learned as the target of the
   slot before it (the reference's learn ranges, module docstring)."""
+
   __slots__ = ("ids", "learn")
 
   def __init__(self, ids: Sequence[int] = (), learn: Sequence[bool] | bool = False):
     self.ids = list(ids)
     self.learn = list(learn) if not isinstance(learn, bool) else [learn] * len(self.ids)
 
-  def __iadd__(self, other: "_Piece") -> "_Piece":
+  def __iadd__(self, other: _Piece) -> _Piece:
     self.ids += other.ids
     self.learn += other.learn
     return self
@@ -181,11 +187,18 @@ class _Piece:
     return len(self.ids)
 
 
-def render_stream(tokenizer: StreamTokenizer, *, num_frames: int,
-                  narrations: Sequence[tuple[float, str]],
-                  queries: Sequence[tuple[float, str]] = (), fps: float, system_prompt: str,
-                  tokens_per_frame: int, max_frames: int,
-                  max_text: int) -> tuple[list[StreamWindow], StreamStats]:
+def render_stream(
+  tokenizer: StreamTokenizer,
+  *,
+  num_frames: int,
+  narrations: Sequence[tuple[float, str]],
+  queries: Sequence[tuple[float, str]] = (),
+  fps: float,
+  system_prompt: str,
+  tokens_per_frame: int,
+  max_frames: int,
+  max_text: int,
+) -> tuple[list[StreamWindow], StreamStats]:
   """Renders one video's annotations into LIVE-format windows (the module docstring has the rules).
 
   Args:
@@ -207,8 +220,10 @@ def render_stream(tokenizer: StreamTokenizer, *, num_frames: int,
     ValueError: ``num_frames < 1``, ``max_frames < 1`` or ``max_text < 1``.
   """
   if num_frames < 1 or max_frames < 1 or max_text < 1:
-    raise ValueError(f"render_stream: num_frames={num_frames}, max_frames={max_frames} and "
-                     f"max_text={max_text} must all be >= 1.")
+    raise ValueError(
+      f"render_stream: num_frames={num_frames}, max_frames={max_frames} and "
+      f"max_text={max_text} must all be >= 1."
+    )
   tok = tokenizer
   stats = StreamStats()
 
@@ -285,12 +300,18 @@ def render_stream(tokenizer: StreamTokenizer, *, num_frames: int,
     used = len(pre)
     stop = start + 1
     # Grow while the next frame fits: frames <= F_cap and text (with the cut tail) <= T_cap.
-    while (stop < num_frames and stop - start < max_frames and
-           used + len(after_full[stop - 1]) + len(after_cut[stop]) <= max_text):
+    while (
+      stop < num_frames
+      and stop - start < max_frames
+      and used + len(after_full[stop - 1]) + len(after_cut[stop]) <= max_text
+    ):
       used += len(after_full[stop - 1])
       stop += 1
-    windows.append(_build_window(tok, pre, after_full, after_cut, frame_target, start, stop,
-                                 tokens_per_frame, max_text))
+    windows.append(
+      _build_window(
+        tok, pre, after_full, after_cut, frame_target, start, stop, tokens_per_frame, max_text
+      )
+    )
     start = stop
   stats.windows = len(windows)
   for w in windows:
@@ -300,9 +321,17 @@ def render_stream(tokenizer: StreamTokenizer, *, num_frames: int,
   return windows, stats
 
 
-def _build_window(tok: StreamTokenizer, pre: _Piece, after_full: list[_Piece],
-                  after_cut: list[_Piece], frame_target: list[int], start: int, stop: int,
-                  tokens_per_frame: int, max_text: int) -> StreamWindow:
+def _build_window(
+  tok: StreamTokenizer,
+  pre: _Piece,
+  after_full: list[_Piece],
+  after_cut: list[_Piece],
+  frame_target: list[int],
+  start: int,
+  stop: int,
+  tokens_per_frame: int,
+  max_text: int,
+) -> StreamWindow:
   """Lays out window ``[start, stop)`` and derives positions, targets and weights."""
   ids: list[int] = list(pre.ids)
   learn = list(pre.learn)
@@ -332,8 +361,14 @@ def _build_window(tok: StreamTokenizer, pre: _Piece, after_full: list[_Piece],
     pos, targets, weights = pos[:max_text], targets[:max_text], weights[:max_text]
   f_targets = np.asarray(frame_target[start:stop], np.int32)
   return StreamWindow(
-      frame_start=start, frame_stop=stop,
-      text_tokens=ids_a[pos].astype(np.int32), text_positions=pos.astype(np.int32),
-      text_targets=targets, text_weights=weights,
-      frame_positions=np.asarray(frame_pos, np.int32), frame_targets=f_targets,
-      frame_weights=(f_targets != 0).astype(np.float32), truncated_tokens=truncated)
+    frame_start=start,
+    frame_stop=stop,
+    text_tokens=ids_a[pos].astype(np.int32),
+    text_positions=pos.astype(np.int32),
+    text_targets=targets,
+    text_weights=weights,
+    frame_positions=np.asarray(frame_pos, np.int32),
+    frame_targets=f_targets,
+    frame_weights=(f_targets != 0).astype(np.float32),
+    truncated_tokens=truncated,
+  )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import tokenizers
 from tokenizers import models, pre_tokenizers
@@ -24,8 +24,19 @@ PAD, BOS, EOS, UNK, VISION = "<pad>", "<bos>", "<eos>", "<unk>", "<v>"
 STREAM_CLOSE, STREAM_OPEN, INTERVAL, NEWLINE = "]\n", "[", ",", "\n"
 ASSISTANT, USER = "Assistant:", "User:"
 # Order fixes the ids of build_word_tokenizer: <pad> = 0, <bos> = 1, ...
-WORD_TOKENIZER_SPECIALS = (PAD, BOS, EOS, UNK, VISION, STREAM_CLOSE, STREAM_OPEN, INTERVAL,
-                           NEWLINE, ASSISTANT, USER)
+WORD_TOKENIZER_SPECIALS = (
+  PAD,
+  BOS,
+  EOS,
+  UNK,
+  VISION,
+  STREAM_CLOSE,
+  STREAM_OPEN,
+  INTERVAL,
+  NEWLINE,
+  ASSISTANT,
+  USER,
+)
 
 
 class TokenizerError(ValueError):
@@ -46,8 +57,16 @@ class StreamTokenizer:
     unk_id: id of the unknown token, or None when the tokenizer has none.
   """
 
-  def __init__(self, tokenizer: tokenizers.Tokenizer, *, pad: str = PAD, bos: str = BOS,
-               eos: str = EOS, vision: str = VISION, name: str = "tokenizer"):
+  def __init__(
+    self,
+    tokenizer: tokenizers.Tokenizer,
+    *,
+    pad: str = PAD,
+    bos: str = BOS,
+    eos: str = EOS,
+    vision: str = VISION,
+    name: str = "tokenizer",
+  ):
     """Resolves the stream-format ids.
 
     Args:
@@ -73,8 +92,10 @@ class StreamTokenizer:
     self.user_ids = self._pieces(USER, "user tag")
     self.unk_id = tokenizer.token_to_id(UNK)
     if self.stream_close_ids[0] == self.interval_id:
-      raise TokenizerError(f"{name}: ']\\n' starts with the interval token ',' (id "
-                           f"{self.interval_id}); the frame-end targets would be identical.")
+      raise TokenizerError(
+        f"{name}: ']\\n' starts with the interval token ',' (id "
+        f"{self.interval_id}); the frame-end targets would be identical."
+      )
 
   def _single(self, token: str, what: str) -> int:
     i = self.tokenizer.token_to_id(token)
@@ -83,9 +104,10 @@ class StreamTokenizer:
       if len(ids) == 1 and ids[0] != self.tokenizer.token_to_id(UNK):
         return ids[0]
       raise TokenizerError(
-          f"{self.name}: the {what} token {token!r} is not a single token of this vocabulary "
-          f"(it encodes to {ids}). Add it to the tokenizer (tokenizer.add_special_tokens) or "
-          f"name the right string (config data.tokens.*).")
+        f"{self.name}: the {what} token {token!r} is not a single token of this vocabulary "
+        f"(it encodes to {ids}). Add it to the tokenizer (tokenizer.add_special_tokens) or "
+        f"name the right string (config data.tokens.*)."
+      )
     return i
 
   def _pieces(self, text: str, what: str) -> tuple[int, ...]:
@@ -98,7 +120,7 @@ class StreamTokenizer:
     return ids
 
   @classmethod
-  def from_file(cls, path: str | os.PathLike[str], **tokens: str) -> "StreamTokenizer":
+  def from_file(cls, path: str | os.PathLike[str], **tokens: str) -> StreamTokenizer:
     """Loads a ``tokenizer.json``.
 
     Args:
@@ -163,8 +185,9 @@ def build_word_tokenizer(words: Iterable[str], path: str | os.PathLike[str]) -> 
     vocab[w] = len(vocab)
   tok = tokenizers.Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
   tok.pre_tokenizer = splitter
-  tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
-                          for t in WORD_TOKENIZER_SPECIALS])
+  tok.add_special_tokens(
+    [tokenizers.AddedToken(t, special=True, normalized=False) for t in WORD_TOKENIZER_SPECIALS]
+  )
   path = os.fspath(path)
   # Tokenizer.save writes JSON; re-dump with sorted keys so the file is byte-identical per vocab.
   data = json.loads(tok.to_str())

@@ -20,8 +20,8 @@ import os
 from typing import Any
 
 import av
-from av.video.reformatter import VideoReformatter
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 # A decoded stream that stops more than this many seconds (and more than 2 native frames) before
 # the duration the container announces is reported as truncated.
@@ -60,6 +60,7 @@ class VideoInfo:
     num_frames: frame count announced by the container (0 when unknown; not verified).
     codec: decoder name, e.g. ``"h264"``.
   """
+
   width: int
   height: int
   native_fps: float
@@ -91,9 +92,13 @@ def _info(container: Any) -> VideoInfo:
     duration = container.duration / av.time_base
   rate = stream.average_rate or stream.guessed_rate
   return VideoInfo(
-      width=int(ctx.width), height=int(ctx.height),
-      native_fps=float(rate) if rate else 0.0, duration=max(duration, 0.0),
-      num_frames=int(stream.frames or 0), codec=str(ctx.name))
+    width=int(ctx.width),
+    height=int(ctx.height),
+    native_fps=float(rate) if rate else 0.0,
+    duration=max(duration, 0.0),
+    num_frames=int(stream.frames or 0),
+    codec=str(ctx.name),
+  )
 
 
 def probe_video(path: str | os.PathLike[str]) -> VideoInfo:
@@ -131,8 +136,9 @@ def letterbox_geometry(width: int, height: int, size: int) -> tuple[int, int, in
   return new_w, new_h, (size - new_w) // 2, (size - new_h) // 2
 
 
-def frame_to_rgb(frame: av.VideoFrame, size: int,
-                 reformatter: VideoReformatter | None = None) -> np.ndarray:
+def frame_to_rgb(
+  frame: av.VideoFrame, size: int, reformatter: VideoReformatter | None = None
+) -> np.ndarray:
   """Resizes one decoded frame to ``size x size`` RGB, keeping aspect ratio, zero-padded.
 
   The resize is ffmpeg's swscale, as ``frame.reformat(width, height, format="rgb24",
@@ -149,13 +155,12 @@ def frame_to_rgb(frame: av.VideoFrame, size: int,
   """
   new_w, new_h, left, top = letterbox_geometry(frame.width, frame.height, size)
   reformatter = reformatter or VideoReformatter()
-  rgb = reformatter.reformat(frame, width=new_w, height=new_h, format="rgb24",
-                             interpolation="AREA")
+  rgb = reformatter.reformat(frame, width=new_w, height=new_h, format="rgb24", interpolation="AREA")
   pixels = rgb.to_ndarray()
   if new_w == size and new_h == size:
     return np.ascontiguousarray(pixels, dtype=np.uint8)
   out = np.zeros((size, size, 3), np.uint8)
-  out[top:top + new_h, left:left + new_w] = pixels
+  out[top : top + new_h, left : left + new_w] = pixels
   return out
 
 
@@ -167,8 +172,9 @@ def num_sampled_frames(duration: float, fps: float) -> int:
   return max(n, 1)
 
 
-def decode_video(path: str | os.PathLike[str], fps: float,
-                 size: int) -> tuple[np.ndarray, np.ndarray]:
+def decode_video(
+  path: str | os.PathLike[str], fps: float, size: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Decodes a video at a fixed frame rate into letterboxed RGB frames.
 
   Frame ``i`` is the picture displayed at ``t_i = i / fps`` seconds: the last decoded frame whose
@@ -202,7 +208,7 @@ def decode_video(path: str | os.PathLike[str], fps: float,
       stream.thread_type = "AUTO"
     reformatter = VideoReformatter()
     frames: list[np.ndarray] = []
-    prev = None            # last decoded frame with time <= the next grid time
+    prev = None  # last decoded frame with time <= the next grid time
     first_time = None
     last_time = None
     n_decoded = 0
@@ -220,14 +226,18 @@ def decode_video(path: str | os.PathLike[str], fps: float,
         t -= first_time
         n_decoded += 1
         # Emit every grid time that this frame's arrival closes (the previous frame was shown).
-        while prev is not None and (n_target is None or len(frames) < n_target) and \
-            t > len(frames) / fps + _PTS_EPS_S:
+        while (
+          prev is not None
+          and (n_target is None or len(frames) < n_target)
+          and t > len(frames) / fps + _PTS_EPS_S
+        ):
           frames.append(frame_to_rgb(prev, size, reformatter))
         prev = frame
         last_time = t
     except av.error.FFmpegError as e:
-      raise VideoError(path, f"decoding failed after {n_decoded} frames "
-                       f"({type(e).__name__}: {e})") from e
+      raise VideoError(
+        path, f"decoding failed after {n_decoded} frames ({type(e).__name__}: {e})"
+      ) from e
     if prev is None:
       raise VideoError(path, "no decodable video frame")
     frame_dur = 1.0 / info.native_fps if info.native_fps > 0 else 0.0
@@ -236,8 +246,10 @@ def decode_video(path: str | os.PathLike[str], fps: float,
       n_target = num_sampled_frames(duration, fps)
     elif last_time + frame_dur < duration - max(_TRUNCATION_TOLERANCE_S, 2 * frame_dur):
       raise VideoError(
-          path, f"truncated: frames stop at {last_time + frame_dur:.2f}s but the container "
-          f"announces {duration:.2f}s")
+        path,
+        f"truncated: frames stop at {last_time + frame_dur:.2f}s but the container "
+        f"announces {duration:.2f}s",
+      )
     while len(frames) < n_target:  # grid times after the last frame change
       frames.append(frame_to_rgb(prev, size, reformatter))
   finally:

@@ -20,17 +20,31 @@ from mod_jax import flags as mj_flags
 from mod_jax.infer import flags as f
 
 
-def run_eval(workdir: str, *, threshold: float = 0.0, output: str | None = None,
-             max_samples: int | None = None, step: int | None = None,
-             progress: bool = True) -> dict:
+def run_eval(
+  workdir: str,
+  *,
+  threshold: float = 0.0,
+  output: str | None = None,
+  max_samples: int | None = None,
+  step: int | None = None,
+  progress: bool = True,
+) -> dict:
   """Evaluates the model of ``workdir``; writes and returns the metrics dict."""
-  from mod_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from mod_jax.infer.evaluate import stream_evaluate  # pylint: disable=g-import-not-at-top
-  from mod_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  from mod_jax.data import pipeline
+  from mod_jax.infer.evaluate import stream_evaluate
+  from mod_jax.train import checkpoint
+
   config, graphdef, params, ckpt_step = checkpoint.restore_params(workdir, step)
   tokenizer = pipeline.load_tokenizer(config)
-  result = stream_evaluate(config, graphdef, params, tokenizer, threshold=threshold,
-                           max_samples=max_samples, progress=progress)
+  result = stream_evaluate(
+    config,
+    graphdef,
+    params,
+    tokenizer,
+    threshold=threshold,
+    max_samples=max_samples,
+    progress=progress,
+  )
   result = {"workdir": workdir, "step": ckpt_step, **result}
   output = output or os.path.join(workdir, "stream_eval.json")
   with open(output, "w") as fh:
@@ -47,8 +61,13 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   threshold = 0.0 if f.THRESHOLD.value is None else f.THRESHOLD.value
   try:
-    result = run_eval(mj_flags.WORKDIR.value, threshold=threshold, output=f.OUTPUT.value,
-                      max_samples=f.MAX_SAMPLES.value, step=f.STEP.value)
+    result = run_eval(
+      mj_flags.WORKDIR.value,
+      threshold=threshold,
+      output=f.OUTPUT.value,
+      max_samples=f.MAX_SAMPLES.value,
+      step=f.STEP.value,
+    )
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"mod-jax eval: error: {e}")
   print(json.dumps(result))

@@ -34,10 +34,9 @@ def _teacher_forced(params, batch, rng, *, graphdef):
   model.eval()  # no LoRA dropout; the rng is only for random routing
   text_logits, frame_logits, _ = model(batch, rng=rng)
   return {
-      "text_ce": optax.softmax_cross_entropy_with_integer_labels(text_logits,
-                                                                 batch["text_targets"]),
-      "text_correct": jnp.argmax(text_logits, -1) == batch["text_targets"],
-      "frame_probs": jax.nn.softmax(frame_logits, axis=-1),
+    "text_ce": optax.softmax_cross_entropy_with_integer_labels(text_logits, batch["text_targets"]),
+    "text_correct": jnp.argmax(text_logits, -1) == batch["text_targets"],
+    "frame_probs": jax.nn.softmax(frame_logits, axis=-1),
   }
 
 
@@ -46,24 +45,27 @@ def _padded(example: dict, t_cap: int, f_cap: int, pad_id: int) -> dict:
   nt, nf = len(example["text_tokens"]), len(example["frame_positions"])
   if nt > t_cap or nf > f_cap:
     raise ValueError(f"sample has {nt} text slots / {nf} frames; caps are {t_cap} / {f_cap}.")
+
   def pad(x, n, value=0):
     x = np.asarray(x)
     out = np.full((n, *x.shape[1:]), value, x.dtype)
-    out[:len(x)] = x
+    out[: len(x)] = x
     return out[None]
+
   return {
-      "text_tokens": pad(example["text_tokens"], t_cap, pad_id),
-      "text_positions": pad(example["text_positions"], t_cap),
-      "text_targets": pad(example["text_targets"], t_cap),
-      "text_segment_ids": pad(np.ones(nt, np.int32), t_cap),
-      "frames": pad(example["frames"], f_cap),
-      "frame_positions": pad(example["frame_positions"], f_cap),
-      "frame_segment_ids": pad(np.ones(nf, np.int32), f_cap),
+    "text_tokens": pad(example["text_tokens"], t_cap, pad_id),
+    "text_positions": pad(example["text_positions"], t_cap),
+    "text_targets": pad(example["text_targets"], t_cap),
+    "text_segment_ids": pad(np.ones(nt, np.int32), t_cap),
+    "frames": pad(example["frames"], f_cap),
+    "frame_positions": pad(example["frame_positions"], f_cap),
+    "frame_segment_ids": pad(np.ones(nf, np.int32), f_cap),
   }
 
 
-def continue_after(session: streaming.Session, batch: dict, frame_index: int, m: int,
-                   interval_id: int) -> np.ndarray:
+def continue_after(
+  session: streaming.Session, batch: dict, frame_index: int, m: int, interval_id: int
+) -> np.ndarray:
   """Frame-end distributions of ``m`` frames fed after frame ``frame_index`` of a sample.
 
   The cache is filled with the sample up to the last vision token of frame ``frame_index`` (one
@@ -86,17 +88,35 @@ def continue_after(session: streaming.Session, batch: dict, frame_index: int, m:
   text_seg = batch["text_segment_ids"] * (batch["text_positions"] <= p_end)
   frame_seg = batch["frame_segment_ids"] * (np.arange(batch["frames"].shape[1]) <= frame_index)
   session.reset()
-  session.feed_layout(batch["text_tokens"], batch["text_positions"], text_seg, batch["frames"],
-                      batch["frame_positions"], frame_seg, next_position=p_end + 1,
-                      what="eval prefix")
-  probs = [session.feed([interval_id], batch["frames"][0, j:j + 1], what="late frame")
-           ["frame_probs"][0, 0] for j in range(frame_index + 1, frame_index + 1 + m)]
+  session.feed_layout(
+    batch["text_tokens"],
+    batch["text_positions"],
+    text_seg,
+    batch["frames"],
+    batch["frame_positions"],
+    frame_seg,
+    next_position=p_end + 1,
+    what="eval prefix",
+  )
+  probs = [
+    session.feed([interval_id], batch["frames"][0, j : j + 1], what="late frame")["frame_probs"][
+      0, 0
+    ]
+    for j in range(frame_index + 1, frame_index + 1 + m)
+  ]
   return np.stack(probs)
 
 
-def stream_evaluate(config, graphdef, params, tokenizer: StreamTokenizer, *,
-                    threshold: float = 0.0, max_samples: int | None = None,
-                    progress: bool = True) -> dict:
+def stream_evaluate(
+  config,
+  graphdef,
+  params,
+  tokenizer: StreamTokenizer,
+  *,
+  threshold: float = 0.0,
+  max_samples: int | None = None,
+  progress: bool = True,
+) -> dict:
   """LM-PPL, TimeDiff (seconds), Fluency, LM-Correctness on the eval split (SPEC §3).
 
   Args:
@@ -124,12 +144,16 @@ def stream_evaluate(config, graphdef, params, tokenizer: StreamTokenizer, *,
   t_cap, f_cap = int(d.max_text), int(d.max_frames)
   cache = folder.frame_cache(int(d.cache_mb) << 20)
   session = streaming.Session(
-      graphdef, params, m, sizes=streaming.cache_sizes(RoutingPlan.from_config(m), 2 * f_cap,
-                                                       t_cap + f_cap))
+    graphdef,
+    params,
+    m,
+    sizes=streaming.cache_sizes(RoutingPlan.from_config(m), 2 * f_cap, t_cap + f_cap),
+  )
   rng = jax.random.key(config.seed + 1)
   results = []
-  for rec_index, window in tqdm.tqdm(windows, desc="eval", disable=not progress,
-                                     dynamic_ncols=True):
+  for rec_index, window in tqdm.tqdm(
+    windows, desc="eval", disable=not progress, dynamic_ncols=True
+  ):
     record = index.records[rec_index]
     frames = folder.load_frames(record.path, float(d.fps), int(m.vision.image_size), cache)
     example = window.to_example(frames)
@@ -137,18 +161,26 @@ def stream_evaluate(config, graphdef, params, tokenizer: StreamTokenizer, *,
     out = jax.device_get(_teacher_forced(params, batch, rng, graphdef=graphdef))
     nt, nf = window.num_text, window.num_frames
     sample = metrics.SampleStream(
-        text_tokens=example["text_tokens"], text_positions=example["text_positions"],
-        text_weights=example["text_weights"], text_ce=out["text_ce"][0, :nt],
-        text_correct=out["text_correct"][0, :nt], frame_positions=example["frame_positions"],
-        frame_weights=example["frame_weights"],
-        frame_speak=metrics.speak_decision(out["frame_probs"][0, :nf], tokenizer.interval_id,
-                                           threshold))
+      text_tokens=example["text_tokens"],
+      text_positions=example["text_positions"],
+      text_weights=example["text_weights"],
+      text_ce=out["text_ce"][0, :nt],
+      text_correct=out["text_correct"][0, :nt],
+      frame_positions=example["frame_positions"],
+      frame_weights=example["frame_weights"],
+      frame_speak=metrics.speak_decision(
+        out["frame_probs"][0, :nf], tokenizer.interval_id, threshold
+      ),
+    )
     late_fn = lambda j, k, batch=batch: metrics.speak_decision(
-        continue_after(session, batch, j, k, tokenizer.interval_id), tokenizer.interval_id,
-        threshold)
+      continue_after(session, batch, j, k, tokenizer.interval_id), tokenizer.interval_id, threshold
+    )
     results.append(metrics.evaluate_sample(sample, eos_id=tokenizer.eos_id, late_fn=late_fn))
   summary = metrics.aggregate(results, float(d.fps))
-  summary.update(late_continuations=int(sum(r.late_queries for r in results)),
-                 threshold=float(threshold), fps=float(d.fps),
-                 seconds=time.perf_counter() - start)
+  summary.update(
+    late_continuations=int(sum(r.late_queries for r in results)),
+    threshold=float(threshold),
+    fps=float(d.fps),
+    seconds=time.perf_counter() - start,
+  )
   return summary

@@ -6,26 +6,42 @@ from absl import flags
 # Both commands.
 STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
 THRESHOLD = flags.DEFINE_float(
-    "threshold", None, "Speak when P(interval token) at a frame end is below this (0: argmax "
-    "rule only). Default: 0.725 for stream (LIVE demo), 0.0 for eval (videollm-online).")
+  "threshold",
+  None,
+  "Speak when P(interval token) at a frame end is below this (0: argmax "
+  "rule only). Default: 0.725 for stream (LIVE demo), 0.0 for eval (videollm-online).",
+)
 OUTPUT = flags.DEFINE_string(
-    "output", None, "Output file. Default: {workdir}/stream/{video name}.jsonl (stream), "
-    "{workdir}/stream_eval.json (eval).")
+  "output",
+  None,
+  "Output file. Default: {workdir}/stream/{video name}.jsonl (stream), "
+  "{workdir}/stream_eval.json (eval).",
+)
 
 # mod-jax stream
 VIDEO = flags.DEFINE_string("video", None, "Video file (anything PyAV/ffmpeg reads).")
-FPS = flags.DEFINE_float("fps", None, "Frames per second fed to the model (default: the "
-                         "training config's data.fps, 2).")
+FPS = flags.DEFINE_float(
+  "fps", None, "Frames per second fed to the model (default: the training config's data.fps, 2)."
+)
 QUERY = flags.DEFINE_multi_string(
-    "query", [], "User query 'SECONDS:TEXT'; it enters before the first frame at or after "
-    "SECONDS. Repeatable.")
+  "query",
+  [],
+  "User query 'SECONDS:TEXT'; it enters before the first frame at or after SECONDS. Repeatable.",
+)
 MAX_FRAMES = flags.DEFINE_integer("max_frames", 1200, "KV cache capacity in frames.")
 MAX_TEXT = flags.DEFINE_integer(
-    "max_text", 4096, "KV cache capacity in text tokens besides the system prompt (one interval "
-    "token per frame, queries, responses).")
+  "max_text",
+  4096,
+  "KV cache capacity in text tokens besides the system prompt (one interval "
+  "token per frame, queries, responses).",
+)
 ON_FULL = flags.DEFINE_enum(
-    "on_full", "slide", ["slide", "stop"], "When the KV cache is full: 'slide' drops the oldest "
-    "frames and keeps the system prompt; 'stop' ends the stream there with a message.")
+  "on_full",
+  "slide",
+  ["slide", "stop"],
+  "When the KV cache is full: 'slide' drops the oldest "
+  "frames and keeps the system prompt; 'stop' ends the stream there with a message.",
+)
 MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 100, "Response length limit (tokens).")
 TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy decoding; > 0: sampling.")
 TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass when temperature > 0.")

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -71,8 +71,10 @@ def speak_decision(probs_v: np.ndarray, interval_id: int, threshold: float = 0.0
     ValueError: ``threshold`` outside [0, 1].
   """
   if not 0.0 <= threshold <= 1.0:
-    raise ValueError(f"threshold={threshold} must be in [0, 1] (a probability of the interval "
-                     f"token; 0 disables it).")
+    raise ValueError(
+      f"threshold={threshold} must be in [0, 1] (a probability of the interval "
+      f"token; 0 disables it)."
+    )
   probs = np.asarray(probs_v)
   speak = np.argmax(probs, axis=-1) != interval_id
   if threshold > 0:
@@ -94,6 +96,7 @@ class SampleStream:
     frame_weights: float ``[F]``; > 0 where the frame-end decision is labelled.
     frame_speak: bool ``[F]``: the decision at each frame end (:func:`speak_decision`).
   """
+
   text_tokens: np.ndarray
   text_positions: np.ndarray
   text_weights: np.ndarray
@@ -115,6 +118,7 @@ class SampleResult:
     frame_diffs: signed frame_diff per turn with stream targets (> 0 early, < 0 late).
     late_queries: how many times ``late_fn`` was called.
   """
+
   lm_ppl: float
   frame_diff: float
   fluency: float
@@ -202,9 +206,14 @@ def evaluate_sample(sample: SampleStream, *, eos_id: int, late_fn: LateFn) -> Sa
           fluencies.append((n - 1) / valid)
   mean = lambda xs, default: float(np.mean(xs)) if xs else default
   return SampleResult(
-      lm_ppl=mean(ppls, 1.0), frame_diff=mean(diffs, 0.0), fluency=mean(fluencies, 1.0),
-      lm_correctness=mean(correctness, 1.0), turns=max(len(ppls), len(diffs)),
-      frame_diffs=signed_diffs, late_queries=late_queries)
+    lm_ppl=mean(ppls, 1.0),
+    frame_diff=mean(diffs, 0.0),
+    fluency=mean(fluencies, 1.0),
+    lm_correctness=mean(correctness, 1.0),
+    turns=max(len(ppls), len(diffs)),
+    frame_diffs=signed_diffs,
+    late_queries=late_queries,
+  )
 
 
 def aggregate(results: Sequence[SampleResult], fps: float) -> dict[str, float]:
@@ -220,11 +229,11 @@ def aggregate(results: Sequence[SampleResult], fps: float) -> dict[str, float]:
     raise ValueError(f"fps={fps} must be > 0 (frames per second of the stream).")
   col = lambda name: float(np.mean([getattr(r, name) for r in results]))
   return {
-      "lm_ppl": col("lm_ppl"),
-      "time_diff": col("frame_diff") / fps,
-      "fluency": col("fluency"),
-      "lm_correctness": col("lm_correctness"),
-      "samples": len(results),
-      "turns": int(sum(r.turns for r in results)),
-      "samples_without_turns": int(sum(r.turns == 0 for r in results)),
+    "lm_ppl": col("lm_ppl"),
+    "time_diff": col("frame_diff") / fps,
+    "fluency": col("fluency"),
+    "lm_correctness": col("lm_correctness"),
+    "samples": len(results),
+    "turns": int(sum(r.turns for r in results)),
+    "samples_without_turns": int(sum(r.turns == 0 for r in results)),
   }

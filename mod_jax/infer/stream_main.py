@@ -31,28 +31,45 @@ def parse_query(text: str) -> tuple[float, str]:
   except ValueError:
     seconds = None
   if not sep or seconds is None or seconds < 0 or not body.strip():
-    raise ValueError(f"--query={text!r}: expected 'SECONDS:TEXT' with SECONDS >= 0, e.g. "
-                     f"--query='4.5:where is the red circle?'.")
+    raise ValueError(
+      f"--query={text!r}: expected 'SECONDS:TEXT' with SECONDS >= 0, e.g. "
+      f"--query='4.5:where is the red circle?'."
+    )
   return seconds, body.strip()
 
 
-def run_stream(workdir: str, video: str, *, output: str | None = None, fps: float | None = None,
-               threshold: float = 0.725, queries=(), max_frames: int = 1200,
-               max_text: int = 4096, on_full: str = "slide", max_new_tokens: int = 100,
-               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-               step: int | None = None, progress: bool = True, echo=print) -> dict:
+def run_stream(
+  workdir: str,
+  video: str,
+  *,
+  output: str | None = None,
+  fps: float | None = None,
+  threshold: float = 0.725,
+  queries=(),
+  max_frames: int = 1200,
+  max_text: int = 4096,
+  on_full: str = "slide",
+  max_new_tokens: int = 100,
+  temperature: float = 0.0,
+  top_p: float = 1.0,
+  seed: int = 0,
+  step: int | None = None,
+  progress: bool = True,
+  echo=print,
+) -> dict:
   """Streams ``video`` through the model of ``workdir``; returns the summary dict.
 
   Raises:
     VideoError: the video cannot be decoded (checked before the model is loaded).
     FileNotFoundError: ``workdir`` has no config.json / checkpoint.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import tqdm  # pylint: disable=g-import-not-at-top
-  from mod_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from mod_jax.data.video import decode_video  # pylint: disable=g-import-not-at-top
-  from mod_jax.infer import streaming  # pylint: disable=g-import-not-at-top
-  from mod_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  import jax
+  import tqdm
+
+  from mod_jax.data import pipeline
+  from mod_jax.data.video import decode_video
+  from mod_jax.infer import streaming
+  from mod_jax.train import checkpoint
 
   config = checkpoint.load_config(workdir)
   fps = float(config.data.fps if fps is None else fps)
@@ -60,11 +77,21 @@ def run_stream(workdir: str, video: str, *, output: str | None = None, fps: floa
   config, graphdef, params, ckpt_step = checkpoint.restore_params(workdir, step)
   tokenizer = pipeline.load_tokenizer(config)
   engine = streaming.StreamEngine.create(
-      graphdef, params, config, tokenizer, max_frames=max_frames, max_text=max_text,
-      on_full=on_full, sampler=streaming.Sampler(temperature, top_p), seed=seed, fps=fps,
-      threshold=threshold, max_new_tokens=max_new_tokens)
+    graphdef,
+    params,
+    config,
+    tokenizer,
+    max_frames=max_frames,
+    max_text=max_text,
+    on_full=on_full,
+    sampler=streaming.Sampler(temperature, top_p),
+    seed=seed,
+    fps=fps,
+    threshold=threshold,
+    max_new_tokens=max_new_tokens,
+  )
   start = time.perf_counter()
-  engine.warmup()              # compile before the clock of the live stream starts
+  engine.warmup()  # compile before the clock of the live stream starts
   compile_seconds = time.perf_counter() - start
   for t, q in queries:
     engine.add_query(t, q)
@@ -72,12 +99,15 @@ def run_stream(workdir: str, video: str, *, output: str | None = None, fps: floa
     stem = os.path.splitext(os.path.basename(video))[0]
     output = os.path.join(workdir, "stream", f"{stem}.jsonl")
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  echo(f"streaming {video}: {len(frames)} frames at {fps:g} fps through {workdir} "
-       f"(step {ckpt_step}, threshold {threshold:g}, backend {jax.default_backend()})")
+  echo(
+    f"streaming {video}: {len(frames)} frames at {fps:g} fps through {workdir} "
+    f"(step {ckpt_step}, threshold {threshold:g}, backend {jax.default_backend()})"
+  )
   stopped, turns = None, 0
   start = time.perf_counter()
-  bar = tqdm.tqdm(total=len(frames), unit="frame", disable=not progress, dynamic_ncols=True,
-                  file=sys.stderr)
+  bar = tqdm.tqdm(
+    total=len(frames), unit="frame", disable=not progress, dynamic_ncols=True, file=sys.stderr
+  )
   with open(output, "w", encoding="utf-8") as out:
     for i, frame in enumerate(frames):
       try:
@@ -100,13 +130,19 @@ def run_stream(workdir: str, video: str, *, output: str | None = None, fps: floa
   bar.close()
   seconds = time.perf_counter() - start
   return {
-      "video": video, "output": output, "frames": engine.frames_seen,
-      "video_frames": len(frames), "seconds": seconds,
-      "frames_per_second": engine.frames_seen / seconds if seconds > 0 else 0.0,
-      "compile_seconds": compile_seconds, "responses": engine.responses,
-      "truncated_responses": engine.truncated_responses,
-      "turns": turns, "evicted_chunks": engine.evicted_chunks, "stopped": stopped,
-      "step": ckpt_step,
+    "video": video,
+    "output": output,
+    "frames": engine.frames_seen,
+    "video_frames": len(frames),
+    "seconds": seconds,
+    "frames_per_second": engine.frames_seen / seconds if seconds > 0 else 0.0,
+    "compile_seconds": compile_seconds,
+    "responses": engine.responses,
+    "truncated_responses": engine.truncated_responses,
+    "turns": turns,
+    "evicted_chunks": engine.evicted_chunks,
+    "stopped": stopped,
+    "step": ckpt_step,
   }
 
 
@@ -120,15 +156,26 @@ def main(argv):
     queries = [parse_query(q) for q in f.QUERY.value]
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  from mod_jax.data.video import VideoError  # pylint: disable=g-import-not-at-top
+  from mod_jax.data.video import VideoError
+
   threshold = 0.725 if f.THRESHOLD.value is None else f.THRESHOLD.value
   try:
     summary = run_stream(
-        mj_flags.WORKDIR.value, f.VIDEO.value, output=f.OUTPUT.value, fps=f.FPS.value,
-        threshold=threshold, queries=queries, max_frames=f.MAX_FRAMES.value,
-        max_text=f.MAX_TEXT.value, on_full=f.ON_FULL.value,
-        max_new_tokens=f.MAX_NEW_TOKENS.value, temperature=f.TEMPERATURE.value,
-        top_p=f.TOP_P.value, seed=f.SEED.value, step=f.STEP.value)
+      mj_flags.WORKDIR.value,
+      f.VIDEO.value,
+      output=f.OUTPUT.value,
+      fps=f.FPS.value,
+      threshold=threshold,
+      queries=queries,
+      max_frames=f.MAX_FRAMES.value,
+      max_text=f.MAX_TEXT.value,
+      on_full=f.ON_FULL.value,
+      max_new_tokens=f.MAX_NEW_TOKENS.value,
+      temperature=f.TEMPERATURE.value,
+      top_p=f.TOP_P.value,
+      seed=f.SEED.value,
+      step=f.STEP.value,
+    )
   except (VideoError, FileNotFoundError, ValueError) as e:
     sys.exit(f"mod-jax stream: error: {e}")
   print(json.dumps(summary))

@@ -42,7 +42,7 @@ import collections
 import dataclasses
 import functools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +56,7 @@ from mod_jax.model.mod import RoutingPlan
 from mod_jax.model.video_llm import VideoLLM
 
 ON_FULL = ("stop", "slide")
-DEFAULT_THRESHOLD = 0.725   # P(interval) below which the LIVE demo speaks
+DEFAULT_THRESHOLD = 0.725  # P(interval) below which the LIVE demo speaks
 
 
 class CacheFull(RuntimeError):
@@ -78,8 +78,9 @@ def cache_sizes(plan, max_frames: int, max_text: int) -> tuple[int, ...]:
   with n_i = N (dense) or k (MoD layer). Raises ValueError for negative counts or no slot.
   """
   if max_frames < 0 or max_text < 0 or max_frames + max_text == 0:
-    raise ValueError(f"max_frames={max_frames} and max_text={max_text} must be >= 0 and not "
-                     f"both 0.")
+    raise ValueError(
+      f"max_frames={max_frames} and max_text={max_text} must be >= 0 and not both 0."
+    )
   return tuple(max_text + max_frames * n for n in vision_entries_per_frame(plan))
 
 
@@ -95,8 +96,9 @@ def cache_bytes(model_cfg, plan, max_frames: int, max_text: int) -> int:
   return sum(cache_sizes(plan, max_frames, max_text)) * bytes_per_entry(model_cfg)
 
 
-def frames_for_budget(model_cfg, plan, budget_bytes: int, text_per_frame: int = 1,
-                      fixed_text: int = 0) -> int:
+def frames_for_budget(
+  model_cfg, plan, budget_bytes: int, text_per_frame: int = 1, fixed_text: int = 0
+) -> int:
   """Frames a stream can hold in ``budget_bytes`` of KV cache (all layers, one stream).
 
   Each frame brings ``text_per_frame`` text entries (its interval token) and n_i vision entries
@@ -124,7 +126,7 @@ class CacheLedger:
     self.on_full = on_full
     self.used = [0] * len(self.sizes)
     self.pinned = [0] * len(self.sizes)
-    self.events: collections.deque = collections.deque()   # (first_position, counts)
+    self.events: collections.deque = collections.deque()  # (first_position, counts)
     self.evicted_events = 0
 
   def reserve(self, counts: Sequence[int], first_position: int, what: str = "chunk") -> int:
@@ -141,10 +143,11 @@ class CacheLedger:
       if self.on_full == "stop" or drop == len(self.events):
         layer = next(i for i, (u, c, s) in enumerate(zip(used, counts, self.sizes)) if u + c > s)
         raise CacheFull(
-            f"KV cache full: the {what} needs {counts[layer]} entries in layer {layer}, which "
-            f"holds {self.used[layer]} of {self.sizes[layer]} (pinned {self.pinned[layer]}); "
-            f"policy on_full={self.on_full!r}. Give a larger cache (max_frames / max_text) or "
-            f"use on_full='slide' to drop the oldest frames.")
+          f"KV cache full: the {what} needs {counts[layer]} entries in layer {layer}, which "
+          f"holds {self.used[layer]} of {self.sizes[layer]} (pinned {self.pinned[layer]}); "
+          f"policy on_full={self.on_full!r}. Give a larger cache (max_frames / max_text) or "
+          f"use on_full='slide' to drop the oldest frames."
+        )
       used = [u - c for u, c in zip(used, self.events[drop][1])]
       drop += 1
     for _ in range(drop):
@@ -161,8 +164,9 @@ class CacheLedger:
       CacheFull: a layer would be left without a free slot for the stream.
     """
     if any(u >= s for u, s in zip(self.used, self.sizes)):
-      raise CacheFull(f"the pinned prefix fills the KV cache ({self.used} of {self.sizes}); "
-                      f"give a larger cache.")
+      raise CacheFull(
+        f"the pinned prefix fills the KV cache ({self.used} of {self.sizes}); give a larger cache."
+      )
     self.pinned = list(self.used)
     self.events.clear()
 
@@ -178,8 +182,9 @@ def attach_caches(model: VideoLLM, batch: int, sizes: Sequence[int]) -> None:
     a.cache = KVCache(batch, int(size), a.k.shape[1], a.k.shape[2], a.dtype)
 
 
-def sample_token(logits_bv: jax.Array, rng: jax.Array, *, temperature: float, top_p: float,
-                 vocab_size: int) -> jax.Array:
+def sample_token(
+  logits_bv: jax.Array, rng: jax.Array, *, temperature: float, top_p: float, vocab_size: int
+) -> jax.Array:
   """Next token int32 [b] from logits [b, V]: greedy (temperature 0) or temperature + top-p.
 
   Only ids < ``vocab_size`` (the tokenizer's) can be drawn. Top-p keeps the smallest set of most
@@ -192,7 +197,7 @@ def sample_token(logits_bv: jax.Array, rng: jax.Array, *, temperature: float, to
   if top_p < 1.0:
     probs = jax.nn.softmax(logits, axis=-1)
     sorted_p = jnp.sort(probs, axis=-1)[:, ::-1]
-    before = jnp.cumsum(sorted_p, axis=-1) - sorted_p            # mass of strictly likelier ones
+    before = jnp.cumsum(sorted_p, axis=-1) - sorted_p  # mass of strictly likelier ones
     kept = before < top_p
     cutoff = jnp.min(jnp.where(kept, sorted_p, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(probs >= cutoff, logits, -jnp.inf)
@@ -202,13 +207,15 @@ def sample_token(logits_bv: jax.Array, rng: jax.Array, *, temperature: float, to
 @dataclasses.dataclass(frozen=True)
 class Sampler:
   """Decoding settings: temperature 0 is greedy; top_p in (0, 1] applies when sampling."""
+
   temperature: float = 0.0
   top_p: float = 1.0
 
   def __post_init__(self):
     if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"temperature={self.temperature} must be >= 0 and top_p={self.top_p} "
-                       f"in (0, 1].")
+      raise ValueError(
+        f"temperature={self.temperature} must be >= 0 and top_p={self.top_p} in (0, 1]."
+      )
 
 
 class Session:
@@ -221,9 +228,19 @@ class Session:
   ends. Each (t, f) shape compiles once.
   """
 
-  def __init__(self, graphdef, params, model_cfg, *, batch: int = 1, sizes: Sequence[int],
-               on_full: str = "stop", sampler: Sampler = Sampler(), vocab_size: int | None = None,
-               seed: int = 0):
+  def __init__(
+    self,
+    graphdef,
+    params,
+    model_cfg,
+    *,
+    batch: int = 1,
+    sizes: Sequence[int],
+    on_full: str = "stop",
+    sampler: Sampler = Sampler(),
+    vocab_size: int | None = None,
+    seed: int = 0,
+  ):
     """Builds caches of ``sizes[i]`` slots per layer (see :func:`cache_sizes`).
 
     Args:
@@ -251,8 +268,9 @@ class Session:
     self.image_size = model_cfg.vision.image_size
     self._rng = jax.random.key(seed)
     self._calls = 0
-    self._static = dict(graphdef=self._graphdef, sampler=sampler,
-                        vocab_size=int(vocab_size or model_cfg.vocab_size))
+    self._static = dict(
+      graphdef=self._graphdef, sampler=sampler, vocab_size=int(vocab_size or model_cfg.vocab_size)
+    )
     self.reset()
 
   def reset(self) -> None:
@@ -270,9 +288,18 @@ class Session:
     """Cache entries a chunk of ``num_text`` text slots and ``num_frames`` frames writes per layer."""
     return [num_text + num_frames * n for n in self.per_frame]
 
-  def feed_layout(self, text_tokens_bt, text_positions_bt, text_segment_ids_bt, frames_bfhwc,
-                  frame_positions_bf, frame_segment_ids_bf, *, next_position: int,
-                  what: str = "chunk"):
+  def feed_layout(
+    self,
+    text_tokens_bt,
+    text_positions_bt,
+    text_segment_ids_bt,
+    frames_bfhwc,
+    frame_positions_bf,
+    frame_segment_ids_bf,
+    *,
+    next_position: int,
+    what: str = "chunk",
+  ):
     """Feeds one chunk in the slot layout (explicit positions; segment id 0 = padding slot).
 
     Args:
@@ -293,30 +320,35 @@ class Session:
     """
     t = np.shape(text_tokens_bt)[1]
     f = np.shape(frames_bfhwc)[1]
-    first = int(min(np.min(text_positions_bt, initial=2**31 - 1),
-                    np.min(frame_positions_bf, initial=2**31 - 1)))
+    first = int(
+      min(
+        np.min(text_positions_bt, initial=2**31 - 1), np.min(frame_positions_bf, initial=2**31 - 1)
+      )
+    )
     window = self.ledger.reserve(self.counts(t, f), first, what)
     batch = {
-        "text_tokens": jnp.asarray(text_tokens_bt, jnp.int32),
-        "text_positions": jnp.asarray(text_positions_bt, jnp.int32),
-        "text_segment_ids": jnp.asarray(text_segment_ids_bt, jnp.int32),
-        "frames": jnp.asarray(frames_bfhwc, jnp.uint8),
-        "frame_positions": jnp.asarray(frame_positions_bf, jnp.int32),
-        "frame_segment_ids": jnp.asarray(frame_segment_ids_bf, jnp.int32),
+      "text_tokens": jnp.asarray(text_tokens_bt, jnp.int32),
+      "text_positions": jnp.asarray(text_positions_bt, jnp.int32),
+      "text_segment_ids": jnp.asarray(text_segment_ids_bt, jnp.int32),
+      "frames": jnp.asarray(frames_bfhwc, jnp.uint8),
+      "frame_positions": jnp.asarray(frame_positions_bf, jnp.int32),
+      "frame_segment_ids": jnp.asarray(frame_segment_ids_bf, jnp.int32),
     }
     rng = jax.random.fold_in(self._rng, self._calls)
     self._calls += 1
-    out, self.cache = _step(self._params, self.cache, batch, jnp.int32(window), rng,
-                            **self._static)
+    out, self.cache = _step(self._params, self.cache, batch, jnp.int32(window), rng, **self._static)
     out = jax.device_get(out)
     if out["overwritten"]:
-      raise RuntimeError(f"KV cache bookkeeping error: {int(out['overwritten'])} live entries "
-                         f"were overwritten while feeding a {what} at position {first}.")
+      raise RuntimeError(
+        f"KV cache bookkeeping error: {int(out['overwritten'])} live entries "
+        f"were overwritten while feeding a {what} at position {first}."
+      )
     self.position = int(next_position)
     return out
 
-  def feed(self, text_ids: Sequence[int], frames_fhwc: np.ndarray | None = None, *,
-           what: str = "chunk"):
+  def feed(
+    self, text_ids: Sequence[int], frames_fhwc: np.ndarray | None = None, *, what: str = "chunk"
+  ):
     """Feeds text tokens and then frames at the next stream positions (all streams alike).
 
     Args:
@@ -333,20 +365,31 @@ class Session:
     if frames.ndim == 4:
       frames = np.broadcast_to(frames[None], (b, *frames.shape))
     if frames.shape[0] != b or frames.shape[2:] != (s, s, 3) or frames.dtype != np.uint8:
-      raise ValueError(f"frames must be uint8 [f, {s}, {s}, 3] (or [{b}, f, ...]); got "
-                       f"{frames.dtype} {frames.shape}. Decode with mod_jax.data.video at "
-                       f"size={s}.")
+      raise ValueError(
+        f"frames must be uint8 [f, {s}, {s}, 3] (or [{b}, f, ...]); got "
+        f"{frames.dtype} {frames.shape}. Decode with mod_jax.data.video at "
+        f"size={s}."
+      )
     t, f, p = len(text_ids), frames.shape[1], self.position
     text = np.broadcast_to(np.asarray(text_ids, np.int32)[None], (b, t))
     tpos = np.broadcast_to(np.arange(p, p + t, dtype=np.int32)[None], (b, t))
     fpos = np.broadcast_to((p + t + n * np.arange(f, dtype=np.int32))[None], (b, f))
-    return self.feed_layout(text, tpos, np.ones((b, t), np.int32), frames, fpos,
-                            np.ones((b, f), np.int32), next_position=p + t + n * f, what=what)
+    return self.feed_layout(
+      text,
+      tpos,
+      np.ones((b, t), np.int32),
+      frames,
+      fpos,
+      np.ones((b, f), np.int32),
+      next_position=p + t + n * f,
+      what=what,
+    )
 
 
 # Module-level jits (graphdef static): sessions of one model and cache shape share compilations.
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "vocab_size"),
-                   donate_argnums=(1,))
+@functools.partial(
+  jax.jit, static_argnames=("graphdef", "sampler", "vocab_size"), donate_argnums=(1,)
+)
 def _step(params, cache, batch, window, rng, *, graphdef, sampler: Sampler, vocab_size: int):
   model = nnx.merge(graphdef, params, cache)
   model.eval()  # inference: no LoRA dropout (the rng is for sampling and random routing)
@@ -356,12 +399,13 @@ def _step(params, cache, batch, window, rng, *, graphdef, sampler: Sampler, voca
   b = text_logits.shape[0]
   last = text_logits[:, -1] if text_logits.shape[1] else jnp.zeros((b, text_logits.shape[-1]))
   out = {
-      "text_logits": text_logits,
-      "frame_logits": frame_logits,
-      "frame_probs": jax.nn.softmax(frame_logits, axis=-1),
-      "next_token": sample_token(last, rng, temperature=sampler.temperature, top_p=sampler.top_p,
-                                 vocab_size=vocab_size),
-      "overwritten": sum(layer.attn.cache.overwritten[...] for layer in model.llm.layers),
+    "text_logits": text_logits,
+    "frame_logits": frame_logits,
+    "frame_probs": jax.nn.softmax(frame_logits, axis=-1),
+    "next_token": sample_token(
+      last, rng, temperature=sampler.temperature, top_p=sampler.top_p, vocab_size=vocab_size
+    ),
+    "overwritten": sum(layer.attn.cache.overwritten[...] for layer in model.llm.layers),
   }
   return out, nnx.state(model, nnx.Cache)
 
@@ -394,6 +438,7 @@ class Turn:
     p_interval: P(interval token) at the frame end that triggered the response.
     truncated: the response hit ``max_new_tokens`` without ``<eos>`` (it is closed with one).
   """
+
   role: str
   time: float
   frame: int
@@ -418,8 +463,16 @@ class StreamEngine:
   or ``max_new_tokens``. :meth:`create` builds the engine and its session from a model.
   """
 
-  def __init__(self, session, tokenizer: StreamTokenizer, *, fps: float, system_prompt: str,
-               threshold: float = DEFAULT_THRESHOLD, max_new_tokens: int = 100):
+  def __init__(
+    self,
+    session,
+    tokenizer: StreamTokenizer,
+    *,
+    fps: float,
+    system_prompt: str,
+    threshold: float = DEFAULT_THRESHOLD,
+    max_new_tokens: int = 100,
+  ):
     """Args:
       session: a :class:`Session` with batch 1 (anything with its ``feed``/``pin``/``reset``).
       tokenizer: the stream tokenizer the model was trained with.
@@ -446,10 +499,22 @@ class StreamEngine:
     self.reset()
 
   @classmethod
-  def create(cls, graphdef, params, config, tokenizer: StreamTokenizer, *, max_frames: int,
-             max_text: int, on_full: str = "slide", sampler: Sampler = Sampler(), seed: int = 0,
-             fps: float | None = None, system_prompt: str | None = None,
-             **kwargs) -> "StreamEngine":
+  def create(
+    cls,
+    graphdef,
+    params,
+    config,
+    tokenizer: StreamTokenizer,
+    *,
+    max_frames: int,
+    max_text: int,
+    on_full: str = "slide",
+    sampler: Sampler = Sampler(),
+    seed: int = 0,
+    fps: float | None = None,
+    system_prompt: str | None = None,
+    **kwargs,
+  ) -> StreamEngine:
     """An engine with its own session.
 
     Args:
@@ -467,15 +532,34 @@ class StreamEngine:
       ValueError: a tokenizer with more ids than the model's vocabulary, or bad settings.
     """
     if tokenizer.vocab_size > config.model.vocab_size:
-      raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the model "
-                       f"only {config.model.vocab_size}; it is not this model's tokenizer.")
+      raise ValueError(
+        f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but the model "
+        f"only {config.model.vocab_size}; it is not this model's tokenizer."
+      )
     prompt = config.data.system_prompt if system_prompt is None else system_prompt
-    sizes = cache_sizes(RoutingPlan.from_config(config.model), max_frames,
-                        max_text + len(prompt_ids(tokenizer, prompt)))
-    session = Session(graphdef, params, config.model, batch=1, sizes=sizes, on_full=on_full,
-                      sampler=sampler, vocab_size=tokenizer.vocab_size, seed=seed)
-    return cls(session, tokenizer, fps=float(config.data.fps if fps is None else fps),
-               system_prompt=prompt, **kwargs)
+    sizes = cache_sizes(
+      RoutingPlan.from_config(config.model),
+      max_frames,
+      max_text + len(prompt_ids(tokenizer, prompt)),
+    )
+    session = Session(
+      graphdef,
+      params,
+      config.model,
+      batch=1,
+      sizes=sizes,
+      on_full=on_full,
+      sampler=sampler,
+      vocab_size=tokenizer.vocab_size,
+      seed=seed,
+    )
+    return cls(
+      session,
+      tokenizer,
+      fps=float(config.data.fps if fps is None else fps),
+      system_prompt=prompt,
+      **kwargs,
+    )
 
   # -- state
   def reset(self) -> None:
@@ -483,7 +567,7 @@ class StreamEngine:
     self.session.reset()
     self.session.feed(self.prompt_ids, what="system prompt")
     self.session.pin()
-    self._after = "start"         # what the last fed thing was: start | frame | response
+    self._after = "start"  # what the last fed thing was: start | frame | response
     self._queries: list[tuple[float, str]] = []
     self.frames_seen = 0
     self.responses = 0
@@ -496,8 +580,7 @@ class StreamEngine:
     """
     s = self.session.image_size
     self.session.feed([self.tok.interval_id], np.zeros((1, s, s, 3), np.uint8), what="warmup")
-    self.session.feed(list(self.tok.stream_close_ids) + list(self.tok.assistant_ids),
-                      what="warmup")
+    self.session.feed(list(self.tok.stream_close_ids) + list(self.tok.assistant_ids), what="warmup")
     self.session.feed([self.tok.eos_id], what="warmup")
     self.reset()
 
@@ -517,9 +600,8 @@ class StreamEngine:
   def _opening(self, frame_index: int) -> tuple[list[int], list[Turn]]:
     """The text fed before frame ``frame_index`` and the user turns it inserts."""
     tok = self.tok
-    entering = [q for q in self._queries
-                if math.ceil(q[0] * self.fps - 1e-6) <= frame_index]
-    self._queries = self._queries[len(entering):]
+    entering = [q for q in self._queries if math.ceil(q[0] * self.fps - 1e-6) <= frame_index]
+    self._queries = self._queries[len(entering) :]
     users, turns = [], []
     for t, q in entering:
       ids = tok.encode(q)
@@ -561,8 +643,9 @@ class StreamEngine:
 
   def _respond(self, frame_index: int, p_interval: float) -> Turn:
     tok = self.tok
-    out = self.session.feed(list(tok.stream_close_ids) + list(tok.assistant_ids),
-                            what="response start")
+    out = self.session.feed(
+      list(tok.stream_close_ids) + list(tok.assistant_ids), what="response start"
+    )
     ids: list[int] = []
     nxt = int(out["next_token"][0])
     truncated = False
@@ -572,9 +655,15 @@ class StreamEngine:
         break
       ids.append(nxt)
       nxt = int(self.session.feed([nxt], what="response token")["next_token"][0])
-    self._after = "response"      # the <eos> is fed with the next frame's opening
+    self._after = "response"  # the <eos> is fed with the next frame's opening
     self.responses += 1
     self.truncated_responses += truncated
-    return Turn("assistant", frame_index / self.fps, frame_index,
-                tok.decode(ids, skip_special_tokens=True).strip(), ids, p_interval, truncated)
-
+    return Turn(
+      "assistant",
+      frame_index / self.fps,
+      frame_index,
+      tok.decode(ids, skip_special_tokens=True).strip(),
+      ids,
+      p_interval,
+      truncated,
+    )

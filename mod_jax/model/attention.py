@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
 from jax.ad_checkpoint import checkpoint_name
 
 from mod_jax.model import attention_ops, lora
@@ -75,6 +74,7 @@ class Rope(NamedTuple):
   Computed once per forward pass from the positions (:func:`rope_tables`) and shared by q, k and
   every decoder layer; a MoD layer gathers the rows of its compact sequence.
   """
+
   cos: jax.Array
   sin: jax.Array
 
@@ -114,15 +114,17 @@ class Attention(nnx.Module):
     self.k = param(rngs, dense_init(d), (d, kh, h), ("embed", "kv_heads", "head_dim"), pdt)
     self.v = param(rngs, dense_init(d), (d, kh, h), ("embed", "kv_heads", "head_dim"), pdt)
     self.o = param(rngs, dense_init(n * h), (n, h, d), ("heads", "head_dim", "embed"), pdt)
+    self.q_bias: nnx.Param | None = None
+    self.k_bias: nnx.Param | None = None
+    self.v_bias: nnx.Param | None = None
     if cfg.qkv_bias:
       self.q_bias = param(rngs, _zeros, (n, h), ("heads", "head_dim"), pdt)
       self.k_bias = param(rngs, _zeros, (kh, h), ("kv_heads", "head_dim"), pdt)
       self.v_bias = param(rngs, _zeros, (kh, h), ("kv_heads", "head_dim"), pdt)
-    else:
-      self.q_bias = self.k_bias = self.v_bias = None
     # A tuple (static), not an array: NNX would treat an array attribute as model state.
-    self.inv_freq = tuple(float(f) for f in
-                          rope_inv_freq(h, cfg.rope_theta, _as_dict(cfg.get("rope_scaling"))))
+    self.inv_freq = tuple(
+      float(f) for f in rope_inv_freq(h, cfg.rope_theta, _as_dict(cfg.get("rope_scaling")))
+    )
     self.dtype = jnp.dtype(cfg.dtype)
     self.implementation = cfg.get("attention", "xla")
     self.block_size = int(cfg.get("attention_block_size", 512))
@@ -130,8 +132,13 @@ class Attention(nnx.Module):
     self.rules = rules
     self.cache: KVCache | None = nnx.data(None)  # set for streaming inference only
 
-  def qkv(self, x_btd: jax.Array, positions_bt: jax.Array, rng: jax.Array | None = None,
-          rope: Rope | None = None):
+  def qkv(
+    self,
+    x_btd: jax.Array,
+    positions_bt: jax.Array,
+    rng: jax.Array | None = None,
+    rope: Rope | None = None,
+  ):
     """Projects and rotates: returns q [b, t, n, h], k and v [b, t, k, h].
 
     ``rope``: the row's tables (:func:`rope_tables`), computed here from ``positions`` if None.
@@ -159,8 +166,16 @@ class Attention(nnx.Module):
     delta = lora.adapter(self, "o", o_btnh, lora.fold(rng, 3), self.dtype)
     return y if delta is None else y + delta
 
-  def __call__(self, x_btd, positions_bt, segment_ids_bt, rng=None, *, rope: Rope | None = None,
-               ordered: bool = False) -> jax.Array:
+  def __call__(
+    self,
+    x_btd,
+    positions_bt,
+    segment_ids_bt,
+    rng=None,
+    *,
+    rope: Rope | None = None,
+    ordered: bool = False,
+  ) -> jax.Array:
     """Self-attention over the given tokens. x [b, t, d]; positions, segment_ids int32 [b, t].
 
     ``ordered=True`` promises the tokens are in stream order (``mod_jax/model/rows.py``): the
@@ -172,9 +187,18 @@ class Attention(nnx.Module):
     """
     q, k, v = self.qkv(x_btd, positions_bt, rng, rope)
     if ordered and self.cache is None:
-      o = attention_ops.attend(q, k, v, segment_ids_bt, segment_ids_bt, causal=True,
-                               implementation=self.implementation, block_size=self.block_size,
-                               backend=self.platform, rules=self.rules)
+      o = attention_ops.attend(
+        q,
+        k,
+        v,
+        segment_ids_bt,
+        segment_ids_bt,
+        causal=True,
+        implementation=self.implementation,
+        block_size=self.block_size,
+        backend=self.platform,
+        rules=self.rules,
+      )
     else:
       k_pos, k_seg = positions_bt, segment_ids_bt
       if self.cache is not None:

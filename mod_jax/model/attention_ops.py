@@ -62,15 +62,27 @@ def resolve_implementation(name: str, backend: str | None = None) -> str:
   if name == "auto":
     return _AUTO.get(backend or jax.default_backend(), "blockwise")
   if name not in IMPLEMENTATIONS:
-    raise ValueError(f"attention implementation {name!r} is not known; choose one of "
-                     f"{('auto',) + IMPLEMENTATIONS}.")
+    raise ValueError(
+      f"attention implementation {name!r} is not known; choose one of "
+      f"{('auto',) + IMPLEMENTATIONS}."
+    )
   return name
 
 
-def attend(q_btnh, k_bskh, v_bskh, q_segment_ids_bt=None, kv_segment_ids_bs=None, *,
-           causal: bool, implementation: str = "xla", block_size: int = 512,
-           backend: str | None = None, rules: Rules | None = None,
-           head_names: tuple[str, str] = ("heads", "kv_heads")) -> jax.Array:
+def attend(
+  q_btnh,
+  k_bskh,
+  v_bskh,
+  q_segment_ids_bt=None,
+  kv_segment_ids_bs=None,
+  *,
+  causal: bool,
+  implementation: str = "xla",
+  block_size: int = 512,
+  backend: str | None = None,
+  rules: Rules | None = None,
+  head_names: tuple[str, str] = ("heads", "kv_heads"),
+) -> jax.Array:
   """Scaled dot-product attention with GQA, causal and packed-segment masks. [b, t, n, h].
 
   Args:
@@ -113,30 +125,37 @@ def attend(q_btnh, k_bskh, v_bskh, q_segment_ids_bt=None, kv_segment_ids_bs=None
   if implementation == "blockwise":
     return blockwise_attention(*args, causal=causal, block_size=block_size)
   if implementation == "splash":
-    kernel = functools.partial(splash_attention, causal=causal, block_size=block_size,
-                               interpret=backend != "tpu")
+    kernel = functools.partial(
+      splash_attention, causal=causal, block_size=block_size, interpret=backend != "tpu"
+    )
     return _per_shard(kernel, args, rules, head_names)
   return cudnn_attention(*args, causal=causal, backend=backend)
 
 
 def _check(q, k, v, q_seg, kv_seg, causal, block_size):
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(f"attend takes q [b, t, n, h] and k, v [b, s, k, h]; got q {q.shape}, "
-                     f"k {k.shape}, v {v.shape}.")
+    raise ValueError(
+      f"attend takes q [b, t, n, h] and k, v [b, s, k, h]; got q {q.shape}, "
+      f"k {k.shape}, v {v.shape}."
+    )
   b, t, n, h = q.shape
   if k.shape != v.shape or k.shape[0] != b or k.shape[3] != h:
-    raise ValueError(f"k {k.shape} and v {v.shape} must both be [b={b}, s, k, h={h}] "
-                     f"for q {q.shape}.")
+    raise ValueError(
+      f"k {k.shape} and v {v.shape} must both be [b={b}, s, k, h={h}] for q {q.shape}."
+    )
   if n % k.shape[2]:
     raise ValueError(f"query heads n={n} must be a multiple of KV heads k={k.shape[2]}.")
   if (q_seg is None) != (kv_seg is None):
     raise ValueError("pass both q_segment_ids_bt and kv_segment_ids_bs, or neither.")
   if q_seg is not None and (np.shape(q_seg) != (b, t) or np.shape(kv_seg) != (b, k.shape[1])):
-    raise ValueError(f"segment ids must be [b, t]={b, t} and [b, s]={b, k.shape[1]}; got "
-                     f"{np.shape(q_seg)} and {np.shape(kv_seg)}.")
+    raise ValueError(
+      f"segment ids must be [b, t]={b, t} and [b, s]={b, k.shape[1]}; got "
+      f"{np.shape(q_seg)} and {np.shape(kv_seg)}."
+    )
   if causal and t != k.shape[1]:
-    raise ValueError(f"causal attention needs as many queries as keys (t == s); got t={t}, "
-                     f"s={k.shape[1]}.")
+    raise ValueError(
+      f"causal attention needs as many queries as keys (t == s); got t={t}, s={k.shape[1]}."
+    )
   if block_size < 1:
     raise ValueError(f"block_size={block_size} must be >= 1.")
 
@@ -156,8 +175,10 @@ def _per_shard(fn, args, rules, head_names):
   q_names = logical_to_spec(("batch", "length", head_names[0], "head_dim"), rules)
   kv_names = logical_to_spec(("batch", "length", head_names[1], "head_dim"), rules)
   if q_names[1] is not None or q_names[3] is not None:
-    raise ValueError(f"splash attention needs whole rows and heads per device, but the rules "
-                     f"shard 'length'/'head_dim' as {q_names}; map them to None.")
+    raise ValueError(
+      f"splash attention needs whole rows and heads per device, but the rules "
+      f"shard 'length'/'head_dim' as {q_names}; map them to None."
+    )
 
   def size(axes):
     axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
@@ -171,12 +192,21 @@ def _per_shard(fn, args, rules, head_names):
   kv_spec = PartitionSpec(batch, None, kv_heads, None)
   seg_spec = PartitionSpec(batch, None)
   if q_seg is None:
-    mapped = jax.shard_map(lambda q, k, v: fn(q, k, v, None, None), mesh=mesh,
-                           in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
-                           check_vma=False)
+    mapped = jax.shard_map(
+      lambda q, k, v: fn(q, k, v, None, None),
+      mesh=mesh,
+      in_specs=(q_spec, kv_spec, kv_spec),
+      out_specs=q_spec,
+      check_vma=False,
+    )
     return mapped(*args[:3])
-  mapped = jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
-                         out_specs=q_spec, check_vma=False)
+  mapped = jax.shard_map(
+    fn,
+    mesh=mesh,
+    in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+    out_specs=q_spec,
+    check_vma=False,
+  )
   return mapped(*args)
 
 
@@ -186,14 +216,16 @@ def segment_mask(q_segment_ids_bt, kv_segment_ids_bs, t: int, s: int, causal: bo
   if causal:
     mask = (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None])[None]
   if q_segment_ids_bt is not None:
-    same = ((q_segment_ids_bt[:, :, None] == kv_segment_ids_bs[:, None, :])
-            & (kv_segment_ids_bs[:, None, :] != 0))
+    same = (q_segment_ids_bt[:, :, None] == kv_segment_ids_bs[:, None, :]) & (
+      kv_segment_ids_bs[:, None, :] != 0
+    )
     mask = same if mask is None else mask & same
   return mask
 
 
-def xla_attention(q_btnh, k_bskh, v_bskh, q_segment_ids_bt=None, kv_segment_ids_bs=None, *,
-                  causal: bool) -> jax.Array:
+def xla_attention(
+  q_btnh, k_bskh, v_bskh, q_segment_ids_bt=None, kv_segment_ids_bs=None, *, causal: bool
+) -> jax.Array:
   """Reference: full ``[b, k, g, t, s]`` float32 scores; masked rows become uniform, not NaN.
 
   Same contract as :func:`attend` (which checks the arguments). Memory O(b·n·t·s).
@@ -237,8 +269,17 @@ def _pad_axis1(x, length: int):
   return jnp.pad(x, widths)
 
 
-def splash_attention(q_btnh, k_bskh, v_bskh, q_segment_ids_bt=None, kv_segment_ids_bs=None, *,
-                     causal: bool, block_size: int = 512, interpret: bool = False) -> jax.Array:
+def splash_attention(
+  q_btnh,
+  k_bskh,
+  v_bskh,
+  q_segment_ids_bt=None,
+  kv_segment_ids_bs=None,
+  *,
+  causal: bool,
+  block_size: int = 512,
+  interpret: bool = False,
+) -> jax.Array:
   """Pallas TPU splash attention (``make_splash_mha``), vmapped over the batch. [b, t, n, h].
 
   Same contract as :func:`attend`. q is pre-scaled by 1/sqrt(h) in float32 (splash applies no
@@ -251,7 +292,6 @@ def splash_attention(q_btnh, k_bskh, v_bskh, q_segment_ids_bt=None, kv_segment_i
   ``interpret=True`` runs the kernel in Pallas interpret mode (any backend, slow).
   """
   # Imported here: Pallas' TPU ops are only needed on this path.
-  # pylint: disable-next=import-outside-toplevel
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
   b, t, n, h = q_btnh.shape
@@ -268,22 +308,44 @@ def splash_attention(q_btnh, k_bskh, v_bskh, q_segment_ids_bt=None, kv_segment_i
     kv_segment_ids_bs = jnp.ones((b, s), jnp.int32)
   segments = None
   if q_segment_ids_bt is not None:
-    segments = splash.SegmentIds(q=_pad_axis1(q_segment_ids_bt, t_pad),
-                                 kv=_pad_axis1(kv_segment_ids_bs, s_pad))
+    segments = splash.SegmentIds(
+      q=_pad_axis1(q_segment_ids_bt, t_pad), kv=_pad_axis1(kv_segment_ids_bs, s_pad)
+    )
 
   head_mask = splash.CausalMask((t_pad, s_pad)) if causal else splash.FullMask((t_pad, s_pad))
-  sizes = splash.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq,
-                            block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq,
-                            block_kv_dq=bk)
-  kernel = splash.make_splash_mha(splash.MultiHeadMask([head_mask] * n), block_sizes=sizes,
-                                  head_shards=1, q_seq_shards=1, interpret=interpret)
+  sizes = splash.BlockSizes(
+    block_q=bq,
+    block_kv=bk,
+    block_kv_compute=bk,
+    block_q_dkv=bq,
+    block_kv_dkv=bk,
+    block_kv_dkv_compute=bk,
+    block_q_dq=bq,
+    block_kv_dq=bk,
+  )
+  kernel = splash.make_splash_mha(
+    splash.MultiHeadMask([head_mask] * n),
+    block_sizes=sizes,
+    head_shards=1,
+    q_seq_shards=1,
+    interpret=interpret,
+  )
   out_bnth = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, segment_ids=seg))(
-      q_bnth, k_bksh, v_bksh, segments)
+    q_bnth, k_bksh, v_bksh, segments
+  )
   return out_bnth.transpose(0, 2, 1, 3)[:, :t].astype(q_btnh.dtype)
 
 
-def cudnn_attention(q_btnh, k_bskh, v_bskh, q_segment_ids_bt=None, kv_segment_ids_bs=None, *,
-                    causal: bool, backend: str | None = None) -> jax.Array:
+def cudnn_attention(
+  q_btnh,
+  k_bskh,
+  v_bskh,
+  q_segment_ids_bt=None,
+  kv_segment_ids_bs=None,
+  *,
+  causal: bool,
+  backend: str | None = None,
+) -> jax.Array:
   """cuDNN fused attention through ``jax.nn.dot_product_attention``. [b, t, n, h], q's dtype.
 
   Same contract as :func:`attend`; segment ids become a boolean ``[b, 1, t, s]`` mask (which cuDNN
@@ -294,15 +356,21 @@ def cudnn_attention(q_btnh, k_bskh, v_bskh, q_segment_ids_bt=None, kv_segment_id
   """
   backend = backend or jax.default_backend()
   if backend not in ("gpu", "cuda"):
-    raise ValueError(f"implementation='cudnn' needs an NVIDIA GPU, but the backend is "
-                     f"{backend!r}; use implementation='blockwise', 'xla' or 'auto'.")
+    raise ValueError(
+      f"implementation='cudnn' needs an NVIDIA GPU, but the backend is "
+      f"{backend!r}; use implementation='blockwise', 'xla' or 'auto'."
+    )
   if q_btnh.dtype not in (jnp.bfloat16, jnp.float16):
-    raise ValueError(f"implementation='cudnn' supports bfloat16/float16 inputs, got "
-                     f"{q_btnh.dtype}; cast q/k/v or use implementation='blockwise'.")
+    raise ValueError(
+      f"implementation='cudnn' supports bfloat16/float16 inputs, got "
+      f"{q_btnh.dtype}; cast q/k/v or use implementation='blockwise'."
+    )
   mask = None
   if q_segment_ids_bt is not None:
-    mask = segment_mask(q_segment_ids_bt, kv_segment_ids_bs, q_btnh.shape[1],
-                        k_bskh.shape[1], causal=False)[:, None]
-  out = jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask, is_causal=causal,
-                                     implementation="cudnn")
+    mask = segment_mask(
+      q_segment_ids_bt, kv_segment_ids_bs, q_btnh.shape[1], k_bskh.shape[1], causal=False
+    )[:, None]
+  out = jax.nn.dot_product_attention(
+    q_btnh, k_bskh, v_bskh, mask=mask, is_causal=causal, implementation="cudnn"
+  )
   return out.astype(q_btnh.dtype)

@@ -48,6 +48,7 @@ _F32 = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class _Tiling:
   """Static sizes of one call (hashable: it rides along as a non-differentiable argument)."""
+
   b: int
   t: int
   s: int
@@ -81,8 +82,16 @@ def _with_head_dim(c: _Tiling, h: int) -> _Tiling:
   return dataclasses.replace(c, h=h)
 
 
-def blockwise_attention(q_btnh, k_bskh, v_bskh, q_segment_ids_bt=None, kv_segment_ids_bs=None, *,
-                        causal: bool, block_size: int = 512) -> jax.Array:
+def blockwise_attention(
+  q_btnh,
+  k_bskh,
+  v_bskh,
+  q_segment_ids_bt=None,
+  kv_segment_ids_bs=None,
+  *,
+  causal: bool,
+  block_size: int = 512,
+) -> jax.Array:
   """Flash attention (values and gradients) without an L×L tensor. Returns [b, t, n, h], q's dtype.
 
   q ``[b, t, n, h]``, k/v ``[b, s, k, h]`` (n % k == 0), any float dtype; matmuls accumulate and the
@@ -92,8 +101,18 @@ def blockwise_attention(q_btnh, k_bskh, v_bskh, q_segment_ids_bt=None, kv_segmen
   """
   b, t, n, h = q_btnh.shape
   s, kh = k_bskh.shape[1], k_bskh.shape[2]
-  tiling = _Tiling(b=b, t=t, s=s, k=kh, g=n // kh, h=h, bq=min(block_size, t),
-                   bk=min(block_size, s), causal=causal, has_segments=q_segment_ids_bt is not None)
+  tiling = _Tiling(
+    b=b,
+    t=t,
+    s=s,
+    k=kh,
+    g=n // kh,
+    h=h,
+    bq=min(block_size, t),
+    bk=min(block_size, s),
+    causal=causal,
+    has_segments=q_segment_ids_bt is not None,
+  )
   return _flash(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, tiling)
 
 
@@ -116,7 +135,7 @@ def _q_blocks(x_btnh, c: _Tiling):
 
 def _q_unblock(x_qbkgch, c: _Tiling):
   x = x_qbkgch.transpose(1, 0, 4, 2, 3, 5).reshape(c.b, c.nq * c.bq, c.k * c.g, c.h)
-  return x[:, :c.t]
+  return x[:, : c.t]
 
 
 def _kv_blocks(x_bskh, c: _Tiling):
@@ -126,7 +145,7 @@ def _kv_blocks(x_bskh, c: _Tiling):
 
 def _kv_unblock(x_jbkch, c: _Tiling):
   x = x_jbkch.transpose(1, 0, 3, 2, 4).reshape(c.b, c.nk * c.bk, c.k, c.h)
-  return x[:, :c.s]
+  return x[:, : c.s]
 
 
 def _seg_blocks(seg_bt, blocks: int, size: int):
@@ -197,8 +216,11 @@ def _forward(q_btnh, k_bskh, v_bskh, q_seg_bt, kv_seg_bs, c: _Tiling):
       return m_new, l, alpha[..., None] * acc + pv
 
     shape = (c.b, c.k, c.g, c.bq)
-    init = (jnp.full(shape, _MASK_VALUE, _F32), jnp.zeros(shape, _F32),
-            jnp.zeros((*shape, c.h), _F32))
+    init = (
+      jnp.full(shape, _MASK_VALUE, _F32),
+      jnp.zeros(shape, _F32),
+      jnp.zeros((*shape, c.h), _F32),
+    )
     m, l, acc = jax.lax.fori_loop(0, _key_blocks_for(i, c), kv_block, init)
     seen = l > 0
     l_safe = jnp.where(seen, l, 1.0)
@@ -228,14 +250,15 @@ def _backward(q_btnh, k_bskh, v_bskh, q_seg_bt, kv_seg_bs, out_btnh, lse, dout_b
       mask = _tile_mask(i, j, q_seg_i, None if kv_seg is None else kv_seg[j], c)
       if mask is not None:
         p = jnp.where(mask, p, 0.0)
-      dv_j = jnp.einsum("bkgqc,bkgqh->bkch", p.astype(do_i.dtype), do_i,
-                        preferred_element_type=_F32)
+      dv_j = jnp.einsum(
+        "bkgqc,bkgqh->bkch", p.astype(do_i.dtype), do_i, preferred_element_type=_F32
+      )
       dp = jnp.einsum("bkgqh,bkch->bkgqc", do_i, v_j, preferred_element_type=_F32)
       ds = p * (dp - delta_i[..., None])
-      dq_i = dq_i + jnp.einsum("bkgqc,bkch->bkgqh", ds.astype(k_j.dtype), k_j,
-                               preferred_element_type=_F32)
-      dk_j = jnp.einsum("bkgqc,bkgqh->bkch", ds.astype(q_i.dtype), q_i,
-                        preferred_element_type=_F32)
+      dq_i = dq_i + jnp.einsum(
+        "bkgqc,bkch->bkgqh", ds.astype(k_j.dtype), k_j, preferred_element_type=_F32
+      )
+      dk_j = jnp.einsum("bkgqc,bkgqh->bkch", ds.astype(q_i.dtype), q_i, preferred_element_type=_F32)
       dk_acc = jax.lax.dynamic_update_index_in_dim(dk_acc, dk_acc[j] + dk_j, j, 0)
       dv_acc = jax.lax.dynamic_update_index_in_dim(dv_acc, dv_acc[j] + dv_j, j, 0)
       return dq_i, dk_acc, dv_acc
@@ -245,8 +268,7 @@ def _backward(q_btnh, k_bskh, v_bskh, q_seg_bt, kv_seg_bs, out_btnh, lse, dout_b
     return (dk_acc, dv_acc), (dq_i * c.scale).astype(q_i.dtype)
 
   acc = jnp.zeros((c.nk, c.b, c.k, c.bk, c.h), _F32)
-  (dk, dv), dq = jax.lax.scan(q_block, (acc, acc),
-                              (jnp.arange(c.nq), qb, dob, lse, delta, q_seg))
+  (dk, dv), dq = jax.lax.scan(q_block, (acc, acc), (jnp.arange(c.nq), qb, dob, lse, delta, q_seg))
   dq = _q_unblock(dq, c)
   dk = _kv_unblock(dk * c.scale, c).astype(k_bskh.dtype)
   dv = _kv_unblock(dv, c).astype(v_bskh.dtype)

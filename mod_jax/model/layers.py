@@ -20,7 +20,7 @@ _ones = nnx.initializers.ones_init()
 
 def dense_init(fan_in: int):
   """Truncated-normal-free scaled init (std = fan_in**-0.5), as common for LLM projections."""
-  return _normal(stddev=fan_in ** -0.5)
+  return _normal(stddev=fan_in**-0.5)
 
 
 class RMSNorm(nnx.Module):
@@ -55,8 +55,17 @@ class LayerNorm(nnx.Module):
 class Dense(nnx.Module):
   """y = x·W (+ b) over the last axis, W: [d_in, d_out] with logical names ``names``."""
 
-  def __init__(self, d_in: int, d_out: int, names, *, rngs: nnx.Rngs, use_bias: bool = True,
-               dtype=jnp.float32, param_dtype=jnp.float32):
+  def __init__(
+    self,
+    d_in: int,
+    d_out: int,
+    names,
+    *,
+    rngs: nnx.Rngs,
+    use_bias: bool = True,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+  ):
     self.kernel = param(rngs, dense_init(d_in), (d_in, d_out), names, param_dtype)
     self.bias = param(rngs, _zeros, (d_out,), names[1:], param_dtype) if use_bias else None
     self.dtype = dtype
@@ -73,8 +82,9 @@ class Dense(nnx.Module):
 class SwiGLU(nnx.Module):
   """Llama MLP: down(silu(gate(x)) · up(x)); gate/up W: [d, f] ('embed','mlp'), down [f, d]."""
 
-  def __init__(self, d_model: int, d_ff: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32):
+  def __init__(
+    self, d_model: int, d_ff: int, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32
+  ):
     kw = dict(rngs=rngs, use_bias=False, dtype=dtype, param_dtype=param_dtype)
     self.gate = Dense(d_model, d_ff, ("embed", "mlp"), **kw)
     self.up = Dense(d_model, d_ff, ("embed", "mlp"), **kw)

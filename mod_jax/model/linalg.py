@@ -16,7 +16,7 @@ def project(x: jax.Array, w: jax.Array, n_in: int = 1, preferred_element_type=No
   (``benchmarks/vs_transformers.py``: the dense step went from 1.33x to 1.08x of PyTorch). ``n_in``
   is the number of trailing input dims of x that w contracts.
   """
-  lead, ins = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:]
+  lead, ins = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in :]
   k = math.prod(ins)
   outs = w.shape[n_in:]
   y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=preferred_element_type)

@@ -18,27 +18,26 @@ Shape letters: b batch, l/t tokens, d model width, v vocabulary.
 from __future__ import annotations
 
 import functools
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mod_jax.model import lora, mod
-from mod_jax.model import rows
+from mod_jax.model import lora, mod, rows
 from mod_jax.model.attention import Attention, rope_tables
 from mod_jax.model.layers import RMSNorm, SwiGLU, dense_init
 from mod_jax.model.linalg import project
 from mod_jax.model.partitioning import param, shard
 
-
 REMAT_POLICIES = {
-    "none": None,                                                     # keep every activation
-    "full": jax.checkpoint_policies.nothing_saveable,                 # recompute the whole layer
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # MaxText "minimal"
-    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(   # MaxText "save_qkv_proj"
-        "query_proj", "key_proj", "value_proj"),
+  "none": None,  # keep every activation
+  "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer
+  "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # MaxText "minimal"
+  "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(  # MaxText "save_qkv_proj"
+    "query_proj", "key_proj", "value_proj"
+  ),
 }
 
 
@@ -56,8 +55,13 @@ def layer_runs(kinds: Sequence[Hashable]) -> tuple[tuple[int, int, int], ...]:
     best = (1, 1)
     for period in (1, 2):
       reps = 1 if i + period <= n else 0
-      while reps and i + (reps + 1) * period <= n and (
-          tuple(kinds[i + reps * period:i + (reps + 1) * period]) == tuple(kinds[i:i + period])):
+      while (
+        reps
+        and i + (reps + 1) * period <= n
+        and (
+          tuple(kinds[i + reps * period : i + (reps + 1) * period]) == tuple(kinds[i : i + period])
+        )
+      ):
         reps += 1
       if reps * period > best[0] * best[1]:
         best = (period, reps)
@@ -73,17 +77,29 @@ class DecoderLayer(nnx.Module):
     self.input_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, rngs=rngs)
     self.attn = Attention(cfg, rngs=rngs, rules=rules)
     self.post_attn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, rngs=rngs)
-    self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, rngs=rngs, dtype=jnp.dtype(cfg.dtype),
-                      param_dtype=jnp.dtype(cfg.param_dtype))
+    self.mlp = SwiGLU(
+      cfg.d_model,
+      cfg.d_ff,
+      rngs=rngs,
+      dtype=jnp.dtype(cfg.dtype),
+      param_dtype=jnp.dtype(cfg.param_dtype),
+    )
     self.rules = rules
 
-  def __call__(self, x_bld, positions_bl, segment_ids_bl, rng=None, *, rope=None,
-               ordered: bool = False) -> jax.Array:
+  def __call__(
+    self, x_bld, positions_bl, segment_ids_bl, rng=None, *, rope=None, ordered: bool = False
+  ) -> jax.Array:
     """x [b, l, d]; positions, segment ids int32 [b, l]. ``rope``: the row's RoPE tables (else
     computed from positions); ``ordered``: tokens are in stream order (kernel attention, see
     ``Attention``); ``rng``: LoRA dropout key (training only)."""
-    x = x_bld + self.attn(self.input_norm(x_bld), positions_bl, segment_ids_bl,
-                          lora.fold(rng, 0), rope=rope, ordered=ordered).astype(x_bld.dtype)
+    x = x_bld + self.attn(
+      self.input_norm(x_bld),
+      positions_bl,
+      segment_ids_bl,
+      lora.fold(rng, 0),
+      rope=rope,
+      ordered=ordered,
+    ).astype(x_bld.dtype)
     x = x + self.mlp(self.post_attn_norm(x), lora.fold(rng, 1)).astype(x.dtype)
     return shard(x, ("batch", "length", "embed"), self.rules)
 
@@ -94,16 +110,26 @@ class Decoder(nnx.Module):
   def __init__(self, cfg, *, rngs: nnx.Rngs, rules=None):
     pdt = jnp.dtype(cfg.param_dtype)
     self.plan = mod.RoutingPlan.from_config(cfg)
-    self.embed = param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, cfg.d_model),
-                       ("vocab", "embed"), pdt)
-    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, rules=rules)
-                            for _ in range(cfg.n_layers)])
+    self.embed = param(
+      rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt
+    )
+    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, rules=rules) for _ in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, rngs=rngs)
-    self.lm_head = None if cfg.tie_embeddings else param(
-        rngs, dense_init(cfg.d_model), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt)
+    self.lm_head = (
+      None
+      if cfg.tie_embeddings
+      else param(
+        rngs, dense_init(cfg.d_model), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt
+      )
+    )
     # Routers last, so a MoD model and its dense counterpart draw identical weights for a seed.
-    self.routers = nnx.Dict({str(i): mod.LayerExpert(cfg.d_model, rngs=rngs)
-                             for i in range(cfg.n_layers) if self.plan.needs_router(i)})
+    self.routers = nnx.Dict(
+      {
+        str(i): mod.LayerExpert(cfg.d_model, rngs=rngs)
+        for i in range(cfg.n_layers)
+        if self.plan.needs_router(i)
+      }
+    )
     lora_cfg = cfg.get("lora")
     self.lora_dropout = bool(lora_cfg and lora_cfg.rank > 0 and lora_cfg.dropout > 0)
     if lora_cfg and lora_cfg.rank > 0:  # adapters after everything else (same base init)
@@ -120,9 +146,16 @@ class Decoder(nnx.Module):
     x = jnp.take(table, tokens_bt, axis=0).astype(self.dtype)
     return shard(x, ("batch", "length", "embed"), self.rules)
 
-  def __call__(self, x_bld: jax.Array, seq: rows.TokenInfo,
-               layout: rows.StreamLayout | None = None, *, rng: jax.Array | None = None,
-               remat: str = "none", ordered: bool = True):
+  def __call__(
+    self,
+    x_bld: jax.Array,
+    seq: rows.TokenInfo,
+    layout: rows.StreamLayout | None = None,
+    *,
+    rng: jax.Array | None = None,
+    remat: str = "none",
+    ordered: bool = True,
+  ):
     """Runs all layers; returns (final-normed hidden [b, l, d], aux per routed layer).
 
     Args:
@@ -152,8 +185,9 @@ class Decoder(nnx.Module):
     if self.layers[0].attn.cache is not None:  # streaming: the caches are mutated in place
       x, aux = self._run(0, n, 1, x, seq, layout, rng, drop, ordered, "none")
       return self.final_norm(x), aux
-    kinds = [(self.plan.keep[i] if layout is not None else None, str(i) in self.routers)
-             for i in range(n)]
+    kinds = [
+      (self.plan.keep[i] if layout is not None else None, str(i) in self.routers) for i in range(n)
+    ]
     runs = layer_runs(kinds) if self.scan_layers else tuple((i, 1, 1) for i in range(n))
     for start, period, reps in runs:
       x, run_aux = self._run(start, period, reps, x, seq, layout, rng, drop, ordered, remat)
@@ -167,8 +201,17 @@ class Decoder(nnx.Module):
     block = functools.partial(_block, layer, lrng, ordered)
     if layout is None or keep is None:
       return block(x, seq), {}
-    return mod.routed_block(block, x, seq, layout, k=keep, selection=self.plan.selection,
-                            weighting=self.plan.weighting, router=router, rng=lora.fold(rng, i))
+    return mod.routed_block(
+      block,
+      x,
+      seq,
+      layout,
+      k=keep,
+      selection=self.plan.selection,
+      weighting=self.plan.weighting,
+      router=router,
+      rng=lora.fold(rng, i),
+    )
 
   def _run(self, start, period, reps, x, seq, layout, rng, drop, ordered, remat):
     """Layers ``start .. start + period·reps - 1``: a cycle of ``period`` layers repeated
@@ -179,8 +222,18 @@ class Decoder(nnx.Module):
     if reps == 1 and remat == "none":  # no transform: call the modules themselves
       out = {}
       for i in range(start, start + period):
-        x, a = self._apply(i, self.plan.keep[i], self.layers[i], self.routers.get(str(i)), x,
-                           seq, layout, rng, drop, ordered)
+        x, a = self._apply(
+          i,
+          self.plan.keep[i],
+          self.layers[i],
+          self.routers.get(str(i)),
+          x,
+          seq,
+          layout,
+          rng,
+          drop,
+          ordered,
+        )
         out.update({f"layer_{i}": a} if a else {})
       return x, out
     parts = []
@@ -195,12 +248,21 @@ class Decoder(nnx.Module):
 
     def cycle(x, states, r):
       auxes = []
-      for j, ((layer_gd, _, router_gd, _), (layer_st, router_st)) in enumerate(zip(parts,
-                                                                                      states)):
+      for j, ((layer_gd, _, router_gd, _), (layer_st, router_st)) in enumerate(zip(parts, states)):
         layer = nnx.merge(layer_gd, layer_st)
         router = None if router_gd is None else nnx.merge(router_gd, router_st)
-        x, a = self._apply(start + r * period + j, self.plan.keep[start + j], layer, router, x,
-                           seq, layout, rng, drop, ordered)
+        x, a = self._apply(
+          start + r * period + j,
+          self.plan.keep[start + j],
+          layer,
+          router,
+          x,
+          seq,
+          layout,
+          rng,
+          drop,
+          ordered,
+        )
         auxes.append(a)
       return x, auxes
 
@@ -216,21 +278,26 @@ class Decoder(nnx.Module):
     def body(x, xs):
       st, r = xs
       return cycle(x, st, r)
+
     x, auxes = jax.lax.scan(body, x, (states, jnp.arange(reps, dtype=jnp.int32)))
-    return x, {f"layer_{start + r * period + j}": jax.tree.map(lambda v, r=r: v[r], a)
-               for j, a in enumerate(auxes) if a for r in range(reps)}
+    return x, {
+      f"layer_{start + r * period + j}": jax.tree.map(lambda v, r=r: v[r], a)
+      for j, a in enumerate(auxes)
+      if a
+      for r in range(reps)
+    }
 
   def logits(self, h_btd: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """LM head, float32 [b, t, v] (accumulated in float32). ``rng``: LoRA dropout key."""
     w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-    y = project(h_btd.astype(self.dtype), w.astype(self.dtype),
-                preferred_element_type=jnp.float32)
+    y = project(h_btd.astype(self.dtype), w.astype(self.dtype), preferred_element_type=jnp.float32)
     drop = lora.fold(rng, lora.DROPOUT_STREAM) if self.lora_dropout else None
     delta = lora.adapter(self, "lm_head", h_btd, lora.fold(drop, len(self.layers)), self.dtype)
     return y if delta is None else y + delta.astype(jnp.float32)
 
-  def cross_entropy(self, h_bmd: jax.Array, targets_bm: jax.Array, rng: jax.Array | None = None,
-                    *, chunk: int = 512):
+  def cross_entropy(
+    self, h_bmd: jax.Array, targets_bm: jax.Array, rng: jax.Array | None = None, *, chunk: int = 512
+  ):
     """LM head + token cross-entropy in chunks of ``chunk`` slots, never all logits at once.
 
     Each chunk's logits [b, chunk, V] (float32) are computed, reduced to the CE and the argmax,
@@ -271,9 +338,10 @@ class Decoder(nnx.Module):
     position mask is used (any order)."""
     b, t = tokens_bt.shape
     ordered = positions_bt is None
-    if ordered:
-      positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    seq = rows.TokenInfo(positions_bt, jnp.ones((b, t), jnp.int32))
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if positions_bt is not None:
+      positions = positions_bt
+    seq = rows.TokenInfo(positions, jnp.ones((b, t), jnp.int32))
     h, _ = self(self.embed_tokens(tokens_bt), seq, ordered=ordered)
     return self.logits(h)
 

@@ -22,7 +22,8 @@ A is ``[*I, r]`` and B ``[r, *O]``, so ΔW = A·B has W's layout.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,7 @@ def _kaiming_uniform(fan_in: int):
 
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init
 
 
@@ -54,13 +56,25 @@ class LoRA(nnx.Module):
   ``deterministic`` is False (``model.eval()`` sets it, as for ``nnx.Dropout``).
   """
 
-  def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], in_names, out_names, *,
-               rank: int, alpha: float, dropout: float, rngs: nnx.Rngs, param_dtype=jnp.float32):
+  def __init__(
+    self,
+    in_shape: Sequence[int],
+    out_shape: Sequence[int],
+    in_names,
+    out_names,
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    rngs: nnx.Rngs,
+    param_dtype=jnp.float32,
+  ):
     if rank < 1:
       raise ValueError(f"LoRA rank={rank} must be >= 1.")
     in_shape, out_shape = tuple(in_shape), tuple(out_shape)
-    self.a = param(rngs, _kaiming_uniform(math.prod(in_shape)), (*in_shape, rank),
-                   (*in_names, None), param_dtype)
+    self.a = param(
+      rngs, _kaiming_uniform(math.prod(in_shape)), (*in_shape, rank), (*in_names, None), param_dtype
+    )
     self.b = param(rngs, _zeros, (rank, *out_shape), (None, *out_names), param_dtype)
     self.scale = float(alpha) / rank
     self.dropout = float(dropout)
@@ -103,7 +117,7 @@ def fold(rng: jax.Array | None, i: int) -> jax.Array | None:
 DROPOUT_STREAM = 0x4C6F5241  # "LoRA"
 
 
-def attach(decoder: nnx.Module, cfg, *, rngs: nnx.Rngs) -> None:
+def attach(decoder: Any, cfg, *, rngs: nnx.Rngs) -> None:
   """Creates the adapters ``cfg.lora.targets`` on every decoder layer (and the LM head).
 
   Args:
@@ -120,18 +134,25 @@ def attach(decoder: nnx.Module, cfg, *, rngs: nnx.Rngs) -> None:
   unknown = sorted(set(targets) - set(LORA_TARGETS))
   if unknown:
     raise ValueError(f"model.lora.targets has {unknown}; choose from {LORA_TARGETS}.")
-  kw = dict(rank=int(lc.rank), alpha=float(lc.alpha), dropout=float(lc.dropout), rngs=rngs,
-            param_dtype=jnp.dtype(lc.param_dtype))
+  kw = dict(
+    rank=int(lc.rank),
+    alpha=float(lc.alpha),
+    dropout=float(lc.dropout),
+    rngs=rngs,
+    param_dtype=jnp.dtype(lc.param_dtype),
+  )
   d, n, kh, h, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
   attn_shapes = {
-      "q": ((d,), (n, h), ("embed",), ("heads", "head_dim")),
-      "k": ((d,), (kh, h), ("embed",), ("kv_heads", "head_dim")),
-      "v": ((d,), (kh, h), ("embed",), ("kv_heads", "head_dim")),
-      "o": ((n, h), (d,), ("heads", "head_dim"), ("embed",)),
+    "q": ((d,), (n, h), ("embed",), ("heads", "head_dim")),
+    "k": ((d,), (kh, h), ("embed",), ("kv_heads", "head_dim")),
+    "v": ((d,), (kh, h), ("embed",), ("kv_heads", "head_dim")),
+    "o": ((n, h), (d,), ("heads", "head_dim"), ("embed",)),
   }
-  mlp_shapes = {"gate": ((d,), (f,), ("embed",), ("mlp",)),
-                "up": ((d,), (f,), ("embed",), ("mlp",)),
-                "down": ((f,), (d,), ("mlp",), ("embed",))}
+  mlp_shapes = {
+    "gate": ((d,), (f,), ("embed",), ("mlp",)),
+    "up": ((d,), (f,), ("embed",), ("mlp",)),
+    "down": ((f,), (d,), ("mlp",), ("embed",)),
+  }
   for layer in decoder.layers:
     for t in targets:
       if t in attn_shapes:
@@ -140,9 +161,11 @@ def attach(decoder: nnx.Module, cfg, *, rngs: nnx.Rngs) -> None:
         setattr(getattr(layer.mlp, t), "kernel" + SUFFIX, LoRA(*mlp_shapes[t], **kw))
   if "lm_head" in targets:
     if decoder.lm_head is None:
-      raise ValueError("model.lora.targets includes 'lm_head' but model.tie_embeddings=True: a "
-                       "merged LM-head adapter would also change the input embedding. Remove "
-                       "'lm_head' from the targets or untie the embeddings.")
+      raise ValueError(
+        "model.lora.targets includes 'lm_head' but model.tie_embeddings=True: a "
+        "merged LM-head adapter would also change the input embedding. Remove "
+        "'lm_head' from the targets or untie the embeddings."
+      )
     decoder.lm_head_lora = LoRA((d,), (cfg.vocab_size,), ("embed",), ("vocab",), **kw)
 
 
@@ -151,10 +174,11 @@ def adapters(model: nnx.Module) -> list[tuple[tuple, nnx.Module, str, LoRA]]:
   out = []
   for path, node in nnx.iter_graph(model):
     if isinstance(node, LoRA):
-      parent = model
-      for key in path[:-1]:
+      parent: Any = model
+      keys: list[Any] = list(path[:-1])
+      for key in keys:
         parent = parent[key] if isinstance(parent, (nnx.List, nnx.Dict)) else getattr(parent, key)
-      out.append((tuple(path), parent, str(path[-1])[:-len(SUFFIX)], node))
+      out.append((tuple(path), parent, str(path[-1])[: -len(SUFFIX)], node))
   return out
 
 

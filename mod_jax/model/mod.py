@@ -50,7 +50,7 @@ calibrates the logits to a 0.5 threshold).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -74,11 +74,11 @@ def mod_layer_indices(insertion, n_layers: int) -> tuple[int, ...]:
     return tuple(sorted(int(i) for i in insertion))
   half = n_layers // 2
   table = {
-      "none": (),
-      "all": tuple(range(n_layers)),
-      "all_deep": tuple(range(half, n_layers)),
-      "interleaved": tuple(range(1, n_layers, 2)),
-      "interleaved_deep": tuple(i for i in range(half, n_layers) if i % 2 == 1),
+    "none": (),
+    "all": tuple(range(n_layers)),
+    "all_deep": tuple(range(half, n_layers)),
+    "interleaved": tuple(range(1, n_layers, 2)),
+    "interleaved_deep": tuple(i for i in range(half, n_layers) if i % 2 == 1),
   }
   if insertion not in table:
     raise ValueError(f"unknown MoD insertion {insertion!r}; choose one of {sorted(table)}.")
@@ -93,6 +93,7 @@ class RoutingPlan:
   mechanism runs, and with ``ste`` weighting equals the dense layer) or none (k = 0: vision
   tokens skip the layer, the EarlyExit / LayerSkip baselines).
   """
+
   keep: tuple[int | None, ...]
   tokens_per_frame: int
   selection: str
@@ -100,7 +101,7 @@ class RoutingPlan:
   aux_loss_weight: float = 0.0
 
   @classmethod
-  def from_config(cls, model_cfg) -> "RoutingPlan":
+  def from_config(cls, model_cfg) -> RoutingPlan:
     """Plan of ``model_cfg.mod`` (insertion, keep_ratio r or schedule, selection, weighting).
 
     Raises:
@@ -112,14 +113,20 @@ class RoutingPlan:
     ratios = _keep_schedule(mod.keep_ratio, mod.insertion, routed)
     k_of = {i: keep_count(r, model_cfg.tokens_per_frame) for i, r in zip(routed, ratios)}
     keep = tuple(k_of.get(i) for i in range(model_cfg.n_layers))
-    return cls(keep, model_cfg.tokens_per_frame, mod.selection, mod.router_weighting,
-               float(mod.get("router_aux_loss_weight", 0.0)))
+    return cls(
+      keep,
+      model_cfg.tokens_per_frame,
+      mod.selection,
+      mod.router_weighting,
+      float(mod.get("router_aux_loss_weight", 0.0)),
+    )
 
   def routed(self, layer: int) -> bool:
     return self.keep[layer] is not None
 
   def needs_router(self, layer: int) -> bool:
-    return self.routed(layer) and self.keep[layer] > 0 and self.selection == "learned"
+    k = self.keep[layer]
+    return k is not None and k > 0 and self.selection == "learned"
 
 
 def _keep_schedule(keep_ratio, insertion, routed: tuple[int, ...]) -> tuple[float, ...]:
@@ -127,16 +134,18 @@ def _keep_schedule(keep_ratio, insertion, routed: tuple[int, ...]) -> tuple[floa
   if isinstance(keep_ratio, (int, float)):
     if not 0.0 < keep_ratio <= 1.0:
       raise ValueError(
-          f"keep_ratio={keep_ratio} must be in (0, 1] (k = ceil(r*N)). For k = 0 (vision tokens "
-          f"skip a layer: EarlyExit, LayerSkip) give one ratio per routed layer, e.g. "
-          f"keep_ratio={[0.0] * min(len(routed), 2)} with insertion={list(routed[:2])}; "
-          f"mod_jax.model.mod.baseline_routing() builds these settings.")
+        f"keep_ratio={keep_ratio} must be in (0, 1] (k = ceil(r*N)). For k = 0 (vision tokens "
+        f"skip a layer: EarlyExit, LayerSkip) give one ratio per routed layer, e.g. "
+        f"keep_ratio={[0.0] * min(len(routed), 2)} with insertion={list(routed[:2])}; "
+        f"mod_jax.model.mod.baseline_routing() builds these settings."
+      )
     return (float(keep_ratio),) * len(routed)
   ratios = tuple(float(r) for r in keep_ratio)
   if len(ratios) != len(routed):
     raise ValueError(
-        f"keep_ratio schedule has {len(ratios)} values but insertion={insertion!r} routes "
-        f"{len(routed)} layers {list(routed)}; give one ratio per routed layer, in layer order.")
+      f"keep_ratio schedule has {len(ratios)} values but insertion={insertion!r} routes "
+      f"{len(routed)} layers {list(routed)}; give one ratio per routed layer, in layer order."
+    )
   bad = [r for r in ratios if not 0.0 <= r <= 1.0]
   if bad:
     raise ValueError(f"keep_ratio schedule values {bad} are outside [0, 1].")
@@ -184,8 +193,9 @@ class LayerExpert(nnx.Module):
     return jnp.einsum("bld,d->bl", x, self.kernel[...].astype(jnp.float32)) + self.bias[...]
 
 
-def select(scores_bfn: jax.Array | None, k: int, n: int, selection: str, batch_frames,
-           rng: jax.Array | None) -> jax.Array:
+def select(
+  scores_bfn: jax.Array | None, k: int, n: int, selection: str, batch_frames, rng: jax.Array | None
+) -> jax.Array:
   """Indices of the kept tokens in each frame, int32 [b, f, k], ascending within a frame.
 
   Args:
@@ -197,6 +207,8 @@ def select(scores_bfn: jax.Array | None, k: int, n: int, selection: str, batch_f
   """
   b, f = batch_frames
   if selection == "learned":
+    if scores_bfn is None:
+      raise ValueError("selection='learned' needs router scores (the layer has no router).")
     _, idx = jax.lax.top_k(scores_bfn, k)
   elif selection == "random":
     if rng is None:
@@ -222,9 +234,18 @@ def router_gate(scores: jax.Array, weighting: str) -> jax.Array:
   raise ValueError(f"unknown router weighting {weighting!r}; use ste, sigmoid or score.")
 
 
-def routed_block(block: Callable, x_bld, seq: rows.TokenInfo, layout: rows.StreamLayout, *,
-                 k: int, selection: str, weighting: str, router: Callable | None = None,
-                 rng=None):
+def routed_block(
+  block: Callable,
+  x_bld,
+  seq: rows.TokenInfo,
+  layout: rows.StreamLayout,
+  *,
+  k: int,
+  selection: str,
+  weighting: str,
+  router: Callable | None = None,
+  rng=None,
+):
   """Runs ``block`` on the text tokens and the per-frame top-k vision tokens; scatters back.
 
   Args:
@@ -251,26 +272,30 @@ def routed_block(block: Callable, x_bld, seq: rows.TokenInfo, layout: rows.Strea
   if not 0 <= k <= n:
     raise ValueError(f"k={k} must be in [0, tokens_per_frame={n}].")
   is_vis = layout.is_vision
-  aux, scores = {}, None
+  aux: dict[str, jax.Array] = {}
+  scores = scores_bfn = None
   if k == 0:  # EarlyExit / LayerSkip: vision tokens skip the layer entirely.
     keep = ~is_vis
   else:
-    scores = router(x_bld) if router is not None else None                  # [b, l]
-    frame_slots = layout.frame_tokens()                                     # [b, f, n]
-    scores_bfn = None if scores is None else jnp.take_along_axis(
-        scores, frame_slots.reshape(b, f * n), axis=1).reshape(b, f, n)
-    idx = select(scores_bfn, k, n, selection, (b, f), rng)                  # [b, f, k]
+    scores = router(x_bld) if router is not None else None  # [b, l]
+    frame_slots = layout.frame_tokens()  # [b, f, n]
+    scores_bfn = (
+      None
+      if scores is None
+      else jnp.take_along_axis(scores, frame_slots.reshape(b, f * n), axis=1).reshape(b, f, n)
+    )
+    idx = select(scores_bfn, k, n, selection, (b, f), rng)  # [b, f, k]
     # keep[j]: text, or the offset of vision slot j is among its frame's kept indices.
     kept_of_slot = jnp.take_along_axis(idx, jnp.maximum(layout.frame_of, 0)[..., None], axis=1)
     keep = ~is_vis | jnp.any(kept_of_slot == layout.offset[..., None], axis=-1)
     aux["kept_index"] = idx
-  c = l - f * (n - k)                                        # = T + F·k, static
-  perm = rows.sort_permutation((~keep).astype(jnp.int32))   # kept slots first, stream order
+  c = l - f * (n - k)  # = T + F·k, static
+  perm = rows.sort_permutation((~keep).astype(jnp.int32))  # kept slots first, stream order
   cidx = perm[:, :c]
-  back = jnp.minimum(rows.inverse_permutation(perm), c)      # compact index of a slot (c: none)
+  back = jnp.minimum(rows.inverse_permutation(perm), c)  # compact index of a slot (c: none)
   x_c = rows.gather_rows(x_bld, cidx, back)
   y_c = block(x_c, seq.take(cidx))
-  if scores is not None:
+  if scores is not None and scores_bfn is not None:
     vis_c = rows.take(is_vis, cidx)[..., None]
     gate_c = rows.take(router_gate(scores, weighting), cidx)[..., None]
     y_c = jnp.where(vis_c, x_c + (y_c - x_c) * gate_c.astype(x_c.dtype), y_c)

@@ -9,7 +9,7 @@ the same module code builds an unsharded reference model.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,13 +20,15 @@ LogicalNames = tuple[str | None, ...]
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 
-def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], names: LogicalNames,
-          dtype=jnp.float32) -> nnx.Param:
+def param(
+  rngs: nnx.Rngs, init: Callable, shape: Sequence[int], names: LogicalNames, dtype=jnp.float32
+) -> nnx.Param:
   """Creates an ``nnx.Param`` of ``shape`` annotated with logical axis ``names`` (one per dim)."""
   if len(names) != len(shape):
     raise ValueError(f"param shape {tuple(shape)} and logical names {names} differ in rank.")
-  return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(names),
-                   eager_sharding=False)
+  return nnx.Param(
+    init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(names), eager_sharding=False
+  )
 
 
 def logical_to_spec(names: LogicalNames, rules: Rules) -> PartitionSpec:

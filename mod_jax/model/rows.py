@@ -111,11 +111,12 @@ class TokenInfo(NamedTuple):
     rope: the RoPE tables of those positions (``attention.Rope``, float32 [b, l, head_dim] each),
       or None to compute them from ``positions`` where needed.
   """
+
   positions: jax.Array
   segment_ids: jax.Array
   rope: Any = None
 
-  def take(self, idx_bm: jax.Array) -> "TokenInfo":
+  def take(self, idx_bm: jax.Array) -> TokenInfo:
     """The tokens at slots ``idx`` [b, m]."""
     return jax.tree.map(lambda a: take(a, idx_bm), self)
 
@@ -133,6 +134,7 @@ class StreamLayout:
     num_text: T, text slots per row (static).
     tokens_per_frame: N (static).
   """
+
   order: jax.Array
   inverse: jax.Array
   frame_start: jax.Array
@@ -158,12 +160,15 @@ class StreamLayout:
 
 
 jax.tree_util.register_dataclass(
-    StreamLayout, data_fields=["order", "inverse", "frame_start", "frame_of", "offset"],
-    meta_fields=["num_text", "tokens_per_frame"])
+  StreamLayout,
+  data_fields=["order", "inverse", "frame_start", "frame_of", "offset"],
+  meta_fields=["num_text", "tokens_per_frame"],
+)
 
 
-def stream_layout(positions_bl: jax.Array, segment_ids_bl: jax.Array, *, num_text: int,
-                  tokens_per_frame: int) -> StreamLayout:
+def stream_layout(
+  positions_bl: jax.Array, segment_ids_bl: jax.Array, *, num_text: int, tokens_per_frame: int
+) -> StreamLayout:
   """The stream-order permutation of layout rows (module docstring).
 
   Args:
@@ -179,8 +184,9 @@ def stream_layout(positions_bl: jax.Array, segment_ids_bl: jax.Array, *, num_tex
   b, l = positions_bl.shape
   n = tokens_per_frame
   if (l - num_text) % n:
-    raise ValueError(f"row length {l} - num_text {num_text} is not a multiple of "
-                     f"tokens_per_frame {n}.")
+    raise ValueError(
+      f"row length {l} - num_text {num_text} is not a multiple of tokens_per_frame {n}."
+    )
   f = (l - num_text) // n
   iota = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
   pad = segment_ids_bl == 0

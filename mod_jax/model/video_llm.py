@@ -103,7 +103,7 @@ class VideoLLM(nnx.Module):
     t, n = layout.num_text, layout.tokens_per_frame
     f = layout.frame_start.shape[1]
     # Ordered slots of the text slots and of each frame's last vision token (layout order).
-    idx = jnp.concatenate([layout.inverse[:, :t], layout.inverse[:, t + n - 1::n][:, :f]], axis=1)
+    idx = jnp.concatenate([layout.inverse[:, :t], layout.inverse[:, t + n - 1 :: n][:, :f]], axis=1)
     back = jnp.full(layout.order.shape, t + f, jnp.int32)
     back = jnp.where(layout.order < t, layout.order, back)
     is_end = (layout.order >= t) & ((layout.order - t) % n == n - 1)

@@ -22,8 +22,10 @@ from mod_jax.model.partitioning import param
 def _dtypes(cfg) -> dict:
   """Compute and parameter dtypes of the tower's projections (``model.vision.dtype`` /
   ``param_dtype``; bfloat16 parameters only for a frozen tower, ``config.validate``)."""
-  return dict(dtype=jnp.dtype(cfg.get("dtype", "float32")),
-              param_dtype=jnp.dtype(cfg.get("param_dtype", "float32")))
+  return dict(
+    dtype=jnp.dtype(cfg.get("dtype", "float32")),
+    param_dtype=jnp.dtype(cfg.get("param_dtype", "float32")),
+  )
 
 
 class VisionAttention(nnx.Module):
@@ -51,9 +53,17 @@ class VisionAttention(nnx.Module):
     split = lambda y: y.reshape(*y.shape[:2], self.n_heads, -1)
     q, k, v = split(self.q(x_bqw)), split(self.k(kv)), split(self.v(kv))
     impl = self.implementation if kv_bsw is None else "xla"
-    o = attention_ops.attend(q, k, v, causal=False, implementation=impl,
-                             block_size=self.block_size, backend=self.platform, rules=self.rules,
-                             head_names=("vision_heads", "vision_heads"))
+    o = attention_ops.attend(
+      q,
+      k,
+      v,
+      causal=False,
+      implementation=impl,
+      block_size=self.block_size,
+      backend=self.platform,
+      rules=self.rules,
+      head_names=("vision_heads", "vision_heads"),
+    )
     return self.o(o.reshape(*o.shape[:2], -1))
 
 
@@ -83,8 +93,7 @@ class MAPHead(nnx.Module):
   """Multihead attention pooling (SigLIP): a learned probe attends over the patch tokens."""
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
-    self.probe = param(rngs, nnx.initializers.normal(0.02), (1, cfg.width),
-                       (None, "vision_embed"))
+    self.probe = param(rngs, nnx.initializers.normal(0.02), (1, cfg.width), (None, "vision_embed"))
     self.attn = VisionAttention(cfg, rngs=rngs)
     self.norm = LayerNorm(cfg.width, cfg.layer_norm_eps, rngs=rngs)
     self.mlp = VisionMLP(cfg, rngs=rngs)
@@ -110,10 +119,20 @@ class VisionEncoder(nnx.Module):
     self.grid = cfg.image_size // cfg.patch_size
     self.frame_chunk = int(cfg.get("frame_chunk", 0))
     self.dtype = _dtypes(cfg)["dtype"]
-    self.patch_embed = Dense(cfg.patch_size * cfg.patch_size * 3, cfg.width,
-                             (None, "vision_embed"), rngs=rngs, **_dtypes(cfg))
-    self.pos_embed = param(rngs, nnx.initializers.normal(0.02), (self.grid ** 2, cfg.width),
-                           (None, "vision_embed"), _dtypes(cfg)["param_dtype"])
+    self.patch_embed = Dense(
+      cfg.patch_size * cfg.patch_size * 3,
+      cfg.width,
+      (None, "vision_embed"),
+      rngs=rngs,
+      **_dtypes(cfg),
+    )
+    self.pos_embed = param(
+      rngs,
+      nnx.initializers.normal(0.02),
+      (self.grid**2, cfg.width),
+      (None, "vision_embed"),
+      _dtypes(cfg)["param_dtype"],
+    )
     self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs, rules=rules) for _ in range(cfg.depth)])
     self.post_norm = LayerNorm(cfg.width, cfg.layer_norm_eps, rngs=rngs)
     self.head = MAPHead(cfg, rngs=rngs)
@@ -156,5 +175,6 @@ class VisionEncoder(nnx.Module):
       def one(xs):
         chunk, keep = xs
         return jax.lax.cond(keep, self.tokens, lambda _: jnp.zeros(out.shape, out.dtype), chunk)
+
       tokens = jax.lax.map(one, (chunks, ok)).reshape(nc * c, *out.shape[1:])[:m]
     return tokens.reshape(*lead, *tokens.shape[1:])

@@ -19,17 +19,25 @@ import orbax.checkpoint as ocp
 
 def manager(workdir: str, train_cfg) -> ocp.CheckpointManager:
   """A CheckpointManager over ``{workdir}/checkpoints`` keeping ``train.max_checkpoints``."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=train_cfg.max_checkpoints, create=True,
-                                         enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                               options=options, item_names=("state", "data"))
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=train_cfg.max_checkpoints, create=True, enable_async_checkpointing=False
+  )
+  return ocp.CheckpointManager(
+    os.path.abspath(os.path.join(workdir, "checkpoints")),
+    options=options,
+    item_names=("state", "data"),
+  )
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator) -> None:
   """Saves state and iterator position at ``step`` (blocking)."""
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
+  mngr.save(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
+    ),
+    force=True,
+  )
   mngr.wait_until_finished()
 
 
@@ -43,10 +51,14 @@ def restore_latest(mngr: ocp.CheckpointManager, state, data_iterator):
   if step is None:
     return state, None
   target = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target),
-      data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+  )
+  restored = mngr.restore(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(data_iterator)
+    ),
+  )
   return restored["state"], step
 
 
@@ -73,11 +85,14 @@ def load_config(workdir: str):
   Raises:
     FileNotFoundError: no ``config.json`` (not a ``mod-jax train`` workdir).
   """
-  from mod_jax.config import base_config  # pylint: disable=g-import-not-at-top
+  from mod_jax.config import base_config
+
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} does not exist: --workdir must be a directory written by "
-                            f"`mod-jax train` (config.json + checkpoints/).")
+    raise FileNotFoundError(
+      f"{path} does not exist: --workdir must be a directory written by "
+      f"`mod-jax train` (config.json + checkpoints/)."
+    )
   with open(path) as f:
     return _merge_config(base_config(), json.load(f))
 
@@ -99,28 +114,38 @@ def restore_params(workdir: str, step: int | None = None):
   Raises:
     FileNotFoundError: no ``config.json``, no checkpoint, or no checkpoint at ``step``.
   """
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from mod_jax.train.sharding import build_model  # pylint: disable=g-import-not-at-top
+  from flax import nnx
+
+  from mod_jax.train.sharding import build_model
+
   config = load_config(workdir)
   root = os.path.abspath(os.path.join(workdir, "checkpoints"))
   steps = []
   if os.path.isdir(root):
-    mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True),
-                                 item_names=("state",))
+    mngr = ocp.CheckpointManager(
+      root, options=ocp.CheckpointManagerOptions(read_only=True), item_names=("state",)
+    )
     steps = list(mngr.all_steps())
   if not steps:
-    raise FileNotFoundError(f"no checkpoint in {root}; train first (mod-jax train --workdir "
-                            f"{workdir}).")
+    raise FileNotFoundError(
+      f"no checkpoint in {root}; train first (mod-jax train --workdir {workdir})."
+    )
   step = max(steps) if step is None else int(step)
   if step not in steps:
     raise FileNotFoundError(f"no checkpoint at step {step} in {root}; available: {sorted(steps)}.")
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(config)), nnx.Param)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = {"params": jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)}
+  target = {
+    "params": jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract
+    )
+  }
   restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
-      os.path.join(root, str(step), "state"),
-      args=ocp.args.PyTreeRestore(item=target,
-                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                  partial_restore=True))
+    os.path.join(root, str(step), "state"),
+    args=ocp.args.PyTreeRestore(
+      item=target,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True,
+    ),
+  )
   return config, graphdef, restored["params"], step

@@ -16,8 +16,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import tqdm
 
 from mod_jax.config import ConfigError, validate, validate_for_training
@@ -42,12 +40,18 @@ def evaluate(config, params, graphdef, mesh, tokenizer, *, max_batches: int | No
   ``silent_accuracy``, ``lm_token_accuracy``, and the counts.
   """
   rules = sharding.rules_of(config)
-  fn = jax.jit(functools.partial(eval_step, graphdef=graphdef,
-                                 base_rng=jax.random.key(config.seed + 1),
-                                 interval_id=tokenizer.interval_id))
+  fn = jax.jit(
+    functools.partial(
+      eval_step,
+      graphdef=graphdef,
+      base_rng=jax.random.key(config.seed + 1),
+      interval_id=tokenizer.interval_id,
+    )
+  )
   sums = None
-  ds = pipeline.make_dataset(config, "eval", tokenizer, process_index=jax.process_index(),
-                             process_count=jax.process_count())
+  ds = pipeline.make_dataset(
+    config, "eval", tokenizer, process_index=jax.process_index(), process_count=jax.process_count()
+  )
   with jax.set_mesh(mesh):
     for i, batch in enumerate(ds):
       if max_batches is not None and i >= max_batches:
@@ -60,21 +64,22 @@ def evaluate(config, params, graphdef, mesh, tokenizer, *, max_batches: int | No
   nt, nf = max(sums["text_count"], 1.0), max(sums["frame_count"], 1.0)
   silent = max(sums["frame_count"] - sums["speak_count"], 1.0)
   return {
-      "eval_loss": (sums["text_ce_sum"] + w * sums["frame_ce_sum"]) / max(nt + nf, 1.0),
-      "lm_loss": sums["text_ce_sum"] / nt,
-      "lm_ppl": math.exp(sums["text_ce_sum"] / nt),
-      "stream_loss": sums["frame_ce_sum"] / nf,
-      "stream_accuracy": sums["frame_correct"] / nf,
-      "speak_recall": sums["speak_correct"] / max(sums["speak_count"], 1.0),
-      "silent_accuracy": (sums["frame_correct"] - sums["speak_correct"]) / silent,
-      "lm_token_accuracy": sums["text_correct"] / nt,
-      "text_tokens": sums["text_count"],
-      "frame_decisions": sums["frame_count"],
+    "eval_loss": (sums["text_ce_sum"] + w * sums["frame_ce_sum"]) / max(nt + nf, 1.0),
+    "lm_loss": sums["text_ce_sum"] / nt,
+    "lm_ppl": math.exp(sums["text_ce_sum"] / nt),
+    "stream_loss": sums["frame_ce_sum"] / nf,
+    "stream_accuracy": sums["frame_correct"] / nf,
+    "speak_recall": sums["speak_correct"] / max(sums["speak_count"], 1.0),
+    "silent_accuracy": (sums["frame_correct"] - sums["speak_correct"]) / silent,
+    "lm_token_accuracy": sums["text_correct"] / nt,
+    "text_tokens": sums["text_count"],
+    "frame_decisions": sums["frame_count"],
   }
 
 
-def train_and_evaluate(config, workdir: str, *, progress: bool = True,
-                       stop_after: int | None = None) -> dict:
+def train_and_evaluate(
+  config, workdir: str, *, progress: bool = True, stop_after: int | None = None
+) -> dict:
   """Trains ``config`` in ``workdir`` (resuming if a checkpoint exists); returns a summary dict.
 
   ``stop_after`` ends the run (with a checkpoint, without the final eval) once that many steps
@@ -98,16 +103,19 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True,
   pipeline.prepare_data(config)
   tokenizer = pipeline.load_tokenizer(config)
   if tokenizer.vocab_size > config.model.vocab_size:
-    raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
-                      f"{config.model.vocab_size}; raise --config.model.vocab_size.")
+    raise ConfigError(
+      f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
+      f"{config.model.vocab_size}; raise --config.model.vocab_size."
+    )
   if is_main:  # the run's config, pointing at a copy of its tokenizer (for stream / convert)
     saved = config.copy_and_resolve_references()
     saved.data.tokenizer = os.path.abspath(os.path.join(workdir, "tokenizer.json"))
     tokenizer.tokenizer.save(saved.data.tokenizer)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(saved.to_json_best_effort(indent=2))
-  train_ds = pipeline.make_dataset(config, "train", tokenizer, process_index=jax.process_index(),
-                                   process_count=jax.process_count())
+  train_ds = pipeline.make_dataset(
+    config, "train", tokenizer, process_index=jax.process_index(), process_count=jax.process_count()
+  )
   train_iter = iter(train_ds)
 
   # ------------------------------------------------------------------ Model and optimizer
@@ -131,13 +139,19 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True,
   t = config.train
   writer = None
   if is_main:
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    from tensorboardX import SummaryWriter
+
     writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
     writer.add_text("data/stats", json.dumps(pipeline.data_stats(config)), start)
   seq_len = config.data.max_text + config.data.max_frames * config.model.tokens_per_frame
   history = []
-  bar = tqdm.tqdm(total=t.steps, initial=start, disable=not (progress and is_main),
-                  desc="train", dynamic_ncols=True)
+  bar = tqdm.tqdm(
+    total=t.steps,
+    initial=start,
+    disable=not (progress and is_main),
+    desc="train",
+    dynamic_ncols=True,
+  )
   last_time, last_step = time.perf_counter(), start
   with jax.set_mesh(mesh):
     end = t.steps if stop_after is None else min(stop_after, t.steps)
@@ -156,8 +170,9 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True,
             writer.add_scalar(f"train/{k}", v, done)
           with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(history[-1]) + "\n")
-        bar.set_postfix(loss=f"{m['loss']:.3f}", lm=f"{m['lm_loss']:.3f}",
-                        stream=f"{m['stream_loss']:.3f}")
+        bar.set_postfix(
+          loss=f"{m['loss']:.3f}", lm=f"{m['lm_loss']:.3f}", stream=f"{m['stream_loss']:.3f}"
+        )
       if done % t.checkpoint_every == 0 or done == end:
         checkpoint.save(mngr, done, state, train_iter)
       bar.update(1)
@@ -166,12 +181,23 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True,
     return {"state": state, "graphdef": graphdef, "stopped_at": end}
 
   # ------------------------------------------------------------------ Evaluate
-  results = evaluate(config, state.params, graphdef, mesh, tokenizer,
-                     max_batches=t.eval_batches if t.eval_batches > 0 else None)
-  summary = {"steps": t.steps, "resumed_from": restored, "data": pipeline.data_stats(config),
-             "first_logged": history[0] if history else None,
-             "last_logged": history[-1] if history else None, "eval": results}
-  if is_main:
+  results = evaluate(
+    config,
+    state.params,
+    graphdef,
+    mesh,
+    tokenizer,
+    max_batches=t.eval_batches if t.eval_batches > 0 else None,
+  )
+  summary = {
+    "steps": t.steps,
+    "resumed_from": restored,
+    "data": pipeline.data_stats(config),
+    "first_logged": history[0] if history else None,
+    "last_logged": history[-1] if history else None,
+    "eval": results,
+  }
+  if writer is not None:
     for k, v in results.items():
       writer.add_scalar(f"eval/{k}", v, t.steps)
     writer.close()

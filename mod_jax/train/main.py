@@ -10,8 +10,11 @@ from absl import app, flags
 from mod_jax import flags as mj_flags
 
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() first (multi-host: TPU pods, GKE, "
-    "SLURM; coordinator and process ids come from the environment).")
+  "distributed",
+  False,
+  "Call jax.distributed.initialize() first (multi-host: TPU pods, GKE, "
+  "SLURM; coordinator and process ids come from the environment).",
+)
 
 
 def main(argv):
@@ -21,10 +24,16 @@ def main(argv):
     raise app.UsageError("mod-jax train needs --config and --workdir.")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   if _DISTRIBUTED.value:
-    import jax  # pylint: disable=g-import-not-at-top
+    import jax
+
     jax.distributed.initialize()
-  from mod_jax.train.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  from mod_jax.train.loop import train_and_evaluate
+
   out = train_and_evaluate(mj_flags.CONFIG.value, mj_flags.WORKDIR.value)
   first, last = out["first_logged"], out["last_logged"]
-  print(json.dumps({"first_loss": first and first["loss"], "last_loss": last and last["loss"],
-                    **out["eval"]}, indent=2))
+  print(
+    json.dumps(
+      {"first_loss": first and first["loss"], "last_loss": last and last["loss"], **out["eval"]},
+      indent=2,
+    )
+  )

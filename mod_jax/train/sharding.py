@@ -48,16 +48,20 @@ def make_mesh(config, devices=None) -> Mesh:
 
 
 def rules_of(config):
-  return tuple((k, tuple(v) if isinstance(v, list) else v)
-               for k, v in config.mesh.logical_axis_rules)
+  return tuple(
+    (k, tuple(v) if isinstance(v, list) else v) for k, v in config.mesh.logical_axis_rules
+  )
 
 
 def param_shardings(params, mesh: Mesh, rules):
   """NamedSharding per parameter from its ``out_sharding`` logical names."""
+
   def spec(v):
     names = v.get_metadata().get("out_sharding")
-    return v.replace(NamedSharding(mesh, logical_to_spec(names, rules) if names else
-                                   PartitionSpec()))
+    return v.replace(
+      NamedSharding(mesh, logical_to_spec(names, rules) if names else PartitionSpec())
+    )
+
   return jax.tree.map(spec, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
@@ -83,7 +87,7 @@ def abstract_train_state(config, mesh: Mesh):
   """
   rules = rules_of(config)
   abstract = nnx.eval_shape(lambda: build_model(config, rules))
-  graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)
+  graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)  # type: ignore[misc]
   if jax.tree.leaves(rest):
     raise TypeError(f"model has non-Param state, unsupported by TrainState: {rest}")
   p_shard = param_shardings(abs_params, mesh, rules)
@@ -96,9 +100,13 @@ def abstract_train_state(config, mesh: Mesh):
   # Optimizer moments follow their parameter's sharding; counters are replicated.
   replicated = NamedSharding(mesh, PartitionSpec())
   opt_shardings = optax.tree_map_params(
-      tx, lambda _, s: s, abs_state.opt_state, p_shard,
-      transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, nnx.Variable))
+    tx,
+    lambda _, s: s,
+    abs_state.opt_state,
+    p_shard,
+    transform_non_params=lambda _: replicated,
+    is_leaf=lambda x: isinstance(x, nnx.Variable),
+  )
   state_shardings = TrainState(step=replicated, params=p_shard, opt_state=opt_shardings)
   return abs_state, graphdef, tx, state_shardings, init
 
@@ -121,12 +129,17 @@ def jit_train_step(config, graphdef, tx, params, state_shardings=None):
   ``state_shardings`` if given. Lowerable from abstract shapes for an AOT topology: the step
   makes its PRNG key inside the trace.
   """
-  return jax.jit(functools.partial(train_step, **train_step_options(config, graphdef, tx, params)),
-                 in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
-                 donate_argnums=0)
+  return jax.jit(
+    functools.partial(train_step, **train_step_options(config, graphdef, tx, params)),
+    in_shardings=(state_shardings, None),
+    out_shardings=(state_shardings, None),
+    donate_argnums=0,
+  )
 
 
 def host_to_global(batch: dict, mesh: Mesh, rules) -> dict:
   """Per-process numpy batch → global jax.Arrays sharded over the batch axes."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, np.ndim(v)), v)
-          for k, v in batch.items()}
+  return {
+    k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, np.ndim(v)), v)
+    for k, v in batch.items()
+  }

@@ -13,17 +13,16 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array        # int32 []
-  params: Any            # nnx.State of nnx.Param
-  opt_state: Any         # optax state
+  step: Any  # int32 [] (or its sharding, in a tree of shardings)
+  params: Any  # nnx.State of nnx.Param
+  opt_state: Any  # optax state
 
   @classmethod
-  def create(cls, params, tx: optax.GradientTransformation) -> "TrainState":
+  def create(cls, params, tx: optax.GradientTransformation) -> TrainState:
     """Step 0: ``params`` (an ``nnx.State``) with ``tx``'s freshly initialised optimizer state."""
     return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
@@ -31,9 +30,12 @@ class TrainState:
 def learning_rate_schedule(train_cfg) -> optax.Schedule:
   """Linear warmup to ``learning_rate`` then cosine decay to ``end_learning_rate_ratio``·lr."""
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=train_cfg.learning_rate, warmup_steps=train_cfg.warmup_steps,
-      decay_steps=train_cfg.steps,
-      end_value=train_cfg.learning_rate * train_cfg.end_learning_rate_ratio)
+    init_value=0.0,
+    peak_value=train_cfg.learning_rate,
+    warmup_steps=train_cfg.warmup_steps,
+    decay_steps=train_cfg.steps,
+    end_value=train_cfg.learning_rate * train_cfg.end_learning_rate_ratio,
+  )
 
 
 def _path_str(path) -> str:
@@ -58,6 +60,7 @@ def trainable_labels(params, model_cfg):
     if not lora_on or "_lora/" in p or p.startswith(("connector/", "llm/routers/")):
       return "train"
     return "train" if any(r.search(p) for r in extra) else "frozen"
+
   return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -67,11 +70,20 @@ def make_optimizer(config, params) -> optax.GradientTransformation:
 
   def decay_mask(p):
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: x.ndim >= 2 and "norm" not in _path_str(path), p)
+      lambda path, x: x.ndim >= 2 and "norm" not in _path_str(path), p
+    )
 
   adamw = optax.chain(
-      optax.clip_by_global_norm(t.grad_clip_norm),
-      optax.adamw(learning_rate_schedule(t), b1=0.9, b2=0.95, eps=1e-8,
-                  weight_decay=t.weight_decay, mask=decay_mask))
-  return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()},
-                               trainable_labels(params, config.model))
+    optax.clip_by_global_norm(t.grad_clip_norm),
+    optax.adamw(
+      learning_rate_schedule(t),
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=t.weight_decay,
+      mask=decay_mask,
+    ),
+  )
+  return optax.multi_transform(
+    {"train": adamw, "frozen": optax.set_to_zero()}, trainable_labels(params, config.model)
+  )

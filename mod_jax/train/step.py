@@ -25,8 +25,8 @@ from mod_jax.train.state import TrainState, trainable_labels
 def _denominators(batch) -> dict[str, jax.Array]:
   """Whole-batch counts that normalise the loss: labelled slots, and real frames (router BCE)."""
   return {
-      "labelled": jnp.maximum(batch["text_weights"].sum() + batch["frame_weights"].sum(), 1.0),
-      "frames": jnp.maximum((batch["frame_segment_ids"] != 0).sum().astype(jnp.float32), 1.0),
+    "labelled": jnp.maximum(batch["text_weights"].sum() + batch["frame_weights"].sum(), 1.0),
+    "frames": jnp.maximum((batch["frame_segment_ids"] != 0).sum().astype(jnp.float32), 1.0),
   }
 
 
@@ -39,13 +39,26 @@ def forward_losses(model, batch, rng, *, remat: str = "none", ce_chunk: int = 51
   targets = jnp.concatenate([batch["text_targets"], batch["frame_targets"]], axis=1)
   ce, pred = model.llm.cross_entropy(h, targets, rng, chunk=ce_chunk)
   return dict(
-      text_ce=ce[:, :t], frame_ce=ce[:, t:], text_pred=pred[:, :t], frame_pred=pred[:, t:],
-      text_w=batch["text_weights"].astype(jnp.float32),
-      frame_w=batch["frame_weights"].astype(jnp.float32)), aux
+    text_ce=ce[:, :t],
+    frame_ce=ce[:, t:],
+    text_pred=pred[:, :t],
+    frame_pred=pred[:, t:],
+    text_w=batch["text_weights"].astype(jnp.float32),
+    frame_w=batch["frame_weights"].astype(jnp.float32),
+  ), aux
 
 
-def loss_fn(params, graphdef, batch, rng, *, stream_loss_weight: float, denominators=None,
-            remat: str = "none", ce_chunk: int = 512):
+def loss_fn(
+  params,
+  graphdef,
+  batch,
+  rng,
+  *,
+  stream_loss_weight: float,
+  denominators=None,
+  remat: str = "none",
+  ce_chunk: int = 512,
+):
   """The training loss of ``batch`` and the sums its metrics are made of.
 
   Args:
@@ -65,10 +78,12 @@ def loss_fn(params, graphdef, batch, rng, *, stream_loss_weight: float, denomina
   frame_sum = (out["frame_ce"] * out["frame_w"]).sum()
   loss = (text_sum + stream_loss_weight * frame_sum) / den["labelled"]
   sums = {
-      "loss": loss,
-      "text_ce_sum": text_sum, "frame_ce_sum": frame_sum,
-      "text_count": out["text_w"].sum(), "frame_count": out["frame_w"].sum(),
-      "frame_correct": ((out["frame_pred"] == batch["frame_targets"]) * out["frame_w"]).sum(),
+    "loss": loss,
+    "text_ce_sum": text_sum,
+    "frame_ce_sum": frame_sum,
+    "text_count": out["text_w"].sum(),
+    "frame_count": out["frame_w"].sum(),
+    "frame_correct": ((out["frame_pred"] == batch["frame_targets"]) * out["frame_w"]).sum(),
   }
   aux_w = model.llm.plan.aux_loss_weight  # Mixture-of-Depths router loss (mod.py), static
   bce = [a["router_bce_sum"] for a in aux.values() if "router_bce_sum" in a]
@@ -81,7 +96,8 @@ def loss_fn(params, graphdef, batch, rng, *, stream_loss_weight: float, denomina
   for name, a in aux.items():  # per micro-batch means (averaged over micro-batches)
     if "kept_index" in a:  # how often the pooled (CLS-like) token 0 of a frame is kept
       sums[f"router/{name}/pooled_token_kept"] = jnp.mean(
-          jnp.any(a["kept_index"] == 0, axis=-1).astype(jnp.float32))
+        jnp.any(a["kept_index"] == 0, axis=-1).astype(jnp.float32)
+      )
     if "router_prob_kept" in a:
       sums[f"router/{name}/prob_kept"] = a["router_prob_kept"]
       sums[f"router/{name}/prob_all"] = a["router_prob_all"]
@@ -92,11 +108,11 @@ def _metrics(sums, micro_batches: int) -> dict[str, jax.Array]:
   """Logged metrics from summed ``loss_fn`` sums (router statistics averaged)."""
   nt, nf = jnp.maximum(sums["text_count"], 1.0), jnp.maximum(sums["frame_count"], 1.0)
   m = {
-      "loss": sums["loss"],
-      "lm_loss": sums["text_ce_sum"] / nt,
-      "stream_loss": sums["frame_ce_sum"] / nf,
-      "stream_accuracy": sums["frame_correct"] / nf,
-      "labelled_tokens": sums["text_count"] + sums["frame_count"],
+    "loss": sums["loss"],
+    "lm_loss": sums["text_ce_sum"] / nt,
+    "stream_loss": sums["frame_ce_sum"] / nf,
+    "stream_accuracy": sums["frame_correct"] / nf,
+    "labelled_tokens": sums["text_count"] + sums["frame_count"],
   }
   if "router_aux_loss" in sums:
     m["router_aux_loss"] = sums["router_aux_loss"]
@@ -113,14 +129,26 @@ def micro_batches(batch, steps: int):
   """
   b = jax.tree.leaves(batch)[0].shape[0]
   if b % steps:
-    raise ValueError(f"batch of {b} rows does not split into grad_accum_steps={steps} "
-                     f"micro-batches; use a batch size divisible by it.")
+    raise ValueError(
+      f"batch of {b} rows does not split into grad_accum_steps={steps} "
+      f"micro-batches; use a batch size divisible by it."
+    )
   return jax.tree.map(lambda x: x.reshape(b // steps, steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def train_step(state: TrainState, batch, *, graphdef, tx, stream_loss_weight: float,
-               base_rng: jax.Array | int, trainable=None, remat: str = "none",
-               grad_accum_steps: int = 1, ce_chunk: int = 512):
+def train_step(
+  state: TrainState,
+  batch,
+  *,
+  graphdef,
+  tx,
+  stream_loss_weight: float,
+  base_rng: jax.Array | int,
+  trainable=None,
+  remat: str = "none",
+  grad_accum_steps: int = 1,
+  ce_chunk: int = 512,
+):
   """One AdamW step. Pure: jit it with shardings (``mod_jax/train/loop.py``).
 
   Args:
@@ -148,35 +176,52 @@ def train_step(state: TrainState, batch, *, graphdef, tx, stream_loss_weight: fl
 
   def grads_of(mb, key):
     params = jax.tree.map(frozen, state.params, labels)
-    return jax.grad(loss_fn, has_aux=True)(params, graphdef, mb, key,
-                                           stream_loss_weight=stream_loss_weight,
-                                           denominators=den, remat=remat, ce_chunk=ce_chunk)
+    return jax.grad(loss_fn, has_aux=True)(
+      params,
+      graphdef,
+      mb,
+      key,
+      stream_loss_weight=stream_loss_weight,
+      denominators=den,
+      remat=remat,
+      ce_chunk=ce_chunk,
+    )
 
   if grad_accum_steps == 1:
     grads, sums = grads_of(batch, rng)
   else:
+
     def body(carry, xs):
       acc, sums = carry
       mb, i = xs
       g, s = grads_of(mb, jax.random.fold_in(rng, i))
-      acc = jax.tree.map(lambda a, g_, l: a + g_.astype(jnp.float32) if is_train(l) else a,
-                         acc, g, labels)
+      acc = jax.tree.map(
+        lambda a, g_, l: a + g_.astype(jnp.float32) if is_train(l) else a, acc, g, labels
+      )
       return (acc, jax.tree.map(jnp.add, sums, s)), None
 
     mbs = micro_batches(batch, grad_accum_steps)
-    acc0 = jax.tree.map(lambda p, l: jnp.zeros(p.shape if is_train(l) else (), jnp.float32),
-                        state.params, labels)
-    sums0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        lambda: grads_of(jax.tree.map(lambda x: x[0], mbs), rng)[1]))
-    (acc, sums), _ = jax.lax.scan(body, (acc0, sums0),
-                                  (mbs, jnp.arange(grad_accum_steps, dtype=jnp.int32)))
-    grads = jax.tree.map(lambda a, p, l: a.astype(p.dtype) if is_train(l) else jnp.zeros_like(p),
-                         acc, state.params, labels)
+    acc0 = jax.tree.map(
+      lambda p, l: jnp.zeros(p.shape if is_train(l) else (), jnp.float32), state.params, labels
+    )
+    sums0 = jax.tree.map(
+      jnp.zeros_like, jax.eval_shape(lambda: grads_of(jax.tree.map(lambda x: x[0], mbs), rng)[1])
+    )
+    (acc, sums), _ = jax.lax.scan(
+      body, (acc0, sums0), (mbs, jnp.arange(grad_accum_steps, dtype=jnp.int32))
+    )
+    grads = jax.tree.map(
+      lambda a, p, l: a.astype(p.dtype) if is_train(l) else jnp.zeros_like(p),
+      acc,
+      state.params,
+      labels,
+    )
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = _metrics(sums, grad_accum_steps)
-  metrics["grad_norm"] = optax.tree.norm(jax.tree.map(
-      lambda g, l: g if is_train(l) else jnp.zeros((), g.dtype), grads, labels))
+  metrics["grad_norm"] = optax.tree.norm(
+    jax.tree.map(lambda g, l: g if is_train(l) else jnp.zeros((), g.dtype), grads, labels)
+  )
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -191,9 +236,16 @@ def train_step_options(config, graphdef, tx, params) -> dict:
   the down projection's dropout on the 8B config).
   """
   t = config.train
-  return dict(graphdef=graphdef, tx=tx, stream_loss_weight=t.stream_loss_weight,
-              base_rng=int(config.seed), trainable=trainable_labels(params, config.model),
-              remat=t.remat, grad_accum_steps=int(t.grad_accum_steps), ce_chunk=int(t.ce_chunk))
+  return dict(
+    graphdef=graphdef,
+    tx=tx,
+    stream_loss_weight=t.stream_loss_weight,
+    base_rng=int(config.seed),
+    trainable=trainable_labels(params, config.model),
+    remat=t.remat,
+    grad_accum_steps=int(t.grad_accum_steps),
+    ce_chunk=int(t.ce_chunk),
+  )
 
 
 def eval_step(params, batch, *, graphdef, base_rng: jax.Array, interval_id: int):
@@ -208,12 +260,12 @@ def eval_step(params, batch, *, graphdef, base_rng: jax.Array, interval_id: int)
   correct = (out["frame_pred"] == batch["frame_targets"]).astype(jnp.float32) * out["frame_w"]
   speak = (batch["frame_targets"] != interval_id).astype(jnp.float32) * out["frame_w"]
   return {
-      "text_ce_sum": (out["text_ce"] * out["text_w"]).sum(),
-      "text_count": out["text_w"].sum(),
-      "frame_ce_sum": (out["frame_ce"] * out["frame_w"]).sum(),
-      "frame_count": out["frame_w"].sum(),
-      "frame_correct": correct.sum(),
-      "speak_count": speak.sum(),
-      "speak_correct": (correct * speak).sum(),
-      "text_correct": ((out["text_pred"] == batch["text_targets"]) * out["text_w"]).sum(),
+    "text_ce_sum": (out["text_ce"] * out["text_w"]).sum(),
+    "text_count": out["text_w"].sum(),
+    "frame_ce_sum": (out["frame_ce"] * out["frame_w"]).sum(),
+    "frame_count": out["frame_w"].sum(),
+    "frame_correct": correct.sum(),
+    "speak_count": speak.sum(),
+    "speak_correct": (correct * speak).sum(),
+    "text_correct": ((out["text_pred"] == batch["text_targets"]) * out["text_w"]).sum(),
   }

@@ -35,7 +35,8 @@ import math
 import os
 import threading
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import tqdm
@@ -61,6 +62,7 @@ class VideoRecord:
     narrations: ``(time_seconds, text)``, sorted by time.
     queries: ``(time_seconds, text)``, sorted by time.
   """
+
   path: str
   name: str
   num_frames: int
@@ -80,6 +82,7 @@ class FolderStats:
     narrations, queries: annotations kept.
     bad_annotations: dropped annotations by reason (see the module docstring).
   """
+
   videos: int = 0
   skipped_videos: int = 0
   skipped_paths: list[str] = dataclasses.field(default_factory=list)
@@ -165,9 +168,10 @@ def read_annotations(split_dir: str) -> dict[str, Any]:
   path = os.path.join(split_dir, ANNOTATION_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(
-        f"{path} not found. A folder dataset has one subfolder per split ('train', 'eval'), each "
-        f"with {ANNOTATION_FILE} = {{\"<video>\": {{\"narrations\": [{{\"timestamp_sec\": 1.5, "
-        f"\"narration_text\": \"...\"}}], \"queries\": [...]}}}} and the videos.")
+      f"{path} not found. A folder dataset has one subfolder per split ('train', 'eval'), each "
+      f'with {ANNOTATION_FILE} = {{"<video>": {{"narrations": [{{"timestamp_sec": 1.5, '
+      f'"narration_text": "..."}}], "queries": [...]}}}} and the videos.'
+    )
   with open(path, "rb") as f:
     raw = f.read()
   try:
@@ -175,8 +179,9 @@ def read_annotations(split_dir: str) -> dict[str, Any]:
   except ValueError as e:
     raise ValueError(f"{path} is not valid JSON: {e}") from e
   if not isinstance(data, dict):
-    raise ValueError(f"{path}: expected a JSON object mapping video paths to entries, got "
-                     f"{type(data).__name__}.")
+    raise ValueError(
+      f"{path}: expected a JSON object mapping video paths to entries, got {type(data).__name__}."
+    )
   return data
 
 
@@ -193,9 +198,17 @@ def _is_utf8(text: str) -> bool:
   return True
 
 
-def _parse_items(items: Any, *, text_key: str, min_words: int, short_reason: str,
-                 duration: float, bad: collections.Counter, where: str,
-                 invalid: list[str]) -> list[tuple[float, str]]:
+def _parse_items(
+  items: Any,
+  *,
+  text_key: str,
+  min_words: int,
+  short_reason: str,
+  duration: float,
+  bad: collections.Counter,
+  where: str,
+  invalid: list[str],
+) -> list[tuple[float, str]]:
   """Valid ``(time, text)`` items of one list; drops are counted in ``bad`` (and, for invalid
   UTF-8, described in ``invalid`` as ``{where}[{index}]: {text!r}``)."""
   if items is None:
@@ -227,9 +240,15 @@ def _parse_items(items: Any, *, text_key: str, min_words: int, short_reason: str
   return sorted(out, key=lambda x: x[0])
 
 
-def index_folder(split_dir: str, *, fps: float, size: int, on_bad_video: str = "skip",
-                 cache: FrameCache | None = None,
-                 progress: bool = True) -> tuple[list[VideoRecord], FolderStats]:
+def index_folder(
+  split_dir: str,
+  *,
+  fps: float,
+  size: int,
+  on_bad_video: str = "skip",
+  cache: FrameCache | None = None,
+  progress: bool = True,
+) -> tuple[list[VideoRecord], FolderStats]:
   """Validates a split's videos and annotations (each video decoded once, into ``cache``).
 
   Args:
@@ -255,8 +274,9 @@ def index_folder(split_dir: str, *, fps: float, size: int, on_bad_video: str = "
   invalid: list[str] = []  # invalid-UTF-8 entries, named in a warning
   records = []
   names = sorted(annotations)
-  for name in tqdm.tqdm(names, desc=f"index {split_dir}", disable=not progress or len(names) <= 64,
-                        leave=False):
+  for name in tqdm.tqdm(
+    names, desc=f"index {split_dir}", disable=not progress or len(names) <= 64, leave=False
+  ):
     entry = annotations[name]
     if not _is_utf8(name):
       bad["invalid_utf8"] += 1
@@ -276,31 +296,64 @@ def index_folder(split_dir: str, *, fps: float, size: int, on_bad_video: str = "
         raise
       stats.skipped_videos += 1
       stats.skipped_paths.append(f"{e.path}: {e.reason}")
-      warnings.warn(f"skipping video {e.path}: {e.reason} (data.on_bad_video='skip'; set "
-                    f"'fail' to stop instead)", DataWarning, stacklevel=2)
+      warnings.warn(
+        f"skipping video {e.path}: {e.reason} (data.on_bad_video='skip'; set "
+        f"'fail' to stop instead)",
+        DataWarning,
+        stacklevel=2,
+      )
       continue
     num_frames = int(frames.shape[0])
     duration = info.duration if info.duration > 0 else num_frames / fps
-    narrations = _parse_items(entry.get("narrations"), text_key="narration_text", min_words=2,
-                              short_reason="short_narration", duration=duration, bad=bad,
-                              where=f"{name!r} narrations", invalid=invalid)
-    queries = _parse_items(entry.get("queries"), text_key="text", min_words=1,
-                           short_reason="empty_query", duration=duration, bad=bad,
-                           where=f"{name!r} queries", invalid=invalid)
-    records.append(VideoRecord(path=path, name=name, num_frames=num_frames, duration=duration,
-                               narrations=tuple(narrations), queries=tuple(queries)))
+    narrations = _parse_items(
+      entry.get("narrations"),
+      text_key="narration_text",
+      min_words=2,
+      short_reason="short_narration",
+      duration=duration,
+      bad=bad,
+      where=f"{name!r} narrations",
+      invalid=invalid,
+    )
+    queries = _parse_items(
+      entry.get("queries"),
+      text_key="text",
+      min_words=1,
+      short_reason="empty_query",
+      duration=duration,
+      bad=bad,
+      where=f"{name!r} queries",
+      invalid=invalid,
+    )
+    records.append(
+      VideoRecord(
+        path=path,
+        name=name,
+        num_frames=num_frames,
+        duration=duration,
+        narrations=tuple(narrations),
+        queries=tuple(queries),
+      )
+    )
     stats.narrations += len(narrations)
     stats.queries += len(queries)
   stats.videos = len(records)
   stats.bad_annotations = dict(sorted(bad.items()))
   if invalid:
-    shown = "; ".join(invalid[:10]) + (f"; and {len(invalid) - 10} more" if len(invalid) > 10
-                                       else "")
-    warnings.warn(f"{split_dir}/{ANNOTATION_FILE}: dropped {len(invalid)} entries that are not "
-                  f"valid UTF-8 ('invalid_utf8'; the rest of the file is used): {shown}",
-                  DataWarning, stacklevel=2)
+    shown = "; ".join(invalid[:10]) + (
+      f"; and {len(invalid) - 10} more" if len(invalid) > 10 else ""
+    )
+    warnings.warn(
+      f"{split_dir}/{ANNOTATION_FILE}: dropped {len(invalid)} entries that are not "
+      f"valid UTF-8 ('invalid_utf8'; the rest of the file is used): {shown}",
+      DataWarning,
+      stacklevel=2,
+    )
   if bad:
-    warnings.warn(f"{split_dir}/{ANNOTATION_FILE}: dropped {sum(bad.values())} bad annotations "
-                  f"{dict(bad)} (see mod_jax/data/sources/folder.py for the rules).", DataWarning,
-                  stacklevel=2)
+    warnings.warn(
+      f"{split_dir}/{ANNOTATION_FILE}: dropped {sum(bad.values())} bad annotations "
+      f"{dict(bad)} (see mod_jax/data/sources/folder.py for the rules).",
+      DataWarning,
+      stacklevel=2,
+    )
   return records, stats

@@ -51,47 +51,54 @@ from mod_jax.data.tokenizer import build_word_tokenizer
 GENERATOR_VERSION = 3
 
 COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 190, 60),
-    "blue": (50, 90, 235),
-    "yellow": (235, 215, 40),
-    "purple": (150, 60, 200),
-    "orange": (245, 135, 25),
+  "red": (220, 40, 40),
+  "green": (40, 190, 60),
+  "blue": (50, 90, 235),
+  "yellow": (235, 215, 40),
+  "purple": (150, 60, 200),
+  "orange": (245, 135, 25),
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 # Plain background shades (no colour name refers to them).
 BACKGROUNDS = ((16, 16, 16), (48, 48, 48), (80, 80, 80), (24, 28, 40))
-GRID = 3                    # objects sit on a GRID x GRID lattice of cell centres
-MOVE_SECONDS = 0.25         # a move is animated over this long (at most half a data.fps frame)
+GRID = 3  # objects sit on a GRID x GRID lattice of cell centres
+MOVE_SECONDS = 0.25  # a move is animated over this long (at most half a data.fps frame)
 MAX_OBJECTS = 2
-MIN_GAP_FRAMES = 2          # events are at least this many data.fps frames apart
+MIN_GAP_FRAMES = 2  # events are at least this many data.fps frames apart
 MAX_GAP_FRAMES = 7
 QUERY_PROBABILITY = 0.15
 
 # Words of the default system prompt (data.system_prompt) so it encodes without <unk>.
 PROMPT_WORDS = ("narrate", "what", "happens", "in", "the", "video", ".")
-VOCABULARY = tuple(sorted(
-    set(COLOURS) | set(SHAPES) | set(DIRECTIONS) | set(PROMPT_WORDS) |
-    {"a", "an", "the", "appears", "disappears", "moves", "turns", "is", "where", "at", "in"} |
-    {"top", "middle", "bottom", "centre"}))
+VOCABULARY = tuple(
+  sorted(
+    set(COLOURS)
+    | set(SHAPES)
+    | set(DIRECTIONS)
+    | set(PROMPT_WORDS)
+    | {"a", "an", "the", "appears", "disappears", "moves", "turns", "is", "where", "at", "in"}
+    | {"top", "middle", "bottom", "centre"}
+  )
+)
 
 
 @dataclasses.dataclass
 class _Object:
   shape: str
   colour: str
-  cell: tuple[int, int]     # (column, row) on the GRID lattice
+  cell: tuple[int, int]  # (column, row) on the GRID lattice
 
 
 @dataclasses.dataclass
 class _Change:
   """A state change at ``time`` seconds (``kind``: appear / disappear / move / turn)."""
+
   time: float
   kind: str
   shape: str
   colour: str = ""
-  cell: tuple[int, int] = (0, 0)      # appear: where; move: destination
+  cell: tuple[int, int] = (0, 0)  # appear: where; move: destination
   prev_cell: tuple[int, int] = (0, 0)  # move: origin
 
 
@@ -99,10 +106,14 @@ def params_of(config: Any) -> dict[str, Any]:
   """The generation parameters (``data.procedural`` + ``data.fps``) as a JSON-able dict."""
   p = config.data.procedural
   return {
-      "num_train_videos": int(p.num_train_videos), "num_eval_videos": int(p.num_eval_videos),
-      "seconds": float(p.seconds), "native_fps": float(p.native_fps),
-      "resolution": int(p.resolution), "seed": int(p.seed), "fps": float(config.data.fps),
-      "generator_version": GENERATOR_VERSION,
+    "num_train_videos": int(p.num_train_videos),
+    "num_eval_videos": int(p.num_eval_videos),
+    "seconds": float(p.seconds),
+    "native_fps": float(p.native_fps),
+    "resolution": int(p.resolution),
+    "seed": int(p.seed),
+    "fps": float(config.data.fps),
+    "generator_version": GENERATOR_VERSION,
   }
 
 
@@ -118,8 +129,9 @@ def _cell_centre(cell: tuple[int, int], resolution: int) -> tuple[float, float]:
   return ((cell[0] + 0.5) * step, (cell[1] + 0.5) * step)
 
 
-def _shape_mask(shape: str, cx: float, cy: float, radius: float, yy: np.ndarray,
-                xx: np.ndarray) -> np.ndarray:
+def _shape_mask(
+  shape: str, cx: float, cy: float, radius: float, yy: np.ndarray, xx: np.ndarray
+) -> np.ndarray:
   """Boolean [H, W] mask of ``shape`` centred at pixel (cx, cy) with half-extent ``radius``."""
   dx, dy = xx + 0.5 - cx, yy + 0.5 - cy  # pixel centres
   if shape == "circle":
@@ -135,23 +147,23 @@ def _shape_mask(shape: str, cx: float, cy: float, radius: float, yy: np.ndarray,
   if shape == "cross":
     w = radius * 0.45
     return ((np.abs(dx) <= w) & (np.abs(dy) <= radius)) | (
-        (np.abs(dy) <= w) & (np.abs(dx) <= radius))
+      (np.abs(dy) <= w) & (np.abs(dx) <= radius)
+    )
   raise ValueError(f"unknown shape {shape!r}")
 
 
 class _Clip:
   """One clip's script: background, state changes and narrations."""
 
-  def __init__(self, rng: np.random.Generator, *, seconds: float, fps: float,
-               native_fps: float):
+  def __init__(self, rng: np.random.Generator, *, seconds: float, fps: float, native_fps: float):
     self.background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     self.move_seconds = min(MOVE_SECONDS, 0.5 / fps)
     self.changes: list[_Change] = []
     self.narrations: list[tuple[float, str]] = []
     self.queries: list[tuple[float, str]] = []
     num_frames = int(math.ceil(seconds * fps - 1e-9))
-    objects: dict[str, _Object] = {}   # shape -> object
-    k = int(rng.integers(1, 5))        # first event frame
+    objects: dict[str, _Object] = {}  # shape -> object
+    k = int(rng.integers(1, 5))  # first event frame
     while k < num_frames:
       kind = self._choose(rng, objects)
       if kind == "query":
@@ -188,8 +200,9 @@ class _Clip:
     w = np.asarray(weights) / sum(weights)
     return kinds[int(rng.choice(len(kinds), p=w))]
 
-  def _apply(self, rng: np.random.Generator, kind: str, t: float,
-             objects: dict[str, _Object]) -> None:
+  def _apply(
+    self, rng: np.random.Generator, kind: str, t: float, objects: dict[str, _Object]
+  ) -> None:
     t = round(t, 6)
     if kind == "appear":
       shape = _pick(rng, [s for s in SHAPES if s not in objects])
@@ -310,10 +323,14 @@ def _write_split(split_dir: str, split_id: int, count: int, params: dict[str, An
     rng = np.random.default_rng([params["seed"], split_id, i])
     clip = _Clip(rng, seconds=seconds, fps=fps, native_fps=native_fps)
     name = f"clip_{i:05d}.mp4"
-    write_mp4(os.path.join(split_dir, name),
-              clip.render(num_native, native_fps, params["resolution"]), native_fps)
-    entry: dict[str, Any] = {"narrations": [{"timestamp_sec": t, "narration_text": s}
-                                            for t, s in clip.narrations]}
+    write_mp4(
+      os.path.join(split_dir, name),
+      clip.render(num_native, native_fps, params["resolution"]),
+      native_fps,
+    )
+    entry: dict[str, Any] = {
+      "narrations": [{"timestamp_sec": t, "narration_text": s} for t, s in clip.narrations]
+    }
     if clip.queries:
       entry["queries"] = [{"timestamp_sec": t, "text": s} for t, s in clip.queries]
     annotations[name] = entry
@@ -348,12 +365,18 @@ def ensure_procedural(config: Any) -> str:
   """
   params = params_of(config)
   if params["resolution"] < 16 or params["resolution"] % 2:
-    raise ValueError(f"data.procedural.resolution={params['resolution']} must be even and >= 16 "
-                     f"(h264 yuv420p).")
-  if min(params["seconds"], params["native_fps"], params["fps"]) <= 0 or \
-      params["num_train_videos"] < 1 or params["num_eval_videos"] < 1:
-    raise ValueError(f"data.procedural: seconds, native_fps, data.fps must be > 0 and video "
-                     f"counts >= 1; got {params}.")
+    raise ValueError(
+      f"data.procedural.resolution={params['resolution']} must be even and >= 16 (h264 yuv420p)."
+    )
+  if (
+    min(params["seconds"], params["native_fps"], params["fps"]) <= 0
+    or params["num_train_videos"] < 1
+    or params["num_eval_videos"] < 1
+  ):
+    raise ValueError(
+      f"data.procedural: seconds, native_fps, data.fps must be > 0 and video "
+      f"counts >= 1; got {params}."
+    )
   root = config.data.dir or default_dir(params)
   root = os.path.abspath(os.path.expanduser(root))
   if _is_complete(root, params):
@@ -365,9 +388,10 @@ def ensure_procedural(config: Any) -> str:
     except (OSError, ValueError):
       found = "no procedural.json"
     raise FileExistsError(
-        f"data.dir={root!r} exists but is not the procedural dataset for {params} (it has "
-        f"{found}); it is never overwritten. Delete it to regenerate, point data.dir at an empty "
-        f"or new directory, or set data.source='folder' to read it as a folder dataset.")
+      f"data.dir={root!r} exists but is not the procedural dataset for {params} (it has "
+      f"{found}); it is never overwritten. Delete it to regenerate, point data.dir at an empty "
+      f"or new directory, or set data.source='folder' to read it as a folder dataset."
+    )
   parent = os.path.dirname(root)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(root) + ".tmp-", dir=parent)
