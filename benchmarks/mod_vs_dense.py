@@ -39,7 +39,7 @@ from flax import nnx
 
 from mod_jax.analysis import flops
 from mod_jax.config import validate
-from mod_jax.train import sharding
+from mod_jax.model.factory import build_model
 from mod_jax.train.state import TrainState
 
 
@@ -97,7 +97,9 @@ class Side:
   def __init__(self, config, batch):
     # Eager init (one device): jitting the init of 32 layers costs minutes of XLA compile on CPU.
     _, graphdef, tx = flops.abstract_train_state(config)
-    self.state = TrainState.create(nnx.state(sharding.build_model(config), nnx.Param), tx)
+    self.state = TrainState.create(
+      nnx.state(build_model(config.model, rngs=config.seed), nnx.Param), tx
+    )
     self.step = (
       flops.jit_train_step(config, graphdef, tx, self.state.params)
       .lower(self.state, batch)

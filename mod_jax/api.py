@@ -25,7 +25,7 @@ from flax import nnx
 from mod_jax.config import base_config, validate
 from mod_jax.convert import hf, pretrained
 from mod_jax.model import rows
-from mod_jax.model.video_llm import VideoLLM
+from mod_jax.model.factory import build_model, check_model_config
 from mod_jax.model.vision import VisionEncoder
 
 
@@ -53,8 +53,8 @@ def _init(cls, cfg, seed: int, given=lambda path: False):
   return box["graphdef"], state
 
 
-def init_model(model_cfg, seed: int = 0, cls=VideoLLM):
-  """A freshly initialised ``cls(model_cfg)`` built in one jit (much faster than eager init)."""
+def init_model(model_cfg, seed: int = 0, cls=build_model):
+  """A freshly initialised ``cls(model_cfg)`` (the video LLM by default) built in one jit (much faster than eager init)."""
   graphdef, state = _init(cls, model_cfg, seed)
   return nnx.merge(graphdef, state)
 
@@ -158,6 +158,7 @@ def load_pretrained(
   if param_dtype:
     cfg.model.param_dtype = param_dtype
   validate(cfg)
+  check_model_config(cfg.model)
   # Fail fast, before anything is allocated: config fields, tensor names and shapes.
   if kind in ("gguf", "hf_llm"):
     pretrained.check_llm(cfg.model, path)
@@ -178,7 +179,7 @@ def load_pretrained(
     if vision:
       paths |= {("vision",) + t.path for t in hf.vision_specs(cfg.model.vision)}
     given = lambda p: tuple(p) in paths
-  graphdef, state = _init(VideoLLM, cfg.model, seed, given)
+  graphdef, state = _init(build_model, cfg.model, seed, given)
   if kind == "mod_jax":
     pretrained.load_native(state, path, optional=lambda p: "_lora/" in p)
     tok = _tokenizer_file(os.path.join(path, "tokenizer.json")) or (
@@ -192,7 +193,7 @@ def load_pretrained(
       tok = _tokenizer_file(os.path.join(path, "tokenizer.json"))
   if vision:
     pretrained.load_vision(state["vision"], cfg.model.vision, vision)
-  model = _finish(graphdef, state, VideoLLM, cfg.model, seed)
+  model = _finish(graphdef, state, build_model, cfg.model, seed)
   if tokenizer:
     tok = _tokenizer_file(tokenizer)
     if tok is None:

@@ -4,16 +4,17 @@ Configs are Python files (``configs/*.py``) whose ``get_config(arg)`` returns an
 ``ml_collections.ConfigDict`` built on :func:`base_config`. :func:`validate` refuses impossible
 settings before anything is built, with a message naming the value and what to do.
 
-Sequence layout used everywhere (SPEC §1.2): a training row of static length
-``L = T_cap + F_cap * tokens_per_frame`` holds ``T_cap`` text slots followed by ``F_cap`` frames of
-``tokens_per_frame`` vision slots. Order in the stream is carried by explicit RoPE ``positions`` and
-``segment_ids``, so the slot layout is free and MoD can gather with static shapes.
+Checks that need model code (RoPE scaling, LoRA targets, the routing plan) live with the model,
+in :func:`mod_jax.model.factory.check_model_config`; this module imports no model code.
+
+Sequence layout used everywhere (docs/design.md §1.2): a training row of static length
+``L = T_cap + F_cap * tokens_per_frame`` holds ``T_cap`` text slots and ``F_cap`` frames of
+``tokens_per_frame`` vision slots, with explicit RoPE ``positions`` and ``segment_ids``.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 
 import ml_collections
@@ -179,11 +180,6 @@ class ConfigError(ValueError):
   """An impossible or inconsistent configuration, detected before anything is built."""
 
 
-def keep_count(keep_ratio: float, tokens_per_frame: int) -> int:
-  """k = ceil(r * N) vision tokens kept per frame in a MoD layer (SPEC §1.1)."""
-  return int(math.ceil(keep_ratio * tokens_per_frame - 1e-9))
-
-
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
   """Fills a single -1 in ``shape`` so the product equals ``num_devices``.
 
@@ -240,44 +236,6 @@ def split_mesh_shape(
       f"each axis needs a whole number of devices per slice."
     )
   return tuple(s // d for s, d in zip(shape, dcn)), dcn
-
-
-def _validate_rope_and_lora(m: ConfigDict) -> None:
-  """model.rope_scaling and model.lora (see base_config)."""
-  from mod_jax.model.attention import rope_inv_freq
-  from mod_jax.model.lora import LORA_TARGETS
-
-  try:
-    rope_inv_freq(m.head_dim, m.rope_theta, m.rope_scaling)
-  except (ValueError, KeyError, TypeError, AttributeError) as e:
-    raise ConfigError(
-      f"model.rope_scaling={m.rope_scaling!r} is not usable ({e!r}); give None or "
-      f"a dict with rope_type default/linear/llama3 and its fields."
-    ) from None
-  lo = m.lora
-  if lo.rank < 0:
-    raise ConfigError(f"model.lora.rank={lo.rank} must be >= 0 (0 disables LoRA).")
-  if lo.rank == 0:
-    return
-  if lo.alpha <= 0 or not 0.0 <= lo.dropout < 1.0:
-    raise ConfigError(
-      f"model.lora.alpha={lo.alpha} must be > 0 and model.lora.dropout={lo.dropout} in [0, 1)."
-    )
-  unknown = sorted(set(lo.targets) - set(LORA_TARGETS))
-  if unknown or not lo.targets:
-    raise ConfigError(
-      f"model.lora.targets={tuple(lo.targets)}: {unknown or 'empty'}; choose from {LORA_TARGETS}."
-    )
-  if "lm_head" in lo.targets and m.tie_embeddings:
-    raise ConfigError(
-      "model.lora.targets includes 'lm_head' but model.tie_embeddings=True: a "
-      "merged adapter would change the input embedding too. Drop 'lm_head'."
-    )
-  for pattern in lo.trainable:
-    try:
-      re.compile(pattern)
-    except re.error as e:
-      raise ConfigError(f"model.lora.trainable pattern {pattern!r} is not a regex: {e}") from None
 
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "blockwise", "splash", "cudnn")
@@ -396,15 +354,8 @@ def validate(config: ConfigDict, num_devices: int | None = None, num_slices: int
     raise ConfigError(
       f"model.mod.router_aux_loss_weight={mod.router_aux_loss_weight} must be >= 0."
     )
-  from mod_jax.model.mod import RoutingPlan
-
-  try:
-    RoutingPlan.from_config(m)  # keep_ratio range, schedule length
-  except ValueError as e:
-    raise ConfigError(f"model.mod: {e}") from None
   if m.n_heads % m.n_kv_heads:
     raise ConfigError(f"model.n_heads={m.n_heads} is not a multiple of n_kv_heads={m.n_kv_heads}.")
-  _validate_rope_and_lora(m)
   if m.vision.width % m.vision.n_heads:
     raise ConfigError(
       f"model.vision.width={m.vision.width} is not divisible by vision.n_heads={m.vision.n_heads}."

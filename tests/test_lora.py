@@ -12,6 +12,7 @@ import configs.tiny as tiny_config
 from mod_jax import api
 from mod_jax.config import ConfigError, validate
 from mod_jax.model import lora
+from mod_jax.model.factory import check_model_config
 from mod_jax.model.video_llm import VideoLLM
 from mod_jax.train import sharding
 from mod_jax.train.state import trainable_labels
@@ -128,8 +129,8 @@ def test_lora_config_errors_are_named():
   c = _cfg(rank=4)
   c.model.lora.targets = ("q", "qkv")
   with pytest.raises(ConfigError, match=r"'qkv'"):
-    validate(c)
+    check_model_config(c.model)
   c = _cfg(rank=4)
   c.model.tie_embeddings = True
   with pytest.raises(ConfigError, match=r"lm_head.*tie_embeddings"):
-    validate(c)
+    check_model_config(c.model)

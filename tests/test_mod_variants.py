@@ -16,6 +16,7 @@ from flax import nnx
 from configs import tiny
 from mod_jax.config import ConfigError, validate
 from mod_jax.model import mod
+from mod_jax.model.factory import check_model_config
 from mod_jax.model.llm import DecoderLayer
 from mod_jax.model.video_llm import VideoLLM, frame_token_layout
 from mod_jax.train.step import loss_fn
@@ -283,6 +284,7 @@ def test_bad_routing_settings_are_named(settings, match):
   c.model.mod.update(settings)
   with pytest.raises(ConfigError, match=match):
     validate(c)
+    check_model_config(c.model)
 
 
 def test_baseline_routing_rejects_bad_input():

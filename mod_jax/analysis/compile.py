@@ -59,6 +59,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mod_jax.analysis import flops
 from mod_jax.config import ConfigDict, validate
 from mod_jax.infer import streaming
+from mod_jax.model.factory import build_model
 from mod_jax.model.mod import RoutingPlan
 from mod_jax.train import sharding
 
@@ -342,7 +343,7 @@ def compile_stream(config: ConfigDict, mesh: Mesh) -> dict[str, Any]:
   )
 
   def build():
-    model = sharding.build_model(config)
+    model = build_model(config.model, rngs=config.seed)
     streaming.attach_caches(model, 1, sizes)
     return model
 

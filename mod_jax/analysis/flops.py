@@ -66,9 +66,9 @@ from flax import nnx
 
 from mod_jax.config import ConfigDict
 from mod_jax.data import pipeline
+from mod_jax.model.factory import build_model
 from mod_jax.model.mod import RoutingPlan
 from mod_jax.train import sharding
-from mod_jax.train.sharding import build_model
 from mod_jax.train.state import TrainState, make_optimizer, trainable_labels
 
 
@@ -230,7 +230,7 @@ class _Acc:
 
 
 def _trainable_parameter_count(config: ConfigDict) -> int:
-  params = nnx.state(nnx.eval_shape(lambda: build_model(config)), nnx.Param)
+  params = nnx.state(nnx.eval_shape(lambda: build_model(config.model, rngs=config.seed)), nnx.Param)
   labels = trainable_labels(params, config.model)
   return int(
     sum(
@@ -256,12 +256,12 @@ def abstract_batch(config: ConfigDict, sharding_of=None) -> dict[str, jax.ShapeD
 
 def abstract_train_state(config: ConfigDict):
   """(abstract TrainState, graphdef, optax tx) of ``config``, without allocating parameters."""
-  abstract = nnx.eval_shape(lambda: build_model(config))
+  abstract = nnx.eval_shape(lambda: build_model(config.model, rngs=config.seed))
   graphdef, abs_params = nnx.split(abstract, nnx.Param)
   tx = make_optimizer(config, abs_params)
 
   def init():
-    return TrainState.create(nnx.state(build_model(config), nnx.Param), tx)
+    return TrainState.create(nnx.state(build_model(config.model, rngs=config.seed), nnx.Param), tx)
 
   return jax.eval_shape(init), graphdef, tx
 

@@ -50,6 +50,7 @@ calibrates the logits to a 0.5 threshold).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import jax
@@ -57,11 +58,15 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mod_jax.config import keep_count
 from mod_jax.model import rows
 from mod_jax.model.partitioning import param
 
 _zeros = nnx.initializers.zeros_init()
+
+
+def keep_count(keep_ratio: float, tokens_per_frame: int) -> int:
+  """k = ceil(r · N) vision tokens kept per frame in a MoD layer (docs/design.md §1.1)."""
+  return int(math.ceil(keep_ratio * tokens_per_frame - 1e-9))
 
 
 def mod_layer_indices(insertion, n_layers: int) -> tuple[int, ...]:

@@ -116,7 +116,7 @@ def restore_params(workdir: str, step: int | None = None):
   """
   from flax import nnx
 
-  from mod_jax.train.sharding import build_model
+  from mod_jax.model.factory import build_model
 
   config = load_config(workdir)
   root = os.path.abspath(os.path.join(workdir, "checkpoints"))
@@ -133,7 +133,9 @@ def restore_params(workdir: str, step: int | None = None):
   step = max(steps) if step is None else int(step)
   if step not in steps:
     raise FileNotFoundError(f"no checkpoint at step {step} in {root}; available: {sorted(steps)}.")
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(config)), nnx.Param)
+  graphdef, abstract = nnx.split(
+    nnx.eval_shape(lambda: build_model(config.model, rngs=config.seed)), nnx.Param
+  )
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = {
     "params": jax.tree.map(

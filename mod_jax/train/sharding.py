@@ -17,8 +17,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from mod_jax.config import resolve_mesh_shape, split_mesh_shape
+from mod_jax.model.factory import build_model
 from mod_jax.model.partitioning import logical_to_spec
-from mod_jax.model.video_llm import VideoLLM
 from mod_jax.train.state import TrainState, make_optimizer
 from mod_jax.train.step import train_step, train_step_options
 
@@ -70,11 +70,6 @@ def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
 
 
-def build_model(config, rules=None, seed: int | None = None) -> VideoLLM:
-  seed = config.seed if seed is None else seed
-  return VideoLLM(config.model, rngs=nnx.Rngs(params=seed), rules=rules)
-
-
 def abstract_train_state(config, mesh: Mesh):
   """The train state's shapes and shardings on ``mesh``, with nothing allocated or computed.
 
@@ -86,7 +81,7 @@ def abstract_train_state(config, mesh: Mesh):
     TypeError: the model has state other than ``nnx.Param``.
   """
   rules = rules_of(config)
-  abstract = nnx.eval_shape(lambda: build_model(config, rules))
+  abstract = nnx.eval_shape(lambda: build_model(config.model, rngs=config.seed, rules=rules))
   graphdef, abs_params, rest = nnx.split(abstract, nnx.Param, ...)  # type: ignore[misc]
   if jax.tree.leaves(rest):
     raise TypeError(f"model has non-Param state, unsupported by TrainState: {rest}")
@@ -94,7 +89,9 @@ def abstract_train_state(config, mesh: Mesh):
   tx = make_optimizer(config, abs_params)
 
   def init():
-    return TrainState.create(nnx.state(build_model(config, rules), nnx.Param), tx)
+    return TrainState.create(
+      nnx.state(build_model(config.model, rngs=config.seed, rules=rules), nnx.Param), tx
+    )
 
   abs_state = jax.eval_shape(init)
   # Optimizer moments follow their parameter's sharding; counters are replicated.
