@@ -107,6 +107,10 @@ class Attention(nnx.Module):
   Weights use einsum layouts: q ``[d, n, h]``, k/v ``[d, k, h]``, o ``[n, h, d]``.
   """
 
+  q_bias: nnx.Param | None  # Qwen2 q/k/v biases; None for Llama
+  k_bias: nnx.Param | None
+  v_bias: nnx.Param | None
+
   def __init__(self, cfg, *, rngs: nnx.Rngs, rules=None):
     d, n, kh, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     pdt = jnp.dtype(cfg.param_dtype)
@@ -114,13 +118,12 @@ class Attention(nnx.Module):
     self.k = param(rngs, dense_init(d), (d, kh, h), ("embed", "kv_heads", "head_dim"), pdt)
     self.v = param(rngs, dense_init(d), (d, kh, h), ("embed", "kv_heads", "head_dim"), pdt)
     self.o = param(rngs, dense_init(n * h), (n, h, d), ("heads", "head_dim", "embed"), pdt)
-    self.q_bias: nnx.Param | None = None
-    self.k_bias: nnx.Param | None = None
-    self.v_bias: nnx.Param | None = None
     if cfg.qkv_bias:
       self.q_bias = param(rngs, _zeros, (n, h), ("heads", "head_dim"), pdt)
       self.k_bias = param(rngs, _zeros, (kh, h), ("kv_heads", "head_dim"), pdt)
       self.v_bias = param(rngs, _zeros, (kh, h), ("kv_heads", "head_dim"), pdt)
+    else:
+      self.q_bias = self.k_bias = self.v_bias = None
     # A tuple (static), not an array: NNX would treat an array attribute as model state.
     self.inv_freq = tuple(
       float(f) for f in rope_inv_freq(h, cfg.rope_theta, _as_dict(cfg.get("rope_scaling")))
