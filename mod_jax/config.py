@@ -34,10 +34,7 @@ DEFAULT_LOGICAL_AXIS_RULES = (
   ("vision_embed", "fsdp"),
   ("vision_mlp", "tensor"),
   ("vision_heads", "tensor"),
-  ("frames", None),
-  ("patches", None),
   ("norm", None),
-  ("router", None),
 )
 
 MOD_INSERTIONS = ("none", "all", "all_deep", "interleaved", "interleaved_deep")

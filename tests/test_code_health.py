@@ -1,7 +1,18 @@
-"""Structure checks: no import cycle inside mod_jax (lazy imports included)."""
+"""Structure checks: no import cycle inside mod_jax; strict logical axis names."""
 
 import ast
 import pathlib
+
+import jax
+import pytest
+from flax import nnx
+
+import configs.tiny as tiny
+from mod_jax.config import DEFAULT_LOGICAL_AXIS_RULES
+from mod_jax.model import partitioning
+from mod_jax.model.factory import build_model
+from mod_jax.train.sharding import rules_of
+from tests.helpers import synthetic_batch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "mod_jax"
@@ -52,3 +63,27 @@ def test_import_graph_is_acyclic():
     if node not in state:
       visit(node, [node])
   assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_every_logical_axis_name_has_a_rule_and_every_rule_is_used(monkeypatch):
+  """Parameters' and activation constraints' logical names against the default rules table."""
+  c = tiny.get_config()
+  c.model.lora.rank = 4  # adapters carry names too
+  c.model.qkv_bias = True
+  rules = rules_of(c)
+  seen: set[str] = set()
+  strict = partitioning.logical_to_spec
+
+  def recording(names, rules):
+    seen.update(n for n in names if n is not None)
+    return strict(names, rules)
+
+  monkeypatch.setattr(partitioning, "logical_to_spec", recording)
+  model = build_model(c.model, rngs=0, rules=rules)
+  for _, v in nnx.state(model, nnx.Param).flat_state():
+    recording(v.get_metadata()["out_sharding"], rules)
+  jax.eval_shape(lambda b: model(b)[0], synthetic_batch(c, 2))  # activation constraints
+  assert {"batch", "length", "embed", "heads", "kv_heads", "mlp", "vocab"} <= seen
+  assert seen == {name for name, _ in DEFAULT_LOGICAL_AXIS_RULES}, "dead or missing rules"
+  with pytest.raises(ValueError, match=r"\['embd'\].*Add a rule"):
+    strict(("batch", "embd"), rules)

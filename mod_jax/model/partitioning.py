@@ -32,12 +32,26 @@ def param(
 
 
 def logical_to_spec(names: LogicalNames, rules: Rules) -> PartitionSpec:
-  """Maps logical axis names to a PartitionSpec with ``rules``; unknown names are replicated."""
+  """Maps logical axis names to a PartitionSpec with ``rules`` (None: replicated dimension).
+
+  A mesh axis shards at most one dimension: a later name whose mesh axes are already used gets
+  the rest of its axes, or None.
+
+  Raises:
+    ValueError: a name has no rule (a typo would otherwise replicate the dimension silently).
+  """
   table = dict((k, tuple(v) if isinstance(v, list) else v) for k, v in rules)
+  unknown = [n for n in names if n is not None and n not in table]
+  if unknown:
+    raise ValueError(
+      f"logical axis names {unknown} (of {tuple(names)}) have no rule in "
+      f"mesh.logical_axis_rules, which names {sorted(table)}. Add a rule (name, mesh axis or "
+      f"None) or fix the name."
+    )
   used: set[str] = set()
   out = []
   for n in names:
-    axes = table.get(n) if n is not None else None
+    axes = table[n] if n is not None else None
     flat = (axes,) if isinstance(axes, str) else tuple(axes or ())
     flat = tuple(a for a in flat if a not in used)  # a mesh axis may shard one dim only
     used.update(flat)
@@ -46,7 +60,14 @@ def logical_to_spec(names: LogicalNames, rules: Rules) -> PartitionSpec:
 
 
 def shard(x: jax.Array, names: LogicalNames, rules: Rules | None) -> jax.Array:
-  """Constrains activation ``x`` to the sharding of its logical ``names``; no-op without a mesh."""
-  if not rules or jax.sharding.get_abstract_mesh().empty:
+  """Constrains activation ``x`` to the sharding of its logical ``names``; no-op without a mesh.
+
+  Raises:
+    ValueError: a name has no rule in ``rules`` (checked with or without a mesh).
+  """
+  if not rules:
     return x
-  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))
+  spec = logical_to_spec(names, rules)
+  if jax.sharding.get_abstract_mesh().empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, spec)
