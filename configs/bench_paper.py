@@ -15,33 +15,18 @@ outweighs the per-token projections, unlike an 8B model.
 Arg: "" (MoD) or "dense". No data: the benchmark feeds random batches in the slot layout.
 """
 
-from mod_jax.config import base_config
+from mod_jax import presets
+from mod_jax.config import base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
+  a = parse_arg(arg, source="configs/bench_paper.py", dense=False)
   c = base_config()
   m = c.model
-  m.vocab_size = 256
-  m.d_model = 64
-  m.n_layers = 32
-  m.n_heads = 4
-  m.n_kv_heads = 2
-  m.head_dim = 16
-  m.d_ff = 192
-  v = m.vision
-  v.image_size = 12
-  v.patch_size = 4
-  v.width = 32
-  v.depth = 1
-  v.n_heads = 2
-  v.mlp_dim = 64
-  v.trainable = False
-  m.mod.insertion = "interleaved"
+  presets.apply(m, llm="narrow-32l", vision="narrow")
+  m.vision.trainable = False
+  m.mod.insertion = "none" if a.dense else "interleaved"
   m.mod.keep_ratio = 0.2
-  if arg == "dense":
-    m.mod.insertion = "none"
-  elif arg:
-    raise ValueError(f"configs/bench_paper.py: unknown arg {arg!r}; use '' or 'dense'.")
   d = c.data
   d.max_frames = 64
   d.max_text = 128

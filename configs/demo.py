@@ -9,15 +9,14 @@ Trains from scratch on CPU in minutes; the procedural clips are generated on fir
 Arg: "" (MoD, learned, r = 0.2, interleaved) or "dense".
 """
 
-from mod_jax.config import base_config
+from mod_jax.config import base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
+  a = parse_arg(arg, source="configs/demo.py", dense=False)
   c = base_config()
-  if arg == "dense":
+  if a.dense:
     c.model.mod.insertion = "none"
-  elif arg:
-    raise ValueError(f"configs/demo.py: unknown arg {arg!r}; use '' or 'dense'.")
   # Enough distinct clips that 600 steps x 8 rows (~4 epochs) measure generalisation, not recall.
   c.data.procedural.num_train_videos = 1000
   c.data.procedural.num_eval_videos = 64

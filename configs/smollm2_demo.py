@@ -22,32 +22,23 @@ CPU cores (6 steps: loss 5.86 -> 2.91); the 200 steps below are meant for an acc
 Arg: "" (MoD) or "dense".
 """
 
-from mod_jax.config import base_config
+from mod_jax import presets
+from mod_jax.config import base_config, parse_arg
 from mod_jax.convert import gguf
 
 
 def get_config(arg: str | None = None):
-  if arg not in (None, "", "dense"):
-    raise ValueError(f"configs/smollm2_demo.py: unknown arg {arg!r}; use '' or 'dense'.")
+  a = parse_arg(arg, source="configs/smollm2_demo.py", dense=False)
   path = gguf.smollm2_path()
   c = base_config()
   m = c.model
-  m.vocab_size = 49152
-  m.d_model = 576
-  m.n_layers = 30
-  m.n_heads = 9
-  m.n_kv_heads = 3
-  m.head_dim = 64
-  m.d_ff = 1536
-  m.rope_theta = 100000.0
-  m.rms_norm_eps = 1e-5
-  m.tie_embeddings = True
+  presets.apply(m, llm="smollm2-135m")
   m.init_from = path
   m.lora.rank = 16
   m.lora.alpha = 32.0
   m.lora.dropout = 0.05
   m.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")
-  m.mod.insertion = "none" if arg == "dense" else "interleaved"
+  m.mod.insertion = "none" if a.dense else "interleaved"
   m.mod.keep_ratio = 0.2
 
   d = c.data

@@ -5,30 +5,17 @@
 Arg: "" (MoD, r = 0.2, interleaved) or "dense".
 """
 
-from mod_jax.config import base_config
+from mod_jax import presets
+from mod_jax.config import base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
+  a = parse_arg(arg, source="configs/tiny.py", dense=False)
   c = base_config()
   m = c.model
-  m.vocab_size = 128
-  m.d_model = 64
-  m.n_layers = 4
-  m.n_heads = 4
-  m.n_kv_heads = 2
-  m.head_dim = 16
-  m.d_ff = 128
-  v = m.vision
-  v.image_size = 24
-  v.patch_size = 4
-  v.width = 32
-  v.depth = 1
-  v.n_heads = 2
-  v.mlp_dim = 64
-  if arg == "dense":
+  presets.apply(m, llm="tiny", vision="tiny")
+  if a.dense:
     m.mod.insertion = "none"
-  elif arg:
-    raise ValueError(f"configs/tiny.py: unknown arg {arg!r}; use '' or 'dense'.")
   d = c.data
   d.max_frames = 8
   d.max_text = 64

@@ -43,7 +43,8 @@ Arg: comma-separated ``llm=DIR``, ``vision=DIR`` and optionally ``dense`` (full 
 
 import os
 
-from mod_jax.config import base_config
+from mod_jax import presets
+from mod_jax.config import base_config, parse_arg
 
 SYSTEM_PROMPT = (
   "A multimodal AI assistant is helping users with some activities. Below is their "
@@ -52,54 +53,24 @@ SYSTEM_PROMPT = (
 )  # videollm-online models/arguments_live.py
 
 
-def _parse(arg: str | None) -> dict:
-  out = {"llm": "", "vision": "", "dense": False, "online": False}
-  for part in filter(None, (arg or "").split(",")):
-    key, _, value = part.partition("=")
-    if key in ("dense", "online") and not value:
-      out[key] = True
-    elif key in ("llm", "vision") and value:
-      out[key] = value
-    else:
-      raise ValueError(
-        f"configs/videollm_mod_llama3_8b.py: bad arg part {part!r}; use "
-        f"llm=DIR,vision=DIR[,dense][,online]."
-      )
-  return out
-
-
 def get_config(arg: str | None = None):
-  a = _parse(arg)
+  a = parse_arg(
+    arg, source="configs/videollm_mod_llama3_8b.py", llm="", vision="", dense=False, online=False
+  )
   c = base_config()
   m = c.model
-  m.vocab_size = 128256
-  m.d_model = 4096
-  m.n_layers = 32
-  m.n_heads = 32
-  m.n_kv_heads = 8
-  m.head_dim = 128
-  m.d_ff = 14336
-  m.rope_theta = 500000.0
-  m.rms_norm_eps = 1e-5
-  m.tie_embeddings = False
+  presets.apply(m, llm="llama3-8b", vision="siglip-l16-384")
   m.dtype = "bfloat16"
   m.param_dtype = "bfloat16"  # frozen base (LoRA); adapters, connector, routers stay float32
   m.attention = "auto"  # splash (TPU) / cudnn (GPU) / blockwise (CPU)
   m.scan_layers = True
   m.tokens_per_frame = 10
-  m.init_from = a["llm"]
+  m.init_from = a.llm
 
   v = m.vision
-  v.image_size = 384
-  v.patch_size = 16
-  v.width = 1024
-  v.depth = 24
-  v.n_heads = 16
-  v.mlp_dim = 4096
   v.pool_size = 3
-  v.layer_norm_eps = 1e-6
   v.trainable = False
-  v.init_from = a["vision"]
+  v.init_from = a.vision
   v.dtype = "bfloat16"
   v.param_dtype = "bfloat16"
   v.frame_chunk = 64
@@ -111,17 +82,17 @@ def get_config(arg: str | None = None):
   lo.targets = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
   lo.param_dtype = "float32"
 
-  m.mod.insertion = "none" if a["dense"] else "interleaved"
+  m.mod.insertion = "none" if a.dense else "interleaved"
   m.mod.keep_ratio = 0.2
   m.mod.selection = "learned"
 
   d = c.data
-  d.input = "frames" if a["online"] else "features"
+  d.input = "frames" if a.online else "features"
   d.fps = 2.0
   d.max_frames = 1200  # 10 minutes at 2 fps (videollm-online max_num_frames)
   d.max_text = 4096  # one interval token per frame + narrations and prompts
   d.system_prompt = SYSTEM_PROMPT
-  d.tokenizer = os.path.join(a["llm"], "tokenizer.json") if a["llm"] else ""
+  d.tokenizer = os.path.join(a.llm, "tokenizer.json") if a.llm else ""
   tok = d.tokens
   tok.bos = "<|begin_of_text|>"
   tok.eos = "<|eot_id|>"

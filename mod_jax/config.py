@@ -173,6 +173,42 @@ def base_config() -> ConfigDict:
   return c
 
 
+def parse_arg(arg: str | None, *, source: str, **defaults) -> ConfigDict:
+  """A config file's arg string (big_vision style): ``"dense,llm=/ckpt/x"`` → ConfigDict.
+
+  ``defaults`` name every key the config accepts and its default; a value takes its default's
+  type (bool, int, float or str), and a bare key sets a bool key to True.
+
+    parse_arg("dense,steps=5", source="configs/x.py", dense=False, steps=10, llm="")
+    # -> ConfigDict(dense=True, steps=5, llm="")
+
+  Raises:
+    ValueError: an unknown key, a bare non-bool key or a value of the wrong type; the message
+      names ``source``, the offending part and the accepted keys.
+  """
+  out = ConfigDict(defaults)
+  usage = ",".join(f"{k}" if isinstance(v, bool) else f"{k}=…" for k, v in defaults.items())
+  for part in filter(None, (arg or "").split(",")):
+    key, has_value, value = part.partition("=")
+    default = defaults.get(key)
+    try:
+      if key not in defaults:
+        raise ValueError("unknown key")
+      if isinstance(default, bool):
+        if has_value and value.lower() not in ("true", "false"):
+          raise ValueError("expected true or false")
+        out[key] = not has_value or value.lower() == "true"
+      elif not has_value or not value:
+        raise ValueError("needs a value")
+      else:
+        out[key] = type(default)(value)
+    except ValueError as e:
+      raise ValueError(
+        f"{source}: bad arg part {part!r} ({e}); the arg is comma-separated from: {usage}."
+      ) from None
+  return out
+
+
 class ConfigError(ValueError):
   """An impossible or inconsistent configuration, detected before anything is built."""
 
