@@ -3,12 +3,12 @@
   >>> import mod_jax
   >>> model, tok = mod_jax.from_pretrained("SmolLM2-135M-Instruct.Q4_1.gguf")
   >>> ids = jnp.asarray([tok.encode("The capital of France is").ids])
-  >>> logits = model(ids)                     # float32 [1, T, vocab]
+  >>> logits = model.text_logits(ids)         # float32 [1, T, vocab]
   >>> out = mod_jax.api.generate_greedy(model, ids[0].tolist(), 20, stop_ids=[2])
 
 The returned model is a :class:`mod_jax.model.video_llm.VideoLLM` (LLM + vision tower +
-connector + routers) in eval mode: called on int32 token ids [B, T] it is the plain causal LM;
-called on a batch dict (``mod_jax/data/pipeline.py``) it is the streaming video LLM.
+connector + routers) in eval mode: ``model.text_logits(ids)`` on int32 token ids [B, T] is the plain
+causal LM; ``model(batch)`` on a batch dict (``mod_jax/data/pipeline.py``) is the streaming video LLM.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def _hf_logits(model_or_dir, ids=IDS, dtype=None):
 
 @nnx.jit
 def _call(model, ids):
-  return model(ids)
+  return model.text_logits(ids)
 
 
 def _ours(path, **kw):

@@ -61,7 +61,9 @@ def test_config_and_tokenizer_from_metadata(smollm):
 def test_logits_match_transformers(smollm):
   ids = np.asarray([smollm["tok"].encode(smollm["text"]).ids])
   ref = smollm["ref"](torch.tensor(ids)).logits.numpy()
-  ours = np.asarray(nnx.jit(lambda m, x: m(x))(smollm["model"], jnp.asarray(ids, jnp.int32)))
+  ours = np.asarray(
+    nnx.jit(lambda m, x: m.text_logits(x))(smollm["model"], jnp.asarray(ids, jnp.int32))
+  )
   assert ours.shape == ref.shape == (1, ids.shape[1], 49152)
   print(
     f"\nSmolLM2 fp32 logits: max |mod_jax - transformers| = {np.abs(ours - ref).max():.3g} "

@@ -139,19 +139,10 @@ def _layout_reference(model, batch):
   """Text logits of the dense-equivalent model (r irrelevant: tiny is interleaved, so compare a
   dense config) computed in the layout order with ``ordered=False``."""
   from mod_jax.model import rows
-  from mod_jax.model.video_llm import frame_token_layout
 
-  n = model.tokens_per_frame
-  text = model.llm.embed_tokens(batch["text_tokens"])
-  b, t, d = text.shape
-  vis = model.embed_frames(batch["frames"])
-  x = jnp.concatenate([text, vis.reshape(b, -1, d)], axis=1)
-  v_pos, v_seg = frame_token_layout(batch["frame_positions"], batch["frame_segment_ids"], n)
-  pos = jnp.concatenate([batch["text_positions"], v_pos], axis=1)
-  seg = jnp.concatenate([batch["text_segment_ids"], v_seg], axis=1)
-  layout = rows.stream_layout(pos, seg, num_text=t, tokens_per_frame=n)
-  # Route with the same kept tokens: run the model's own layout in stream order but the
-  # attention by position mask (ordered=False) — an independent mask construction.
-  seq = rows.TokenInfo(layout.to_stream(pos), layout.to_stream(seg))
-  h, _ = model.llm(layout.to_stream(x), seq, layout, ordered=False)
+  x, seq, layout = model.embed_row(batch)
+  # Route with the same kept tokens: run the model's own stream-order row, but the attention by
+  # position mask (ordered=False) — an independent mask construction.
+  t = layout.num_text
+  h, _ = model.llm(x, seq, layout, ordered=False)
   return model.llm.logits(rows.take(h, layout.inverse)[:, :t])

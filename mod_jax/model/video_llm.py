@@ -94,6 +94,12 @@ class VideoLLM(nnx.Module):
     seq = rows.TokenInfo(layout.to_stream(positions), layout.to_stream(segments))
     return x, seq, layout
 
+  def text_logits(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None) -> jax.Array:
+    """The text-only causal LM: int32 token ids [b, t] → logits f32 [b, t, V].
+
+    ``positions_bt`` int32 [b, t] (default 0..t-1, which runs on the attention kernel)."""
+    return self.llm.text_logits(tokens_bt, positions_bt)
+
   def hidden(self, batch, *, rng: jax.Array | None = None, remat: str = "none"):
     """Final-normed hidden states where the loss is: (h_text [b, T, d], h_frame_end [b, F, d],
     aux), in the slot layout. ``rng``: random routing and LoRA dropout; ``remat``: the
@@ -111,15 +117,20 @@ class VideoLLM(nnx.Module):
     h_out = rows.gather_rows(h, idx, back)
     return h_out[:, :t], h_out[:, t:], aux
 
-  def __call__(self, batch, *, rng: jax.Array | None = None):
+  def __call__(self, batch: dict, *, rng: jax.Array | None = None):
     """Returns (text_logits f32 [b, T, V], frame_logits f32 [b, F, V], aux dict).
 
     ``rng`` is needed only for ``selection='random'`` routing (and drives LoRA dropout in
-    training). Called on a plain int32 array of token ids [b, t] instead of a batch dict, this is
-    the text-only causal LM and returns logits f32 [b, t, V] (positions 0..t-1).
+    training). For token ids without video use :meth:`text_logits`.
+
+    Raises:
+      TypeError: ``batch`` is not a dict of the slot-layout fields.
     """
     if not isinstance(batch, dict):
-      return self.llm.text_logits(batch)
+      raise TypeError(
+        f"VideoLLM(batch) takes a dict of slot-layout fields, got {type(batch).__name__}; "
+        f"for int32 token ids [b, t] call model.text_logits(ids)."
+      )
     h_text, h_end, aux = self.hidden(batch, rng=rng)
     frame_rng = None if rng is None else jax.random.fold_in(rng, 1)  # LoRA dropout on lm_head
     return self.llm.logits(h_text, rng), self.llm.logits(h_end, frame_rng), aux
