@@ -76,6 +76,7 @@ def _check_summary(s, c, chips, fits=True, dense=True):
   )
 
 
+@pytest.mark.slow
 def test_command_compiles_for_local_devices_and_reports_not_fitting():
   """The CLI on the local CPU (one device here) with a 100 KiB "HBM": every step compiles, is
   reported as not fitting, exit status 1, no traceback, the JSON line last."""
@@ -107,6 +108,7 @@ def test_command_compiles_for_local_devices_and_reports_not_fitting():
   assert "NO" in out.stdout and "MoD / dense" in out.stdout  # the table above the JSON line
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_compiles_for_a_tpu_topology():
   """The MoD train step and the streaming step (the dense step is the local test's)."""
@@ -118,6 +120,7 @@ def test_compiles_for_a_tpu_topology():
   assert s["hbm_bytes"] == pytest.approx(95.74 * 2**30, rel=1e-3)  # the compiler's limit
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_step_that_does_not_fit_is_reported():
   """A 2**23-token vocabulary: the LM head and AdamW state exceed a v5e chip's 15.75 GiB; the

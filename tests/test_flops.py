@@ -24,6 +24,7 @@ def tiny_report():
   return flops.analyze(tiny.get_config())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["mod", "dense"])
 def test_analytic_step_flops_match_xla_within_5_percent(tiny_report, model):
   rep = tiny_report[model]

@@ -21,6 +21,8 @@ pytest.importorskip("accelerate")  # transformers needs it to load GGUF files
 from mod_jax import api
 from mod_jax.convert import gguf, pretrained
 
+pytestmark = [pytest.mark.slow, pytest.mark.real_weights]
+
 MESSAGES = [{"role": "user", "content": "Write one sentence about the sea."}]
 NEW_TOKENS = 24
 

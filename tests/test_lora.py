@@ -69,6 +69,7 @@ def test_zero_b_is_the_base_model(lora_model):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_training_moves_only_trainable_params_and_merge_is_exact():
   c = _cfg(rank=4, dropout=0.1)
   validate(c)

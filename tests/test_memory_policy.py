@@ -38,6 +38,7 @@ def _assert_trees_close(a, b, atol, rtol=0.0):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("insertion", ["interleaved", "all_deep", [0, 1, 3]])
 def test_scanned_layers_equal_unrolled(insertion):
   _, model, batch = _setup(mod=dict(insertion=insertion))
@@ -51,6 +52,7 @@ def test_scanned_layers_equal_unrolled(insertion):
   _assert_trees_close(g_scan, g_loop, 1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["full", "save_dots", "save_qkv_proj"])
 def test_remat_changes_nothing(remat):
   _, model, batch = _setup()
@@ -73,6 +75,7 @@ def test_chunked_cross_entropy_equals_full_logits():
   np.testing.assert_array_equal(np.asarray(pred), np.asarray(jnp.argmax(logits, -1)))
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_full_batch():
   """SGD with lr 1: the parameter change IS the gradient. Two micro-batches of 2 rows give the
   gradient of the 4-row batch (losses normalised by the whole batch's label count)."""

@@ -133,6 +133,7 @@ def test_routing_changes_vision_but_is_deterministic():
   assert np.abs(np.asarray(a) - np.asarray(d)).max() > 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weighting", ["ste", "sigmoid", "score"])
 def test_router_receives_gradient(weighting):
   c = tiny.get_config()

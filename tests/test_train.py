@@ -34,6 +34,7 @@ def _run_steps(config, devices, batches):
   return init, jax.device_get(state.params), jax.device_get(metrics), state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["", "dense"])
 def test_sharded_step_matches_single_device(variant):
   assert jax.device_count() == 8
@@ -75,6 +76,7 @@ def _resume_config(data_dir):
   return c
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path):
   c = _resume_config(tmp_path / "data")
   full = train_and_evaluate(c, str(tmp_path / "full"), progress=False)
