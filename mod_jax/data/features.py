@@ -10,6 +10,7 @@ Layout of a features folder (``--out`` of ``mod-jax encode``)::
                            sampled at fps: [T, N, d_vision]; bfloat16 is stored as its uint16 bits
                            (``.npy`` has no bfloat16), float32 as is
   bad_videos.json          {"<video relpath>": "reason"} of the videos that could not be decoded
+                           (bad_videos-{p}-of-{n}.json per host when several hosts encode)
 
 A features file is written to ``<name>.tmp.npy`` and renamed when complete, so an interrupted
 encode leaves no partial file that a resumed one would mistake for a finished video.
@@ -110,9 +111,7 @@ def num_frames_of(path: str) -> int:
   if not os.path.isfile(path):
     raise VideoError(path, "no features file (encode the video with `mod-jax encode`)")
   try:
-    with open(path, "rb") as f:
-      version = np.lib.format.read_magic(f)
-      shape, _, _ = np.lib.format._read_array_header(f, version)
+    shape = np.load(path, mmap_mode="r").shape  # maps the file: only the header is read
   except (OSError, ValueError) as e:
     raise VideoError(path, f"unreadable features file ({type(e).__name__}: {e})") from e
   if len(shape) != 3 or shape[0] < 1:
