@@ -31,8 +31,8 @@ _FEATURES = flags.DEFINE_string(
   "features", "", "Store these pre-extracted features (mod-jax encode --out) instead of frames."
 )
 _FRAME_FORMAT = flags.DEFINE_enum("frame_format", "jpeg", ["jpeg", "png"], "Stored frames.")
-_MAX_FRAMES = flags.DEFINE_integer(
-  "max_frames", 1200, "Frames per sample at most (videollm-online: 1200)."
+_MAX_FRAMES = flags.DEFINE_integer(  # not --max_frames: that is `mod-jax stream`'s cache size
+  "max_sample_frames", 1200, "Frames per sample at most (videollm-online: 1200)."
 )
 
 
