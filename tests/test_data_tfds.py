@@ -236,6 +236,15 @@ def test_tfds_batches_carry_the_built_frames_and_resume_exactly(built, tmp_path)
     b = next(again)
     for k in a:
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  # Two hosts: each reads its share; together the eval split's windows, once each.
+  c2 = c.copy_and_resolve_references()
+  c2.data.tfds_eval_split = "train"
+  index = pipeline.load_split(c2, "eval", tok)
+  seen = 0
+  for p in range(2):
+    for b in pipeline.make_dataset(c2, "eval", tok, process_index=p, process_count=2, index=index):
+      seen += sum(len(np.unique(s[s > 0])) for s in b["text_segment_ids"])
+  assert seen == len(index.windows) == 7
   # The frames of a window are the video's frames at 2 fps (PNG is lossless).
   video = decode_video(packaged_video("bikes.mp4"), 2.0, SIZE)[0]
   ex = data.split("train").example(0)  # bikes pass 1, frames [1, 7)

@@ -304,15 +304,15 @@ class CoinStream(tfds.core.GeneratorBasedBuilder):
         stats = common.Stats()
         if kind == "stream":
           stats.counts.update(idx["counts"])
-        if not any(video_samples(kind, v, None, cats, **self._kw(stats)) for _, v in items):
+        scratch: collections.Counter[str] = collections.Counter()  # counted again when built
+        if not any(
+          video_samples(kind, v, None, cats, fps=cfg.fps, max_frames=cfg.max_frames, counts=scratch)
+          for _, v in items
+        ):  # tfds refuses an empty split
           self.info.metadata.setdefault("stats", {})[name] = stats.as_dict()
           continue
         gens[name] = self._generate_examples(name, kind, items, stats)
     return gens
-
-  def _kw(self, stats):
-    cfg = self.builder_config
-    return {"fps": cfg.fps, "max_frames": cfg.max_frames, "counts": collections.Counter()}
 
   def _generate_examples(self, split, kind, items, stats):
     cfg = self.builder_config
@@ -323,4 +323,4 @@ class CoinStream(tfds.core.GeneratorBasedBuilder):
         kind, v, num_frames, cats, fps=cfg.fps, max_frames=cfg.max_frames, counts=st.counts
       )
 
-    yield from common.write_samples(self, split, items, make, stats)
+    yield from common.write_samples(self, split, self._videos_dir, items, make, stats)

@@ -290,6 +290,7 @@ class Stats:
 def write_samples(
   builder: tfds.core.GeneratorBasedBuilder,
   split: str,
+  videos_dir: str,
   videos: list[tuple[str, Any]],
   make_samples,
   stats: Stats,
@@ -299,12 +300,13 @@ def write_samples(
   Args:
     builder: the builder (its ``builder_config`` and ``info.metadata`` are used).
     split: split name.
+    videos_dir: where the video files are (unused with features).
     videos: ``(video file name, payload)`` in order; the payload is the video's annotations.
     make_samples: ``(payload, num_frames, stats) -> list[Sample]`` (counts what it drops).
     stats: this split's statistics (filled here).
   """
   cfg: StreamConfig = builder.builder_config
-  loader = VideoLoader(cfg, builder._videos_dir)
+  loader = VideoLoader(cfg, videos_dir)
   index: list[list[Any]] = []
   fps = cfg.fps
   for name, payload in videos:

@@ -266,7 +266,7 @@ class Ego4dNarrationStream(tfds.core.GeneratorBasedBuilder):
         uid, streams, num_frames, fps=cfg.fps, max_frames=cfg.max_frames, counts=st.counts
       )
 
-    yield from common.write_samples(self, split, items, make, stats)
+    yield from common.write_samples(self, split, self._videos_dir, items, make, stats)
 
 
 def build_params(cfg: common.StreamConfig) -> dict[str, Any]:
