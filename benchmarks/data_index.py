@@ -15,9 +15,10 @@ annotation, none of which opens a video:
    (``mod_jax.data.stream.render_stream``; word tokenizer, 1200 frames + 4096 text slots per
    row as ``configs/videollm_mod_llama3_8b.py``).
 
-Each step is timed (wall seconds) and its peak Python allocation measured with tracemalloc in a
-separate run; ``ru_maxrss_mb`` is the process's peak resident size at the end. Last stdout line:
-one JSON object.
+Each step is timed (wall seconds); the peak Python allocation of steps 1-2 is measured with
+tracemalloc in a separate run, and step 3's memory as the bytes of the arrays the index keeps per
+window; ``ru_maxrss_mb`` is the process's peak resident size at the end. Last stdout line: one
+JSON object.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def steps(root: str, fps: float, video_seconds: float, tokenizer):
     state["samples"] = out
 
   def training_index():
-    windows = 0
+    windows = []
     for s in state["samples"]:
       ws, _ = stream_lib.render_stream(
         tokenizer,
@@ -100,7 +101,7 @@ def steps(root: str, fps: float, video_seconds: float, tokenizer):
         max_frames=1200,
         max_text=4096,
       )
-      windows += len(ws)
+      windows += ws
     state["windows"] = windows
 
   return state, [
@@ -132,15 +133,33 @@ def main():
       fn()
       result[f"{name}_seconds"] = time.perf_counter() - t0
     state2, fns2 = steps(root, 2.0, args.video_seconds, tok)
-    for name, fn in fns2:  # memory run (tracemalloc slows Python down: not timed)
+    for name, fn in fns2[:2]:  # memory run (tracemalloc slows Python down: not timed)
       tracemalloc.start()
       fn()
       result[f"{name}_peak_mb"] = tracemalloc.get_traced_memory()[1] / 2**20
       tracemalloc.stop()
     idx = state["idx"]
+    windows = state["windows"]
     result.update(
       streams=len(state["samples"]),
-      windows=state["windows"],
+      windows=len(windows),
+      # what the index keeps per window: its rendered text and frame-slot arrays
+      training_index_arrays_mb=sum(
+        sum(
+          getattr(w, f).nbytes
+          for f in (
+            "text_tokens",
+            "text_positions",
+            "text_targets",
+            "text_weights",
+            "frame_positions",
+            "frame_targets",
+            "frame_weights",
+          )
+        )
+        for w in windows
+      )
+      / 2**20,
       kept_narrations=sum(len(s.narrations) for s in state["samples"]),
       dropped_short=int(idx["counts"]["train"]["short_narration"]),
       ru_maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

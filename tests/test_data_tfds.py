@@ -176,7 +176,9 @@ def test_coin_streams_and_benchmark_samples(built):
   assert task[1] == 18 and task[2] == [[8.5, "Change bike tyre."]] and task[4] == [0]
   s = meta["stats"]["train"]
   assert s["skipped_videos"] == 1 and "coinbad.mp4" in s["skipped_paths"][0]
-  assert s["bad_segment"] == 1 and s["dropped_videos"] == 1 and s["no_subset"] == 1
+  assert meta["stats"]["step_train"]["skipped_samples"] == 2  # coinbad's two steps
+  assert meta["annotation_stats"] == {"bad_segment": 1, "dropped_videos": 1, "no_subset": 1}
+  assert info["annotation_stats"] == meta["annotation_stats"]
 
 
 def test_missing_annotations_say_what_to_download(tmp_path):

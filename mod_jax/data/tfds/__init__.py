@@ -61,7 +61,8 @@ def prepare(
     max_frames: frames per sample at most (1200 in videollm-online).
 
   Returns:
-    ``{"dataset", "config", "path", "splits": {split: examples}, "stats": {split: counts}}``.
+    ``{"dataset", "config", "path", "splits": {split: examples}, "stats": {split: counts}}``
+    (COIN adds ``"annotation_stats"``: COIN.json's bad entries by reason).
 
   Raises:
     FileNotFoundError: the annotations are not in ``manual_dir`` (the message says what to
@@ -105,4 +106,5 @@ def prepare(
     "path": os.fspath(builder.data_dir),
     "splits": {k: v.num_examples for k, v in builder.info.splits.items()},
     "stats": dict(meta.get("stats", {})),
+    **({"annotation_stats": meta["annotation_stats"]} if "annotation_stats" in meta else {}),
   }

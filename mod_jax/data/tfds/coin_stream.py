@@ -26,8 +26,9 @@ Splits (``train`` = subset containing "train", ``test`` = containing "test"):
 
 Labels are cleaned as ``COIN._clean_step`` / ``_clean_task`` (``MakeCoffee`` -> ``make coffee``;
 ``t v``/``c d``/``s i m``/``n b a``/``s s d``/``r j45`` re-capitalized) and answers are
-``text.capitalize() + "."``. Bad entries are counted by reason (``malformed_entry``,
-``bad_segment``, ``invalid_utf8``, ``no_subset``); bad videos are skipped and counted.
+``text.capitalize() + "."``. Bad entries of COIN.json are counted by reason in
+``metadata.json``'s ``annotation_stats`` (``malformed_entry``, ``bad_segment``, ``invalid_utf8``,
+``no_subset``, ``dropped_videos``); bad videos are skipped and counted per split.
 """
 
 from __future__ import annotations
@@ -292,6 +293,8 @@ class CoinStream(tfds.core.GeneratorBasedBuilder):
     cats = idx["categories"]
     self.info.metadata["params"] = build_params(cfg)
     self.info.metadata["categories"] = cats
+    # COIN.json's bad entries, once for the whole file (a bad entry may have no subset).
+    self.info.metadata["annotation_stats"] = dict(sorted(idx["counts"].items()))
     gens = {}
     for kind in ("stream",) + BENCHMARKS:
       for split in ("train", "test"):
@@ -302,8 +305,6 @@ class CoinStream(tfds.core.GeneratorBasedBuilder):
           if v["split"] == split
         ]
         stats = common.Stats()
-        if kind == "stream":
-          stats.counts.update(idx["counts"])
         scratch: collections.Counter[str] = collections.Counter()  # counted again when built
         if not any(
           video_samples(kind, v, None, cats, fps=cfg.fps, max_frames=cfg.max_frames, counts=scratch)
