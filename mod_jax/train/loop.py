@@ -32,7 +32,8 @@ def _scalars(metrics) -> dict:
 
 
 def evaluate(config, params, graphdef, mesh, tokenizer, *, max_batches=None, index=None):
-  """Held-out metrics over the eval split (teacher-forced, one pass).
+  """Held-out metrics over the eval split (teacher-forced, one pass; ``max_batches`` at most;
+  ``index``: the run's ``pipeline.DataIndex``, so the split is indexed once).
 
   Returns a dict: ``eval_loss`` (the training loss on held-out rows), ``lm_ppl`` = exp(mean CE of
   assistant text tokens), ``lm_loss``, ``stream_loss``, ``stream_accuracy`` (argmax at frame-end
