@@ -8,6 +8,9 @@ Commands (each is a module with an absl ``main(argv)``):
   compile AOT-compile train + streaming steps for a TPU topology; fits in HBM?
           mod-jax compile --config X [--topology v5:4x4x4] [--num_slices S] [--json]
   convert HF safetensors / GGUF import and HF export:  mod-jax convert --from-hf DIR --out DIR
+  prepare build a tfds dataset (ego4d_narration_stream | coin_stream) from downloaded data:
+          mod-jax prepare --dataset NAME --manual_dir DIR --data_dir OUT [--features DIR]
+  encode  pre-extract vision features once per video:  mod-jax encode --config X --videos DIR --out DIR
 
 Configs are Python files with ``get_config(arg)`` (big_vision style); any field can be
 overridden, e.g. ``--config.train.steps=50``. ``mod-jax <command> --helpfull`` lists its flags.
@@ -28,6 +31,8 @@ COMMANDS = {
   "flops": "mod_jax.analysis.main",  # mod-jax flops --config X [--json]
   "compile": "mod_jax.analysis.compile_main",  # mod-jax compile --config X --topology v5:4x4x4
   "convert": "mod_jax.convert.main",  # mod-jax convert --from-hf DIR | --to-hf SRC --out DIR
+  "prepare": "mod_jax.data.prepare_main",  # mod-jax prepare --dataset NAME --manual_dir DIR ...
+  "encode": "mod_jax.data.encode_main",  # mod-jax encode --config X --videos DIR --out DIR
 }
 
 

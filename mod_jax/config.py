@@ -117,10 +117,15 @@ def base_config() -> ConfigDict:
 
   # ---------------------------------------------------------------- data
   d = c.data = ConfigDict()
-  d.source = "procedural"  # "procedural" (generated on first use) or "folder"
+  d.source = "procedural"  # "procedural" (generated on first use), "folder" or "tfds"
   d.input = "frames"  # what a batch carries: "frames" (uint8 pixels, the tower runs in
   # the step) or "features" (pre-extracted tower output [F, N, w])
   d.dir = ""  # folder with videos + narrations.json; "" -> cache dir for procedural
+  d.features_dir = ""  # folder/procedural + input="features": `mod-jax encode --out` of data.dir
+  d.tfds_name = ""  # source="tfds": ego4d_narration_stream | coin_stream [/builder config]
+  d.tfds_dir = ""  # source="tfds": the --data_dir of `mod-jax prepare`
+  d.tfds_train_split = "train"  # source="tfds": split read as "train"
+  d.tfds_eval_split = ""  # source="tfds": split read as "eval" ("" -> val, else test)
   d.fps = 2.0  # frames per second sampled from the video
   d.max_frames = 24  # F_cap: frames per training row
   d.max_text = 96  # T_cap: text slots per training row (padding counts as text)

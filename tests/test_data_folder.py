@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
+from mod_jax.data import frame_cache
 from mod_jax.data.sources import folder
 from mod_jax.data.video import VideoError
 
@@ -91,7 +92,7 @@ def test_missing_annotation_file_explains_the_layout(tmp_path):
 
 
 def test_frame_cache_is_bounded():
-  cache = folder.FrameCache(max_bytes=100)
+  cache = frame_cache.FrameCache(max_bytes=100)
   a, b = np.zeros(60, np.uint8), np.ones(60, np.uint8)
   assert cache.get("a", lambda: a) is a
   assert cache.get("b", lambda: b) is b  # evicts "a": 120 > 100 bytes

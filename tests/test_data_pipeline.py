@@ -74,7 +74,8 @@ def check_batch(batch, config, tok):
 
 def test_packed_rows_respect_both_caps_and_agree_on_segments(setup):
   c, tok = setup
-  ds = pipeline.make_dataset(c, "train", tok)
+  data = pipeline.DataIndex(c, tok)
+  ds = pipeline.make_dataset(c, "train", tok, index=data)
   it = iter(ds)
   packed = 0
   for _ in range(N_CHECK):
@@ -82,7 +83,7 @@ def test_packed_rows_respect_both_caps_and_agree_on_segments(setup):
     check_batch(b, c, tok)
     packed += int((b["text_segment_ids"].max(axis=1) > 1).sum())
   assert packed > 0, "several windows share rows"
-  stats = pipeline.data_stats(c)["train"]
+  stats = data.stats()["train"]
   assert stats["videos"] == c.data.procedural.num_train_videos and stats["skipped_videos"] == 0
   assert stats["windows"] >= 3 * stats["videos"]  # 12 frames per clip, 5 per window
   assert stats["truncated_tokens"] == 0 and stats["bad_annotations_total"] == 0

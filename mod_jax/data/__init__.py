@@ -5,6 +5,10 @@
 * :mod:`.stream` — ``render_stream``: annotations -> LIVE token windows with labels (SPEC §2).
 * :mod:`.sources.folder` — a folder of videos + ``narrations.json``, validated and counted.
 * :mod:`.sources.procedural` — the generated default dataset, written as such a folder.
-* :mod:`.pipeline` — ``prepare_data``, ``load_tokenizer``, ``make_dataset`` (grain, packed rows),
-  ``data_stats``, ``batch_spec``.
+* :mod:`.tfds` — ``ego4d_narration_stream`` and ``coin_stream`` builders, ``prepare``
+  (``mod-jax prepare``), and reading a build (``data.source="tfds"``).
+* :mod:`.features` / :mod:`.encode` — pre-extracted tower features per video (``mod-jax encode``).
+* :mod:`.frame_cache` — the per-process LRU cache of decoded clips.
+* :mod:`.pipeline` — ``prepare_data``, ``load_tokenizer``, ``DataIndex`` / ``load_split`` (the
+  indexed splits and their counts), ``make_dataset`` (grain, packed rows), ``batch_spec``.
 """

@@ -5,7 +5,7 @@
   index (validate videos, render text windows)      once per process, cached
   -> MapDataset.source(windows)[process_index::process_count]
   -> shuffle(seed, reshuffled every epoch) -> repeat()            (train only)
-  -> map(attach decoded frames)                    in-memory LRU cache of clips
+  -> map(attach frames / features)                 decoded clips in an LRU cache
   -> to_iter_dataset (threads) [-> mp_prefetch(worker_count)]
   -> FirstFitPackIterDataset(text: T_cap, frames: F_cap)           several windows per row
   -> map(check + rename segment ids) -> batch(rows)
@@ -32,12 +32,21 @@ A row has exactly ``T_cap = data.max_text`` text slots and ``F_cap = data.max_fr
 ``frame_positions .. frame_positions + N - 1``. Positions restart at 0 in every packed sample.
 
 The text of every window is rendered at index time (so windowing, truncation and all counts are
-known before training, see :func:`data_stats`); the map step only attaches pixels. Every process
-indexes (and so validates) the whole split, so that all processes agree on the window list they
-slice (on a large folder this repeats the validating decode on every host: no validation
-index is stored yet).
-Decoded clips are kept in a per-process LRU cache of ``data.cache_mb`` MiB (the demo's 216 clips
-at 48 px are ~36 MiB); larger data decodes each window's video when it is needed.
+known before training: :meth:`SplitIndex.stats`, kept by the caller in a :class:`DataIndex`); the
+map step only attaches pixels or features. Every process indexes the whole split, so that all
+processes agree on the window list they slice. Sources (``data.source``):
+
+* ``procedural`` / ``folder``: a folder of videos + ``narrations.json``; indexing validates each
+  video by decoding it (repeated on every host) or, with ``data.input="features"``, reads only the
+  header of each video's features file under ``data.features_dir`` (``mod-jax encode``).
+* ``tfds``: a dataset built by ``mod-jax prepare`` (:mod:`mod_jax.data.tfds`) in
+  ``data.tfds_dir``; the index comes from the build's stored annotations, nothing is decoded up
+  front, and a window's frames (or features) are read from its array_record example when the map
+  step needs them (``builder.as_data_source()``).
+
+Decoded clips are kept in a per-process LRU cache of ``data.cache_mb`` MiB
+(:mod:`mod_jax.data.frame_cache`; the demo's 216 clips at 48 px are ~36 MiB); larger data decodes
+each window's video when it is needed.
 ``data.worker_count > 0`` decodes in grain worker processes (``mp_prefetch``; each worker has its
 own cache; absl flags are marked parsed if the program has not parsed them, as grain's workers
 read them).
@@ -55,12 +64,14 @@ import grain
 import numpy as np
 
 from mod_jax.config import ConfigDict, ConfigError
+from mod_jax.data import features as features_lib
+from mod_jax.data import frame_cache
 from mod_jax.data import stream as stream_lib
 from mod_jax.data.sources import folder, procedural
 from mod_jax.data.tokenizer import StreamTokenizer
 
 SPLITS = ("train", "eval")
-SOURCES = ("procedural", "folder")
+SOURCES = ("procedural", "folder", "tfds")
 
 
 # --------------------------------------------------------------------------------- data root
@@ -69,14 +80,19 @@ def prepare_data(config: ConfigDict) -> str:
 
   ``data.source="procedural"``: generates the clips on first use (atomically) into ``data.dir``
   or the cache dir (``~/.cache/mod_jax/procedural-<hash>``). ``"folder"``: checks that
-  ``data.dir`` exists.
+  ``data.dir`` exists. ``"tfds"``: the built dataset's version folder in ``data.tfds_dir``.
 
   Raises:
-    ConfigError: unknown ``data.source``, or ``"folder"`` with a missing ``data.dir``.
+    ConfigError: unknown ``data.source``, ``"folder"`` with a missing ``data.dir``, or a tfds
+      dataset that is not built.
   """
   d = config.data
   if d.source == "procedural":
     return procedural.ensure_procedural(config)
+  if d.source == "tfds":
+    from mod_jax.data.tfds import source as tfds_source
+
+    return tfds_source.dataset_dir(config)
   if d.source == "folder":
     if not d.dir or not os.path.isdir(os.path.expanduser(d.dir)):
       raise ConfigError(
@@ -105,33 +121,38 @@ def load_tokenizer(config: ConfigDict) -> StreamTokenizer:
 # --------------------------------------------------------------------------------- index
 @dataclasses.dataclass
 class SplitIndex:
-  """A split's usable videos and rendered windows (global: the same in every process).
+  """A split's usable streams and rendered windows (global: the same in every process).
 
   Attributes:
     split: ``"train"`` or ``"eval"``.
-    records: usable videos.
-    windows: ``(record index, window)`` in video order, then stream order.
-    folder_stats: counts from validating the folder.
+    records: usable streams: objects with ``ref`` (what ``reader`` takes), ``name``,
+      ``num_frames``, ``narrations`` and ``queries`` (``(seconds, text)`` tuples).
+    windows: ``(record index, window)`` in record order, then stream order.
+    source_stats: counts from the source (videos kept and skipped, bad annotations, ...).
     stream_stats: counts from rendering the windows.
+    reader: ``reader(ref, start, stop)`` -> the frames ``[stop - start, S, S, 3]`` uint8 or
+      features ``[stop - start, N, d]`` of frames ``[start, stop)``; ``reader.key`` is the
+      batch field (``"frames"`` / ``"features"``). Picklable (grain workers).
   """
 
   split: str
-  records: list[folder.VideoRecord]
+  records: list[Any]
   windows: list[tuple[int, stream_lib.StreamWindow]]
-  folder_stats: folder.FolderStats
+  source_stats: dict[str, Any]
   stream_stats: stream_lib.StreamStats
+  reader: Any
+
+  def example(self, i: int) -> dict[str, np.ndarray]:
+    """Window ``i`` as a sample dict with its frames or features attached."""
+    r, w = self.windows[i]
+    vision = self.reader(self.records[r].ref, w.frame_start, w.frame_stop)
+    return w.to_example(vision, key=self.reader.key)
 
   def stats(self, process_count: int = 1, process_index: int = 0) -> dict[str, Any]:
     """JSON-able counts for logging; ``samples`` are the windows this process reads."""
-    f, s = self.folder_stats, self.stream_stats
+    s = self.stream_stats
     return {
-      "videos": f.videos,
-      "skipped_videos": f.skipped_videos,
-      "skipped_paths": f.skipped_paths[:50],
-      "narrations": f.narrations,
-      "queries": f.queries,
-      "bad_annotations": dict(f.bad_annotations),
-      "bad_annotations_total": sum(f.bad_annotations.values()),
+      **self.source_stats,
       "windows": s.windows,
       "samples": len(range(process_index, s.windows, process_count)),
       "truncated_windows": s.truncated_windows,
@@ -143,45 +164,49 @@ class SplitIndex:
     }
 
 
-_INDEX_CACHE: dict[tuple, SplitIndex] = {}
-_STATS: dict[tuple, dict[str, Any]] = {}
+class DataIndex:
+  """The indexed splits of one config, built on first use and kept by its owner.
+
+  Replaces module-level caches: the train loop makes one, passes it to :func:`make_dataset`
+  (train and eval) and logs :meth:`stats`; nothing is remembered between owners.
+
+  Args:
+    config: full config.
+    tokenizer: the stream tokenizer.
+    process_index, process_count: this process's share (for the ``samples`` count).
+  """
+
+  def __init__(
+    self,
+    config: ConfigDict,
+    tokenizer: StreamTokenizer,
+    process_index: int = 0,
+    process_count: int = 1,
+  ):
+    self.config, self.tokenizer = config, tokenizer
+    self.process_index, self.process_count = process_index, process_count
+    self._splits: dict[str, SplitIndex] = {}
+
+  def split(self, name: str) -> SplitIndex:
+    """The :class:`SplitIndex` of ``name`` (indexed on first use; see :func:`load_split`)."""
+    if name not in self._splits:
+      self._splits[name] = load_split(self.config, name, self.tokenizer)
+    return self._splits[name]
+
+  def stats(self) -> dict[str, dict[str, Any]]:
+    """``{split: SplitIndex.stats()}`` of the splits indexed so far, for logging: the source's
+    counts (``videos``, ``skipped_videos``, ``skipped_paths``, ``narrations``, ``queries``,
+    ``bad_annotations`` by reason, ``bad_annotations_total``; tfds builds add their build
+    statistics) and ``windows``, ``samples`` (this process), ``truncated_windows``,
+    ``truncated_tokens``, ``replaced_narrations``, ``unknown_tokens``, ``frames``,
+    ``text_tokens``."""
+    return {
+      k: v.stats(self.process_count, self.process_index) for k, v in sorted(self._splits.items())
+    }
 
 
 def _frame_size(config: ConfigDict) -> int:
   return int(config.model.vision.image_size)
-
-
-def _index_key(config: ConfigDict, root: str, split: str, tokenizer: StreamTokenizer) -> tuple:
-  d = config.data
-  return (
-    root,
-    split,
-    float(d.fps),
-    _frame_size(config),
-    int(config.model.tokens_per_frame),
-    int(d.max_frames),
-    int(d.max_text),
-    d.system_prompt,
-    d.on_bad_video,
-    tokenizer.name,
-    tokenizer.vocab_size,
-  )
-
-
-def _stats_key(config: ConfigDict) -> tuple:
-  d = config.data
-  params = tuple(sorted(procedural.params_of(config).items())) if d.source == "procedural" else ()
-  return (
-    d.source,
-    d.dir,
-    params,
-    d.fps,
-    d.max_frames,
-    d.max_text,
-    d.system_prompt,
-    config.model.tokens_per_frame,
-    _frame_size(config),
-  )
 
 
 def _check_config(config: ConfigDict, split: str) -> None:
@@ -197,16 +222,103 @@ def _check_config(config: ConfigDict, split: str) -> None:
     )
 
 
-def load_split(config: ConfigDict, split: str, tokenizer: StreamTokenizer) -> SplitIndex:
-  """Indexes a split: validates its videos and renders their streams into windows.
+class DecodedFrames:
+  """Reader of a video's frames (``ref`` = its path): decoded at ``fps`` and ``size`` through
+  the process's shared :class:`~mod_jax.data.frame_cache.FrameCache` of ``cache_bytes``."""
 
-  Each video is decoded once (into the frame cache) by :func:`folder.index_folder`; each
-  stream is cut into windows by :func:`mod_jax.data.stream.render_stream`. Cached per process
-  (the same config and tokenizer return the same object).
+  key = "frames"
+
+  def __init__(self, fps: float, size: int, cache_bytes: int):
+    self.fps, self.size, self.cache_bytes = float(fps), int(size), int(cache_bytes)
+
+  def __call__(self, ref: str, start: int, stop: int) -> np.ndarray:
+    cache = frame_cache.shared_cache(self.cache_bytes)
+    return folder.load_frames(ref, self.fps, self.size, cache)[start:stop]
+
+
+class FeatureFiles:
+  """Reader of a video's pre-extracted features (``ref`` = the video's path): the file
+  ``{features_dir}/{path relative to root}.npy`` (:mod:`mod_jax.data.features`)."""
+
+  key = "features"
+
+  def __init__(self, features_dir: str, root: str, dtype: str):
+    self.features_dir, self.root, self.dtype = features_dir, root, dtype
+
+  def __call__(self, ref: str, start: int, stop: int) -> np.ndarray:
+    path = features_lib.features_path(self.features_dir, os.path.relpath(ref, self.root))
+    return np.array(features_lib.load_features(path, self.dtype)[start:stop])
+
+
+def _features_dir(config: ConfigDict) -> tuple[str, dict]:
+  """``data.features_dir`` and its manifest, checked against the config."""
+  d, m = config.data, config.model
+  if not d.features_dir:
+    raise ConfigError(
+      f"data.input='features' with data.source={d.source!r} needs data.features_dir: the "
+      f"folder written by `mod-jax encode --config X --videos {d.dir or 'DATA_ROOT'} --out DIR`."
+    )
+  path = os.path.abspath(os.path.expanduser(d.features_dir))
+  try:
+    manifest = features_lib.read_manifest(path)
+    features_lib.check_manifest(
+      manifest,
+      fps=d.fps,
+      tokens_per_frame=m.tokens_per_frame,
+      width=m.vision.width,
+      where=f"data.features_dir={path}",
+    )
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(str(e)) from None
+  return path, manifest
+
+
+def _index_folder(config: ConfigDict, root: str, split: str):
+  """Records, source stats and reader of a folder split (videos or their features)."""
+  d = config.data
+  split_dir = os.path.join(root, split)
+  if d.get("input", "frames") == "features":
+    fdir, manifest = _features_dir(config)
+    measure = features_lib.measure_fn(fdir, split_dir, float(d.fps))
+    reader: Any = FeatureFiles(fdir, root, manifest["dtype"])
+  else:
+    measure, reader = None, DecodedFrames(float(d.fps), _frame_size(config), int(d.cache_mb) << 20)
+  records, f = folder.index_folder(
+    split_dir,
+    fps=d.fps,
+    size=_frame_size(config),
+    on_bad_video=d.on_bad_video,
+    cache=frame_cache.shared_cache(int(d.cache_mb) << 20),
+    measure=measure,
+  )
+  if not records:
+    raise RuntimeError(
+      f"{split_dir}: no usable video ({f.skipped_videos} skipped: {f.skipped_paths[:5]})."
+    )
+  stats = {
+    "videos": f.videos,
+    "skipped_videos": f.skipped_videos,
+    "skipped_paths": f.skipped_paths[:50],
+    "narrations": f.narrations,
+    "queries": f.queries,
+    "bad_annotations": dict(f.bad_annotations),
+    "bad_annotations_total": sum(f.bad_annotations.values()),
+  }
+  return records, stats, reader
+
+
+def load_split(config: ConfigDict, split: str, tokenizer: StreamTokenizer) -> SplitIndex:
+  """Indexes a split: finds its usable streams and renders them into windows.
+
+  Folder sources validate each video (:func:`folder.index_folder`: decoded once into the frame
+  cache, or only its features file's header with ``data.input="features"``); the tfds source
+  reads the build's stored annotations (:func:`mod_jax.data.tfds.source.index_split`). Each
+  stream is cut into windows by :func:`mod_jax.data.stream.render_stream`. Not cached: keep the
+  result (a :class:`DataIndex` does).
 
   Args:
     config: full config (``data.*``, ``model.tokens_per_frame``, ``model.vision.image_size``).
-    split: ``"train"`` or ``"eval"`` (the subfolder of the data root).
+    split: ``"train"`` or ``"eval"``.
     tokenizer: the stream tokenizer.
 
   Returns:
@@ -220,23 +332,13 @@ def load_split(config: ConfigDict, split: str, tokenizer: StreamTokenizer) -> Sp
   """
   _check_config(config, split)
   root = prepare_data(config)
-  key = _index_key(config, root, split, tokenizer)
-  if key in _INDEX_CACHE:
-    return _INDEX_CACHE[key]
   d, m = config.data, config.model
-  cache = folder.frame_cache(int(d.cache_mb) << 20)
-  records, fstats = folder.index_folder(
-    os.path.join(root, split),
-    fps=d.fps,
-    size=_frame_size(config),
-    on_bad_video=d.on_bad_video,
-    cache=cache,
-  )
-  if not records:
-    raise RuntimeError(
-      f"{os.path.join(root, split)}: no usable video ({fstats.skipped_videos} "
-      f"skipped: {fstats.skipped_paths[:5]})."
-    )
+  if d.source == "tfds":
+    from mod_jax.data.tfds import source as tfds_source
+
+    records, source_stats, reader = tfds_source.index_split(config, root, split)
+  else:
+    records, source_stats, reader = _index_folder(config, root, split)
   windows, sstats = [], stream_lib.StreamStats()
   for i, r in enumerate(records):
     ws, s = stream_lib.render_stream(
@@ -256,7 +358,7 @@ def load_split(config: ConfigDict, split: str, tokenizer: StreamTokenizer) -> Sp
     warnings.warn(
       f"{split}: {sstats.truncated_windows} windows exceeded data.max_text="
       f"{d.max_text} with a single frame; {sstats.truncated_tokens} text tokens "
-      f"were truncated (counted in data_stats). Raise data.max_text.",
+      f"were truncated (counted in the index stats). Raise data.max_text.",
       folder.DataWarning,
       stacklevel=2,
     )
@@ -264,39 +366,24 @@ def load_split(config: ConfigDict, split: str, tokenizer: StreamTokenizer) -> Sp
     warnings.warn(
       f"{split}: {sstats.unknown_tokens} words of the system prompt, narrations or "
       f"queries are not in the tokenizer {tokenizer.name} and became <unk> (counted "
-      f"in data_stats).",
+      f"in the index stats).",
       folder.DataWarning,
       stacklevel=2,
     )
-  index = SplitIndex(split, records, windows, fstats, sstats)
-  _INDEX_CACHE[key] = index
-  return index
-
-
-def data_stats(config: ConfigDict) -> dict[str, dict[str, Any]]:
-  """Counts of every split indexed in this process for ``config``, for logging.
-
-  Returns:
-    ``{split: {"videos", "skipped_videos", "skipped_paths", "narrations", "queries",
-    "bad_annotations" (by reason), "bad_annotations_total", "windows", "samples" (this
-    process), "truncated_windows", "truncated_tokens", "replaced_narrations", "unknown_tokens",
-    "frames", "text_tokens"}}``; empty before :func:`make_dataset` / :func:`load_split` ran.
-  """
-  key = _stats_key(config)
-  return {split: dict(s) for (k, split), s in sorted(_STATS.items()) if k == key}
+  return SplitIndex(split, records, windows, source_stats, sstats, reader)
 
 
 # --------------------------------------------------------------------------------- transforms
-class _AttachFrames(grain.transforms.Map):
-  """(video path, window) -> the window's example dict with decoded frames (cached)."""
+class _AttachVision(grain.transforms.Map):
+  """(record ref, window) -> the window's example dict with its frames or features."""
 
-  def __init__(self, fps: float, size: int, cache_bytes: int):
-    self._fps, self._size, self._cache_bytes = fps, size, cache_bytes
+  def __init__(self, reader):
+    self._reader = reader
 
   def map(self, element):
-    path, window = element
-    frames = folder.load_frames(path, self._fps, self._size, folder.frame_cache(self._cache_bytes))
-    return window.to_example(frames)
+    ref, window = element
+    vision = self._reader(ref, window.frame_start, window.frame_stop)
+    return window.to_example(vision, key=self._reader.key)
 
 
 class _FinishRow(grain.transforms.Map):
@@ -308,11 +395,14 @@ class _FinishRow(grain.transforms.Map):
   model uses the stream positions ``text_positions`` / ``frame_positions``.
   """
 
+  def __init__(self, vision_key: str = "frames"):
+    self._frame_features = stream_lib.frame_features(vision_key)
+
   def map(self, row):
-    out = {k: row[k] for k in stream_lib.TEXT_FEATURES + stream_lib.FRAME_FEATURES}
+    out = {k: row[k] for k in stream_lib.TEXT_FEATURES + self._frame_features}
     for group, features, name in (
       ("text", stream_lib.TEXT_FEATURES, "text_segment_ids"),
-      ("frame", stream_lib.FRAME_FEATURES, "frame_segment_ids"),
+      ("frame", self._frame_features, "frame_segment_ids"),
     ):
       ids = row[f"{features[0]}_segment_ids"]
       for f in features[1:]:
@@ -345,8 +435,12 @@ def _length_struct(config: ConfigDict) -> dict[str, int]:
   d = config.data
   return {
     **{k: int(d.max_text) for k in stream_lib.TEXT_FEATURES},
-    **{k: int(d.max_frames) for k in stream_lib.FRAME_FEATURES},
+    **{k: int(d.max_frames) for k in stream_lib.frame_features(_vision_key(config))},
   }
+
+
+def _vision_key(config: ConfigDict) -> str:
+  return "features" if config.data.get("input", "frames") == "features" else "frames"
 
 
 def _pack(ds: grain.IterDataset, config: ConfigDict, pad_id: int, shuffle_bins: bool):
@@ -370,7 +464,7 @@ def _count_packed_rows(windows: list[stream_lib.StreamWindow], config: ConfigDic
   ds = grain.MapDataset.source(lengths).map(
     lambda x: {
       **{k: np.zeros(x[0], np.int8) for k in stream_lib.TEXT_FEATURES},
-      **{k: np.zeros(x[1], np.int8) for k in stream_lib.FRAME_FEATURES},
+      **{k: np.zeros(x[1], np.int8) for k in stream_lib.frame_features(_vision_key(config))},
     }
   )
   ds = _pack(ds.to_iter_dataset(grain.ReadOptions(num_threads=0)), config, 0, False)
@@ -436,6 +530,7 @@ def make_dataset(
   *,
   process_index: int = 0,
   process_count: int = 1,
+  index: DataIndex | SplitIndex | None = None,
 ) -> grain.IterDataset:
   """The grain dataset of packed batches for one process.
 
@@ -448,6 +543,8 @@ def make_dataset(
     tokenizer: the stream tokenizer (its pad id fills padded ``text_tokens``).
     process_index, process_count: this process takes windows
       ``[process_index::process_count]`` (``jax.process_index()``, ``jax.process_count()``).
+    index: the split's index, or a :class:`DataIndex` holding it (indexed there on first use;
+      keep it for :meth:`DataIndex.stats`); None indexes the split here (:func:`load_split`).
 
   Returns:
     A ``grain.IterDataset`` of dicts of numpy arrays (the module docstring lists the fields),
@@ -461,24 +558,21 @@ def make_dataset(
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, {process_count}).")
-  if config.data.get("input", "frames") != "frames":
-    raise ConfigError(
-      f"data.input={config.data.input!r}: the {config.data.source!r} source yields decoded "
-      f"frames; pre-extracted feature datasets (`mod-jax encode`) are not available yet. Use "
-      f"data.input='frames' (the model also accepts a `features` batch field directly, e.g. "
-      f"for `mod-jax compile`)."
-    )
   rows = config.train.batch_size // process_count
   if rows < 1 or config.train.batch_size % process_count:
     raise ConfigError(
       f"train.batch_size={config.train.batch_size} must be a positive multiple "
       f"of the process count {process_count}."
     )
-  index = load_split(config, split, tokenizer)
-  _STATS[(_stats_key(config), split)] = index.stats(process_count, process_index)
+  if index is None:
+    index = load_split(config, split, tokenizer)
+  elif isinstance(index, DataIndex):
+    index = index.split(split)
+  if index.split != split:
+    raise ValueError(f"make_dataset: index of split {index.split!r} given for {split!r}.")
   d = config.data
   train = split == "train"
-  items = [(index.records[i].path, w) for i, w in index.windows]
+  items = [(index.records[i].ref, w) for i, w in index.windows]
   ds = grain.MapDataset.source(items)[process_index::process_count]
   if len(ds) == 0:
     raise RuntimeError(
@@ -487,7 +581,7 @@ def make_dataset(
     )
   if train:
     ds = ds.shuffle(seed=int(config.seed)).repeat()
-  ds = ds.map(_AttachFrames(float(d.fps), _frame_size(config), int(d.cache_mb) << 20))
+  ds = ds.map(_AttachVision(index.reader))
   threads = max(1, min(4, os.cpu_count() or 1))
   it_ds = ds.to_iter_dataset(
     grain.ReadOptions(
@@ -497,7 +591,9 @@ def make_dataset(
   if d.worker_count > 0:
     _ensure_absl_flags_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(d.worker_count)))
-  it_ds = _pack(it_ds, config, tokenizer.pad_id, shuffle_bins=train).map(_FinishRow())
+  it_ds = _pack(it_ds, config, tokenizer.pad_id, shuffle_bins=train).map(
+    _FinishRow(index.reader.key)
+  )
   if train:
     return it_ds.batch(rows, drop_remainder=True)
   it_ds = it_ds.batch(rows, batch_fn=_PadRows(rows, tokenizer.pad_id))

@@ -68,6 +68,12 @@ from mod_jax.data.tokenizer import StreamTokenizer
 TEXT_FEATURES = ("text_tokens", "text_positions", "text_targets", "text_weights")
 FRAME_FEATURES = ("frames", "frame_positions", "frame_targets", "frame_weights")
 
+
+def frame_features(key: str = "frames") -> tuple[str, ...]:
+  """The frame-slot feature names when the vision field is ``key`` ("frames" / "features")."""
+  return (key,) + FRAME_FEATURES[1:]
+
+
 _TIME_EPS = 1e-6  # seconds * fps; so t = k / fps exactly maps to frame k despite float error
 
 
@@ -136,32 +142,35 @@ class StreamWindow:
   def num_text(self) -> int:
     return len(self.text_tokens)
 
-  def to_example(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+  def to_example(self, vision: np.ndarray, key: str = "frames") -> dict[str, np.ndarray]:
     """The sample as a dict of arrays (the packer's input).
 
     Args:
-      frames: uint8 ``[T, S, S, 3]``, the whole video's sampled frames; the window's
-        ``[frame_start, frame_stop)`` are taken.
+      vision: the window's frames uint8 ``[n_frames, S, S, 3]`` (video frames
+        ``[frame_start, frame_stop)``), or their pre-extracted features ``[n_frames, N, d]``.
+      key: its field name, ``"frames"`` or ``"features"``.
 
     Returns:
       ``{"text_tokens", "text_positions", "text_targets", "text_weights": [n_text],
-      "frames": uint8 [n_frames, S, S, 3], "frame_positions", "frame_targets",
-      "frame_weights": [n_frames]}`` with the dtypes of the attributes.
+      key: vision, "frame_positions", "frame_targets", "frame_weights": [n_frames]}`` with the
+      dtypes of the attributes (frames uint8, features as given).
 
     Raises:
-      ValueError: ``frames`` has fewer frames than the window needs.
+      ValueError: ``vision`` does not hold exactly the window's frames.
     """
-    if frames.shape[0] < self.frame_stop:
+    if vision.shape[0] != self.num_frames:
       raise ValueError(
-        f"window needs frames [{self.frame_start}, {self.frame_stop}) but the video "
-        f"has {frames.shape[0]} frames."
+        f"window [{self.frame_start}, {self.frame_stop}) needs {self.num_frames} frames of "
+        f"{key} but got {vision.shape[0]} (the video is shorter than its index says?)."
       )
+    if key == "frames":
+      vision = np.ascontiguousarray(vision, np.uint8)
     return {
       "text_tokens": self.text_tokens,
       "text_positions": self.text_positions,
       "text_targets": self.text_targets,
       "text_weights": self.text_weights,
-      "frames": np.ascontiguousarray(frames[self.frame_start : self.frame_stop], np.uint8),
+      key: np.ascontiguousarray(vision),
       "frame_positions": self.frame_positions,
       "frame_targets": self.frame_targets,
       "frame_weights": self.frame_weights,

@@ -21,7 +21,6 @@ import tqdm
 from flax import nnx
 
 from mod_jax.data import pipeline
-from mod_jax.data.sources import folder
 from mod_jax.data.tokenizer import StreamTokenizer
 from mod_jax.infer import metrics, streaming
 from mod_jax.model.mod import RoutingPlan
@@ -142,7 +141,6 @@ def stream_evaluate(
     raise RuntimeError("the eval split has no window to evaluate.")
   d, m = config.data, config.model
   t_cap, f_cap = int(d.max_text), int(d.max_frames)
-  cache = folder.frame_cache(int(d.cache_mb) << 20)
   session = streaming.Session(
     graphdef,
     params,
@@ -151,12 +149,10 @@ def stream_evaluate(
   )
   rng = jax.random.key(config.seed + 1)
   results = []
-  for rec_index, window in tqdm.tqdm(
-    windows, desc="eval", disable=not progress, dynamic_ncols=True
+  for i, (_, window) in enumerate(
+    tqdm.tqdm(windows, desc="eval", disable=not progress, dynamic_ncols=True)
   ):
-    record = index.records[rec_index]
-    frames = folder.load_frames(record.path, float(d.fps), int(m.vision.image_size), cache)
-    example = window.to_example(frames)
+    example = index.example(i)
     batch = _padded(example, t_cap, f_cap, tokenizer.pad_id)
     out = jax.device_get(_teacher_forced(params, batch, rng, graphdef=graphdef))
     nt, nf = window.num_text, window.num_frames

@@ -49,3 +49,13 @@ SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 # mod-jax eval
 MAX_SAMPLES = flags.DEFINE_integer("max_samples", None, "Evaluate only the first N windows.")
+BENCHMARK = flags.DEFINE_enum(
+  "benchmark",
+  None,
+  ["coin_step", "coin_next", "coin_task", "coin_procedure", "coin_taskprocedure"],
+  "Offline COIN benchmark accuracy instead of the streaming metrics (needs a built coin_stream).",
+)
+BENCHMARK_DIR = flags.DEFINE_string(
+  "benchmark_dir", "", "tfds data_dir holding coin_stream (default: the config's data.tfds_dir)."
+)
+BENCHMARK_SPLIT = flags.DEFINE_string("benchmark_split", "test", "COIN subset: test or train.")

@@ -641,6 +641,11 @@ class StreamEngine:
       turns.append(self._respond(i, float(probs[self.tok.interval_id])))
     return turns
 
+  def respond_now(self) -> Turn:
+    """Decodes a response after the last pushed frame whatever the decision (offline
+    benchmarks: the answer follows the last frame of the clip)."""
+    return self._respond(self.frames_seen - 1, float("nan"))
+
   def _respond(self, frame_index: int, p_interval: float) -> Turn:
     tok = self.tok
     out = self.session.feed(

@@ -31,8 +31,9 @@ def _scalars(metrics) -> dict:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def evaluate(config, params, graphdef, mesh, tokenizer, *, max_batches: int | None = None):
-  """Held-out metrics over the eval split (teacher-forced, one pass).
+def evaluate(config, params, graphdef, mesh, tokenizer, *, max_batches=None, index=None):
+  """Held-out metrics over the eval split (teacher-forced, one pass; ``max_batches`` at most;
+  ``index``: the run's ``pipeline.DataIndex``, so the split is indexed once).
 
   Returns a dict: ``eval_loss`` (the training loss on held-out rows), ``lm_ppl`` = exp(mean CE of
   assistant text tokens), ``lm_loss``, ``stream_loss``, ``stream_accuracy`` (argmax at frame-end
@@ -50,7 +51,12 @@ def evaluate(config, params, graphdef, mesh, tokenizer, *, max_batches: int | No
   )
   sums = None
   ds = pipeline.make_dataset(
-    config, "eval", tokenizer, process_index=jax.process_index(), process_count=jax.process_count()
+    config,
+    "eval",
+    tokenizer,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    index=index,
   )
   with jax.set_mesh(mesh):
     for i, batch in enumerate(ds):
@@ -113,8 +119,14 @@ def train_and_evaluate(
     tokenizer.tokenizer.save(saved.data.tokenizer)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(saved.to_json_best_effort(indent=2))
+  data = pipeline.DataIndex(config, tokenizer, jax.process_index(), jax.process_count())
   train_ds = pipeline.make_dataset(
-    config, "train", tokenizer, process_index=jax.process_index(), process_count=jax.process_count()
+    config,
+    "train",
+    tokenizer,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    index=data,
   )
   train_iter = iter(train_ds)
 
@@ -142,7 +154,7 @@ def train_and_evaluate(
     from tensorboardX import SummaryWriter
 
     writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    writer.add_text("data/stats", json.dumps(pipeline.data_stats(config)), start)
+    writer.add_text("data/stats", json.dumps(data.stats()), start)
   seq_len = config.data.max_text + config.data.max_frames * config.model.tokens_per_frame
   history = []
   bar = tqdm.tqdm(
@@ -188,11 +200,12 @@ def train_and_evaluate(
     mesh,
     tokenizer,
     max_batches=t.eval_batches if t.eval_batches > 0 else None,
+    index=data,
   )
   summary = {
     "steps": t.steps,
     "resumed_from": restored,
-    "data": pipeline.data_stats(config),
+    "data": data.stats(),
     "first_logged": history[0] if history else None,
     "last_logged": history[-1] if history else None,
     "eval": results,

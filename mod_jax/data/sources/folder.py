@@ -8,7 +8,8 @@ Layout of one split (``{data.dir}/train``, ``{data.dir}/eval``)::
                     }, ...}
   <the videos>      anything PyAV decodes (mp4, mkv, webm, avi, mpg, ...)
 
-Indexing validates every video once by decoding it at ``data.fps`` (:func:`index_folder`). A
+Indexing validates every video once by decoding it at ``data.fps`` (:func:`index_folder`; with
+pre-extracted features it reads only each features file's header instead). A
 missing, corrupt or truncated video is SKIPPED and COUNTED with a warning naming the file, or
 raises with ``on_bad_video="fail"``. Bad annotations are dropped, COUNTED by reason and reported
 in one warning per split, never silently lost:
@@ -33,7 +34,6 @@ import dataclasses
 import json
 import math
 import os
-import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import tqdm
 
+from mod_jax.data.frame_cache import FrameCache
 from mod_jax.data.video import VideoError, decode_video, probe_video
 
 ANNOTATION_FILE = "narrations.json"
@@ -70,6 +71,11 @@ class VideoRecord:
   narrations: tuple[tuple[float, str], ...]
   queries: tuple[tuple[float, str], ...]
 
+  @property
+  def ref(self) -> str:
+    """What the pipeline's readers take for this video: its path."""
+    return self.path
+
 
 @dataclasses.dataclass
 class FolderStats:
@@ -91,60 +97,6 @@ class FolderStats:
   bad_annotations: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-class FrameCache:
-  """A thread-safe LRU cache of decoded clips, bounded in bytes (one per process).
-
-  Keys are ``(path, fps, size)``; values uint8 ``[T, size, size, 3]`` arrays (read-only).
-  A clip larger than the whole budget is returned but not kept. ``max_bytes = 0`` disables it.
-  """
-
-  def __init__(self, max_bytes: int):
-    self.max_bytes = int(max_bytes)
-    self._items: collections.OrderedDict[Any, np.ndarray] = collections.OrderedDict()
-    self._bytes = 0
-    self._lock = threading.Lock()
-    self.hits = self.misses = 0
-
-  def get(self, key: Any, make: Callable[[], np.ndarray]) -> np.ndarray:
-    """Returns the cached value of ``key``, or ``make()`` (stored if it fits)."""
-    with self._lock:
-      if key in self._items:
-        self._items.move_to_end(key)
-        self.hits += 1
-        return self._items[key]
-      self.misses += 1
-    value = make()
-    self.put(key, value)
-    return value
-
-  def put(self, key: Any, value: np.ndarray) -> None:
-    if value.nbytes > self.max_bytes:
-      return
-    value.setflags(write=False)
-    with self._lock:
-      if key in self._items:
-        return
-      self._items[key] = value
-      self._bytes += value.nbytes
-      while self._bytes > self.max_bytes:
-        _, old = self._items.popitem(last=False)
-        self._bytes -= old.nbytes
-
-  @property
-  def nbytes(self) -> int:
-    return self._bytes
-
-
-_CACHES: dict[int, FrameCache] = {}
-
-
-def frame_cache(max_bytes: int) -> FrameCache:
-  """The process-wide :class:`FrameCache` for this budget (created on first use)."""
-  if max_bytes not in _CACHES:
-    _CACHES[max_bytes] = FrameCache(max_bytes)
-  return _CACHES[max_bytes]
-
-
 def load_frames(path: str, fps: float, size: int, cache: FrameCache | None = None) -> np.ndarray:
   """Decoded frames uint8 ``[T, size, size, 3]`` of ``path`` at ``fps``, through ``cache``.
 
@@ -153,6 +105,15 @@ def load_frames(path: str, fps: float, size: int, cache: FrameCache | None = Non
   """
   make = lambda: decode_video(path, fps, size)[0]
   return cache.get((path, float(fps), int(size)), make) if cache is not None else make()
+
+
+def _decode_and_measure(
+  path: str, fps: float, size: int, cache: FrameCache | None
+) -> tuple[int, float]:
+  """(frames at ``fps``, duration seconds) from a full decode (kept in ``cache``)."""
+  num_frames = int(load_frames(path, fps, size, cache).shape[0])
+  info = probe_video(path)
+  return num_frames, (info.duration if info.duration > 0 else num_frames / fps)
 
 
 def read_annotations(split_dir: str) -> dict[str, Any]:
@@ -248,6 +209,7 @@ def index_folder(
   on_bad_video: str = "skip",
   cache: FrameCache | None = None,
   progress: bool = True,
+  measure: Callable[[str], tuple[int, float]] | None = None,
 ) -> tuple[list[VideoRecord], FolderStats]:
   """Validates a split's videos and annotations (each video decoded once, into ``cache``).
 
@@ -258,6 +220,10 @@ def index_folder(
     on_bad_video: ``"skip"`` (count and warn) or ``"fail"`` (raise).
     cache: where the validating decodes are kept (None: not kept).
     progress: show a tqdm bar (only drawn for more than 64 videos).
+    measure: ``path -> (num_frames at fps, duration seconds)`` raising ``VideoError`` for an
+      unusable video; None decodes the video (the validating decode, kept in ``cache``). The
+      pre-extracted features path (:func:`mod_jax.data.features.measure_fn`) reads only the
+      header of the video's features file instead.
 
   Returns:
     ``(records, stats)``: usable videos in sorted key order, and the counts.
@@ -287,10 +253,12 @@ def index_folder(
       bad["malformed_entry"] += 1
       continue
     try:
-      if not os.path.exists(path):
-        bad["missing_video"] += 1
-      frames = load_frames(path, fps, size, cache)
-      info = probe_video(path)
+      if measure is None:
+        if not os.path.exists(path):
+          bad["missing_video"] += 1
+        num_frames, duration = _decode_and_measure(path, fps, size, cache)
+      else:
+        num_frames, duration = measure(path)
     except VideoError as e:
       if on_bad_video == "fail":
         raise
@@ -303,8 +271,6 @@ def index_folder(
         stacklevel=2,
       )
       continue
-    num_frames = int(frames.shape[0])
-    duration = info.duration if info.duration > 0 else num_frames / fps
     narrations = _parse_items(
       entry.get("narrations"),
       text_key="narration_text",
