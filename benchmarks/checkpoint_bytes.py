@@ -12,6 +12,7 @@ The LAST stdout line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -34,10 +35,6 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--config", default="configs/videollm_mod_llama3_8b.py")
   args = ap.parse_args()
-  import importlib.util
-
-  from ml_collections import config_flags  # noqa: F401  (config files import it)
-
   path, _, arg = args.config.partition(":")
   spec = importlib.util.spec_from_file_location("cfg", path)
   module = importlib.util.module_from_spec(spec)
