@@ -162,6 +162,7 @@ def base_config() -> ConfigDict:
   t.checkpoint_every = 200
   t.max_checkpoints = 2
   t.eval_batches = 8
+  t.eval_every = 0  # steps between held-out evaluations during training (0: only at the end)
   t.remat = "none"  # none | full | save_dots | save_qkv_proj (per scanned layer cycle)
   t.grad_accum_steps = 1  # micro-batches per step (batch_size / grad_accum_steps rows each)
   t.ce_chunk = 512  # slots per LM-head + cross-entropy chunk (bounds the logits)

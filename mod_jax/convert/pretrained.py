@@ -26,6 +26,7 @@ import os
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from mod_jax.config import ConfigError, base_config
 from mod_jax.convert import hf
@@ -308,33 +309,65 @@ def _as_tree(params):
 
 
 def native_config(path: str):
-  """The config of a ``mod_jax`` checkpoint: a training workdir's ``config.json``, or base
-  defaults with the converted directory's ``model_config.json`` as ``model``."""
-  path = os.path.expanduser(path)
-  model_json = os.path.join(path, "model_config.json")
-  if os.path.isfile(model_json):
-    with open(model_json, encoding="utf-8") as f:
-      model = json.load(f)
-    return config_from_json(json.dumps({"model": model}))
-  cfg_json = os.path.join(path, "config.json")
-  if not os.path.isfile(cfg_json):
-    raise CheckpointError(f"{path!r} has checkpoints/ but no config.json (training workdir?).")
-  with open(cfg_json, encoding="utf-8") as f:
-    return config_from_json(f.read())
+  """The config of a ``mod_jax`` checkpoint: a training workdir's ``config.json`` (local or
+  ``gs://``), or base defaults with the converted directory's ``model_config.json`` as ``model``.
+
+  Raises:
+    FileNotFoundError: neither file exists (not a ``mod-jax train`` / ``convert`` directory).
+  """
+  root = epath.Path(os.path.expanduser(str(path)))
+  if (root / "model_config.json").is_file():
+    return config_from_json(
+      json.dumps({"model": json.loads((root / "model_config.json").read_text())})
+    )
+  if not (root / "config.json").is_file():
+    raise FileNotFoundError(
+      f"{root / 'config.json'} does not exist: give a directory written by `mod-jax train` "
+      f"(config.json + checkpoints/) or `mod-jax convert` (model_config.json + params/)."
+    )
+  return config_from_json((root / "config.json").read_text())
 
 
-def _native_item(path: str) -> tuple[str, tuple, tuple]:
-  """(orbax item directory, key prefix, key suffix) of a converted dir or a training workdir."""
-  import orbax.checkpoint as ocp
+def restore_params(workdir: str, step: int | None = None, *, shardings=None):
+  """A trained model from a ``mod-jax train`` workdir: config, graphdef and parameters.
 
-  if os.path.isdir(os.path.join(path, "params")):
-    return os.path.join(path, "params"), (), ()
-  mngr = ocp.CheckpointManager(os.path.join(path, "checkpoints"))
-  step = mngr.latest_step()
-  if step is None:
-    raise CheckpointError(f"{path}/checkpoints has no checkpoint.")
-  # TrainState(step, params, opt_state); each nnx.Param is stored as {'value': array}.
-  return os.path.join(path, "checkpoints", str(step), "state"), ("params",), ("value",)
+  The frozen base is rebuilt as training built it (the saved config's seed, then its
+  ``init_from`` weights) and the checkpoint's trainable parameters are read onto it
+  (``mod_jax.train.checkpoint``); no optimizer or data state is read.
+
+  Args:
+    workdir: directory with ``config.json`` and ``checkpoints/``.
+    step: checkpoint step; None takes the latest.
+    shardings: pytree of shardings like the parameters (default: all on the first local device).
+
+  Returns:
+    ``(config, graphdef, params, step)``; ``nnx.merge(graphdef, params)`` is the model.
+
+  Raises:
+    FileNotFoundError: no ``config.json``, no checkpoint, or no checkpoint at ``step``.
+    ConfigError: the checkpoint was trained from another frozen base than its config names.
+  """
+  from flax import nnx
+
+  from mod_jax.train import checkpoint
+  from mod_jax.train.sharding import build_model
+
+  config = native_config(workdir)
+  if not checkpoint.steps(workdir):  # before building anything
+    raise FileNotFoundError(
+      f"no checkpoint in {workdir}/checkpoints; train first (mod-jax train --workdir {workdir})."
+    )
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(config)), nnx.Param)
+  if shardings is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: device, abstract)
+  params = jax.jit(lambda: nnx.state(build_model(config), nnx.Param), out_shardings=shardings)()
+  if config.model.init_from or config.model.vision.get("init_from"):
+    init_from_pretrained(config, params)
+  params, step = checkpoint.restore_trainable(
+    workdir, params, checkpoint.base_reference(config), step
+  )
+  return config, graphdef, params, step
 
 
 def load_native(state, path: str, *, optional=lambda p: False) -> tuple[int, list[str]]:
@@ -356,39 +389,29 @@ def load_native(state, path: str, *, optional=lambda p: False) -> tuple[int, lis
   import orbax.checkpoint as ocp
 
   path = os.path.abspath(os.path.expanduser(path))
-  item, prefix, suffix = _native_item(path)
+  if not os.path.isdir(os.path.join(path, "params")):  # a training workdir
+    _, _, saved_params, _ = restore_params(path)
+    saved = {"/".join(map(str, p)): v.get_value() for p, v in saved_params.flat_state()}
+    return _assign_named(state, saved, path, optional, lambda name, v: saved[name])
+  item = os.path.join(path, "params")
   with ocp.PyTreeCheckpointer() as ckpt:
     meta = ckpt.metadata(item)
   meta = getattr(meta, "item_metadata", meta)
   meta = getattr(meta, "tree", meta)
-  saved = {}
+  shapes = {}
   for kp, m in jax.tree_util.tree_flatten_with_path(meta)[0]:
-    keys = tuple(str(getattr(k, "key", k)) for k in kp)
-    if keys[: len(prefix)] == prefix and (not suffix or keys[-len(suffix) :] == suffix):
-      saved["/".join(keys[len(prefix) : len(keys) - len(suffix)])] = tuple(m.shape)
-  todo = []
-  for p, v in state.flat_state():
-    name = "/".join(map(str, p))
-    if name not in saved:
-      if not optional(name):
-        raise CheckpointError(f"{path}: parameter {name!r} is missing from the checkpoint.")
-      continue
-    if saved[name] != tuple(v.get_value().shape):
-      raise CheckpointError(
-        f"{path}: parameter {name!r} has shape {saved[name]} in the "
-        f"checkpoint but {tuple(v.get_value().shape)} in the model."
-      )
-    todo.append((name, v))
-  unused = sorted(set(saved) - {n for n, _ in todo})
+    shapes["/".join(str(getattr(k, "key", k)) for k in kp)] = m
   abstract: dict = {}
   default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  for name, v in todo:
-    x = v.get_value()
-    _set_leaf(
-      abstract,
-      prefix + tuple(name.split("/")) + suffix,
-      jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or default),
-    )
+  for p, v in state.flat_state():
+    name = "/".join(map(str, p))
+    if name in shapes and tuple(shapes[name].shape) == tuple(v.get_value().shape):
+      x = v.get_value()
+      _set_leaf(
+        abstract,
+        tuple(name.split("/")),
+        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or default),
+      )
   args = ocp.args.PyTreeRestore(
     item=abstract,
     partial_restore=True,
@@ -396,12 +419,37 @@ def load_native(state, path: str, *, optional=lambda p: False) -> tuple[int, lis
   )
   with ocp.PyTreeCheckpointer() as ckpt:
     restored = ckpt.restore(item, args=args)
-  for name, v in todo:
+
+  def value(name, v):
     node = restored
-    for k in prefix + tuple(name.split("/")) + suffix:
+    for k in name.split("/"):
       node = node[k]
-    v.value = node
-  return len(todo), unused
+    return node
+
+  return _assign_named(state, shapes, path, optional, value)
+
+
+def _assign_named(state, saved: dict, path: str, optional, value) -> tuple[int, list[str]]:
+  """Sets every parameter of ``state`` named in ``saved`` (name -> array or metadata with a
+  shape) to ``value(name, variable)``; checks presence and shapes (see :func:`load_native`)."""
+  todo = []
+  for p, v in state.flat_state():
+    name = "/".join(map(str, p))
+    if name not in saved:
+      if not optional(name):
+        raise CheckpointError(f"{path}: parameter {name!r} is missing from the checkpoint.")
+      continue
+    if tuple(saved[name].shape) != tuple(v.get_value().shape):
+      raise CheckpointError(
+        f"{path}: parameter {name!r} has shape {tuple(saved[name].shape)} in the "
+        f"checkpoint but {tuple(v.get_value().shape)} in the model."
+      )
+    todo.append((name, v))
+  for name, v in todo:
+    x = value(name, v)
+    old = v.get_value()
+    v.value = jax.device_put(x, old.sharding) if hasattr(old, "sharding") else x
+  return len(todo), sorted(set(saved) - {n for n, _ in todo})
 
 
 def _set_leaf(tree: dict, keys: tuple, leaf) -> None:

@@ -35,11 +35,11 @@ def run_eval(
   progress: bool = True,
 ) -> dict:
   """Evaluates the model of ``workdir``; writes and returns the metrics dict."""
+  from mod_jax.convert import pretrained
   from mod_jax.data import pipeline
   from mod_jax.infer.evaluate import stream_evaluate
-  from mod_jax.train import checkpoint
 
-  config, graphdef, params, ckpt_step = checkpoint.restore_params(workdir, step)
+  config, graphdef, params, ckpt_step = pretrained.restore_params(workdir, step)
   tokenizer = pipeline.load_tokenizer(config)
   result = stream_evaluate(
     config,

@@ -120,7 +120,7 @@ def stream_evaluate(
 
   Args:
     config: the training config (data caps, fps, model).
-    graphdef, params: the model (``mod_jax.train.checkpoint.restore_params``).
+    graphdef, params: the model (``mod_jax.convert.pretrained.restore_params``).
     tokenizer: its stream tokenizer.
     threshold: the frame-end decision threshold on P(interval) (0: argmax, the reference's
       evaluation default; the LIVE demo uses 0.725).

@@ -66,15 +66,15 @@ def run_stream(
   import jax
   import tqdm
 
+  from mod_jax.convert import pretrained
   from mod_jax.data import pipeline
   from mod_jax.data.video import decode_video
   from mod_jax.infer import streaming
-  from mod_jax.train import checkpoint
 
-  config = checkpoint.load_config(workdir)
+  config = pretrained.native_config(workdir)
   fps = float(config.data.fps if fps is None else fps)
   frames, times = decode_video(video, fps, int(config.model.vision.image_size))
-  config, graphdef, params, ckpt_step = checkpoint.restore_params(workdir, step)
+  config, graphdef, params, ckpt_step = pretrained.restore_params(workdir, step)
   tokenizer = pipeline.load_tokenizer(config)
   engine = streaming.StreamEngine.create(
     graphdef,

@@ -1,153 +1,257 @@
-"""Orbax checkpoints of the train state and the grain data-iterator state, for exact resume.
+"""The training checkpoint: what training changes, saved asynchronously with Orbax, for exact resume.
 
-Layout: ``{workdir}/checkpoints/{step}/{state,data}``. ``state`` is the TrainState pytree
-(params + optimizer + step); ``data`` is the grain iterator position, so a resumed run sees the
-same batches, in the same order, as an uninterrupted one. :func:`restore_params` reads a trained
-model back for inference (``config.json`` + the params of ``state``, not the optimizer).
+Layout: ``{workdir}/checkpoints/{step}/{state,data,base}`` (``workdir`` may be ``gs://...``:
+paths go through ``etils.epath``, as Orbax's do).
+
+* ``state``: ``{"step", "trainable", "opt_state"}``: the step counter, the **trainable**
+  parameters only (``trainable_labels``: LoRA adapters, connector, routers, a trainable tower),
+  as a nested dict keyed by parameter path, and the optimizer state (its moments exist for
+  trainable parameters only).
+* ``data``: the grain iterator position of every process (one file per process), so a resumed
+  run sees the same batches, in the same order, as an uninterrupted one.
+* ``base``: a JSON reference to the frozen weights the run started from (:func:`base_reference`):
+  ``model.init_from``, ``model.vision.init_from`` and the init seed. Frozen parameters never
+  change, so they are rebuilt from this reference, not saved at every step (16 GB of Llama-3-8B
+  weights per save otherwise).
+
+Restoring = build the step-0 state (seed, then ``init_from``), then overlay ``state``:
+:func:`restore_latest` for training, :func:`restore_trainable` for a model read back for
+inference (``mod_jax.convert.pretrained.restore_params``).
 """
 
 from __future__ import annotations
 
-import json
-import os
-
 import grain
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
+
+from mod_jax.config import ConfigError
+
+ITEMS = ("state", "data", "base")
 
 
-def manager(workdir: str, train_cfg) -> ocp.CheckpointManager:
-  """A CheckpointManager over ``{workdir}/checkpoints`` keeping ``train.max_checkpoints``."""
+def _name(path) -> str:
+  """'llm/layers/0/attn/q/kernel/value' for a jax key path."""
+  parts = []
+  for k in path:
+    for attr in ("key", "idx", "name"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def _nest(flat: dict) -> dict:
+  tree: dict = {}
+  for name, leaf in flat.items():
+    node = tree
+    *heads, last = name.split("/")
+    for h in heads:
+      node = node.setdefault(h, {})
+    node[last] = leaf
+  return tree
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}/"))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def trainable_params(params, labels) -> dict:
+  """The ``'train'``-labelled leaves of ``params`` (an ``nnx.State``) as a nested dict of arrays
+  keyed by parameter path (``{'connector': {'fc1': {'bias': {'value': array}}}}``)."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  names = [_name(p) for p, _ in flat]
+  return _nest(
+    {n: x for n, (_, x), lab in zip(names, flat, jax.tree.leaves(labels)) if lab == "train"}
+  )
+
+
+def with_trainable(params, trainable: dict):
+  """``params`` with the leaves named in ``trainable`` (nested dict) replaced.
+
+  Raises:
+    ValueError: ``trainable`` names a parameter ``params`` lacks, or a leaf of another shape.
+  """
+  flat = _flatten(trainable)
+  seen = set()
+
+  def put(path, x):
+    name = _name(path)
+    if name not in flat:
+      return x
+    seen.add(name)
+    if tuple(flat[name].shape) != tuple(x.shape):
+      raise ValueError(
+        f"checkpoint parameter {name!r} has shape {tuple(flat[name].shape)}, the model "
+        f"{tuple(x.shape)}; the checkpoint belongs to another model config."
+      )
+    return flat[name]
+
+  out = jax.tree_util.tree_map_with_path(put, params)
+  if missing := sorted(set(flat) - seen):
+    raise ValueError(
+      f"checkpoint parameters {missing[:5]} (of {len(missing)}) are not in the model."
+    )
+  return out
+
+
+def base_reference(config) -> dict:
+  """The frozen weights a run starts from: ``{"init_from", "vision_init_from", "seed"}``."""
+  m = config.model
+  return {
+    "init_from": m.get("init_from") or None,
+    "vision_init_from": m.vision.get("init_from") or None,
+    "seed": int(config.seed),
+  }
+
+
+def manager(workdir: str, train_cfg, *, read_only: bool = False) -> ocp.CheckpointManager:
+  """An asynchronous CheckpointManager over ``{workdir}/checkpoints`` keeping
+  ``train.max_checkpoints`` (``read_only``: for readers, never creates or deletes)."""
   options = ocp.CheckpointManagerOptions(
-    max_to_keep=train_cfg.max_checkpoints, create=True, enable_async_checkpointing=False
+    max_to_keep=None if read_only else train_cfg.max_checkpoints,
+    create=not read_only,
+    read_only=read_only,
+    enable_async_checkpointing=not read_only,
   )
   return ocp.CheckpointManager(
-    os.path.abspath(os.path.join(workdir, "checkpoints")),
-    options=options,
-    item_names=("state", "data"),
+    epath.Path(workdir) / "checkpoints", options=options, item_names=ITEMS
   )
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator) -> None:
-  """Saves state and iterator position at ``step`` (blocking)."""
-  mngr.save(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
-    ),
-    force=True,
-  )
-  mngr.wait_until_finished()
+def save(mngr: ocp.CheckpointManager, step: int, state, labels, data_iterator, base: dict) -> None:
+  """Starts saving ``step`` and returns once the arrays are copied off the devices.
+
+  The write continues in the background; the next :func:`save` or ``mngr.wait_until_finished()``
+  waits for it. Saves trainable parameters, optimizer state, step, the data iterator and the
+  base reference (module docstring); ``data_iterator`` None saves no data state.
+  """
+  item = {
+    "step": state.step,
+    "trainable": trainable_params(state.params, labels),
+    "opt_state": state.opt_state,
+  }
+  args = {"state": ocp.args.StandardSave(item), "base": ocp.args.JsonSave(base)}
+  if data_iterator is not None:
+    args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+  mngr.save(step, args=ocp.args.Composite(**args), force=True)
 
 
-def restore_latest(mngr: ocp.CheckpointManager, state, data_iterator):
-  """Restores the latest checkpoint into the shardings of ``state`` and into ``data_iterator``.
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _check_base(saved: dict, base: dict, where: str) -> None:
+  if saved != base:
+    raise ConfigError(
+      f"{where} was trained from the frozen base {saved}, but this config starts from {base}; "
+      f"its trainable parameters only make sense on their own base. Set model.init_from / "
+      f"model.vision.init_from / seed as the run had them, or use another --workdir."
+    )
+
+
+def restore_latest(mngr: ocp.CheckpointManager, state, labels, data_iterator, base: dict):
+  """Restores the latest checkpoint onto ``state`` (the step-0 state built from ``base``: its
+  frozen parameters are kept), into its shardings, and into ``data_iterator``.
 
   Returns:
-    (state, step) — ``state`` unchanged and step None when the directory has no checkpoint.
+    (state, step): ``state`` unchanged and step None when the directory has no checkpoint.
+
+  Raises:
+    ConfigError: the checkpoint was trained from another base.
   """
   step = mngr.latest_step()
   if step is None:
     return state, None
-  target = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+  saved_base = mngr.restore(step, args=ocp.args.Composite(base=ocp.args.JsonRestore()))["base"]
+  _check_base(dict(saved_base), base, f"checkpoint {step} in {mngr.directory}")
+  target = _abstract(
+    {
+      "step": state.step,
+      "trainable": trainable_params(state.params, labels),
+      "opt_state": state.opt_state,
+    }
   )
   restored = mngr.restore(
     step,
     args=ocp.args.Composite(
       state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(data_iterator)
     ),
-  )
-  return restored["state"], step
+  )["state"]
+  return state.replace(
+    step=restored["step"],
+    params=with_trainable(state.params, restored["trainable"]),
+    opt_state=restored["opt_state"],
+  ), step
 
 
-def _merge_config(base, loaded: dict):
-  """``base`` (ConfigDict) overridden by the JSON values of ``loaded``; new keys are added.
-
-  JSON turns tuples into lists; where the default is a tuple the value becomes a tuple again.
-  """
-  for key, value in loaded.items():
-    if isinstance(value, dict) and key in base and isinstance(base[key], ml_collections.ConfigDict):
-      _merge_config(base[key], value)
-      continue
-    default = base.get(key) if key in base else None
-    if isinstance(value, list) and isinstance(default, tuple):
-      value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-    with base.ignore_type():
-      base[key] = value
-  return base
+def steps(workdir: str) -> list[int]:
+  """The checkpointed steps of a training workdir, ascending ([] when there is none)."""
+  root = epath.Path(workdir) / "checkpoints"
+  if not root.is_dir():
+    return []
+  with ocp.CheckpointManager(
+    root, options=ocp.CheckpointManagerOptions(read_only=True), item_names=ITEMS
+  ) as mngr:
+    return sorted(mngr.all_steps())
 
 
-def load_config(workdir: str):
-  """The config a workdir was trained with (``{workdir}/config.json``, on ``base_config()``).
+def restore_trainable(workdir: str, params, base: dict, step: int | None = None):
+  """Reads the trainable parameters of a training workdir's checkpoint onto ``params``.
 
-  Raises:
-    FileNotFoundError: no ``config.json`` (not a ``mod-jax train`` workdir).
-  """
-  from mod_jax.config import base_config
-
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-      f"{path} does not exist: --workdir must be a directory written by "
-      f"`mod-jax train` (config.json + checkpoints/)."
-    )
-  with open(path) as f:
-    return _merge_config(base_config(), json.load(f))
-
-
-def restore_params(workdir: str, step: int | None = None):
-  """Restores a trained model's parameters from a ``mod-jax train`` workdir, for inference.
-
-  Only the ``params`` subtree of the saved TrainState is read (no optimizer state), onto the
-  first local device.
-
-  Args:
-    workdir: directory with ``config.json`` and ``checkpoints/``.
-    step: checkpoint step; None takes the latest.
+  ``params`` (``nnx.State``) must hold the run's frozen base already (``base``, as from
+  :func:`base_reference` of the saved config); only ``state/trainable`` is read (no optimizer
+  state, no data state), into the shardings of ``params``.
 
   Returns:
-    ``(config, graphdef, params, step)``: the training config, the model's ``nnx`` graphdef and
-    ``nnx.State`` of ``nnx.Param`` (``nnx.merge(graphdef, params)`` is the model).
+    (params with the trained leaves, step).
 
   Raises:
-    FileNotFoundError: no ``config.json``, no checkpoint, or no checkpoint at ``step``.
+    FileNotFoundError: no checkpoint, or none at ``step``.
+    ConfigError: the checkpoint's base is not ``base``.
   """
-  from flax import nnx
-
-  from mod_jax.model.factory import build_model
-
-  config = load_config(workdir)
-  root = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  steps = []
-  if os.path.isdir(root):
-    mngr = ocp.CheckpointManager(
-      root, options=ocp.CheckpointManagerOptions(read_only=True), item_names=("state",)
-    )
-    steps = list(mngr.all_steps())
-  if not steps:
+  have = steps(workdir)
+  root = epath.Path(workdir) / "checkpoints"
+  if not have:
     raise FileNotFoundError(
       f"no checkpoint in {root}; train first (mod-jax train --workdir {workdir})."
     )
-  step = max(steps) if step is None else int(step)
-  if step not in steps:
-    raise FileNotFoundError(f"no checkpoint at step {step} in {root}; available: {sorted(steps)}.")
-  graphdef, abstract = nnx.split(
-    nnx.eval_shape(lambda: build_model(config.model, rngs=config.seed)), nnx.Param
-  )
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = {
-    "params": jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract
+  step = have[-1] if step is None else int(step)
+  if step not in have:
+    raise FileNotFoundError(f"no checkpoint at step {step} in {root}; available: {have}.")
+  with ocp.CheckpointManager(
+    root, options=ocp.CheckpointManagerOptions(read_only=True), item_names=ITEMS
+  ) as mngr:
+    saved_base = mngr.restore(step, args=ocp.args.Composite(base=ocp.args.JsonRestore()))["base"]
+  _check_base(dict(saved_base), base, f"{workdir} (step {step})")
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  with ocp.PyTreeCheckpointer() as ckpt:
+    meta = ckpt.metadata(root / str(step) / "state")
+  meta = getattr(meta, "item_metadata", meta)
+  meta = getattr(meta, "tree", meta)
+  saved = set(_flatten(dict(meta["trainable"])))
+  if missing := sorted(saved - {_name(p) for p, _ in flat}):
+    raise ValueError(
+      f"{workdir} step {step}: checkpoint parameters {missing[:5]} (of {len(missing)}) are not "
+      f"in the model; build it from the workdir's config.json."
     )
-  }
-  restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
-    os.path.join(root, str(step), "state"),
-    args=ocp.args.PyTreeRestore(
-      item=target,
-      restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True,
-    ),
-  )
-  return config, graphdef, restored["params"], step
+  target = _abstract({"trainable": _nest({_name(p): x for p, x in flat if _name(p) in saved})})
+  with ocp.PyTreeCheckpointer() as ckpt:
+    restored = ckpt.restore(
+      root / str(step) / "state",
+      args=ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True,
+      ),
+    )
+  return with_trainable(params, restored["trainable"]), step

@@ -55,6 +55,7 @@ def loss_fn(
   rng,
   *,
   stream_loss_weight: float,
+  router_aux_weight: float = 0.0,
   denominators=None,
   remat: str = "none",
   ce_chunk: int = 512,
@@ -66,6 +67,8 @@ def loss_fn(
     batch: a (micro-)batch in the slot layout (``mod_jax/model/video_llm.py``).
     rng: routing / LoRA dropout key.
     stream_loss_weight: weight of the frame-end (streaming decision) CE.
+    router_aux_weight: weight of the Mixture-of-Depths router BCE (``mod.py``; config
+      ``model.mod.router_aux_loss_weight``); its value is a metric whatever the weight.
     denominators: whole-batch counts (:func:`_denominators`); default: this batch's.
     remat: ``train.remat`` policy; ce_chunk: slots per LM-head chunk.
   Returns:
@@ -85,13 +88,12 @@ def loss_fn(
     "frame_count": out["frame_w"].sum(),
     "frame_correct": ((out["frame_pred"] == batch["frame_targets"]) * out["frame_w"]).sum(),
   }
-  aux_w = model.llm.plan.aux_loss_weight  # Mixture-of-Depths router loss (mod.py), static
   bce = [a["router_bce_sum"] for a in aux.values() if "router_bce_sum" in a]
   if bce:
     router_aux = sum(bce) / (den["frames"] * model.tokens_per_frame)
     sums["router_aux_loss"] = router_aux
-    if aux_w > 0:
-      loss = loss + aux_w * router_aux
+    if router_aux_weight > 0:
+      loss = loss + router_aux_weight * router_aux
       sums["loss"] = loss
   for name, a in aux.items():  # per micro-batch means (averaged over micro-batches)
     if "kept_index" in a:  # how often the pooled (CLS-like) token 0 of a frame is kept
@@ -144,6 +146,7 @@ def train_step(
   tx,
   stream_loss_weight: float,
   base_rng: jax.Array | int,
+  router_aux_weight: float = 0.0,
   trainable=None,
   remat: str = "none",
   grad_accum_steps: int = 1,
@@ -154,7 +157,7 @@ def train_step(
   Args:
     state: the :class:`TrainState`; batch: global batch of B rows (slot layout).
     graphdef, tx: the model's static structure and the optimizer.
-    stream_loss_weight: see :func:`loss_fn`.
+    stream_loss_weight, router_aux_weight: see :func:`loss_fn`.
     base_rng: PRNG key, or an int seed for a key made inside the trace; the step's key
       is ``fold_in(base_rng, step)`` (and the micro-batch's ``fold_in(·, i)``).
     trainable: optional 'train'/'frozen' labels (``state.trainable_labels``). Frozen parameters
@@ -164,7 +167,8 @@ def train_step(
     grad_accum_steps: micro-batches per step (module docstring).
     ce_chunk: slots per LM-head chunk.
   Returns:
-    (new state, metrics dict of float32 []).
+    (new state, metrics dict of float32 []): the losses, ``grad_norm`` (trainable gradients,
+    before clipping) and ``update_norm`` (the applied parameter change).
   """
   if isinstance(base_rng, int):
     base_rng = jax.random.key(base_rng)
@@ -182,6 +186,7 @@ def train_step(
       mb,
       key,
       stream_loss_weight=stream_loss_weight,
+      router_aux_weight=router_aux_weight,
       denominators=den,
       remat=remat,
       ce_chunk=ce_chunk,
@@ -222,6 +227,7 @@ def train_step(
   metrics["grad_norm"] = optax.tree.norm(
     jax.tree.map(lambda g, l: g if is_train(l) else jnp.zeros((), g.dtype), grads, labels)
   )
+  metrics["update_norm"] = optax.tree.norm(updates)  # after clipping, schedule and decay
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -240,6 +246,7 @@ def train_step_options(config, graphdef, tx, params) -> dict:
     graphdef=graphdef,
     tx=tx,
     stream_loss_weight=t.stream_loss_weight,
+    router_aux_weight=float(config.model.mod.router_aux_loss_weight),
     base_rng=int(config.seed),
     trainable=trainable_labels(params, config.model),
     remat=t.remat,
