@@ -349,19 +349,24 @@ def restore_params(workdir: str, step: int | None = None, *, shardings=None):
   """
   from flax import nnx
 
+  from mod_jax.model.factory import build_model
   from mod_jax.train import checkpoint
-  from mod_jax.train.sharding import build_model
 
   config = native_config(workdir)
   if not checkpoint.steps(workdir):  # before building anything
     raise FileNotFoundError(
       f"no checkpoint in {workdir}/checkpoints; train first (mod-jax train --workdir {workdir})."
     )
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(config)), nnx.Param)
+  graphdef, abstract = nnx.split(
+    nnx.eval_shape(lambda: build_model(config.model, rngs=config.seed)), nnx.Param
+  )
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract)
-  params = jax.jit(lambda: nnx.state(build_model(config), nnx.Param), out_shardings=shardings)()
+  params = jax.jit(
+    lambda: nnx.state(build_model(config.model, rngs=config.seed), nnx.Param),
+    out_shardings=shardings,
+  )()
   if config.model.init_from or config.model.vision.get("init_from"):
     init_from_pretrained(config, params)
   params, step = checkpoint.restore_trainable(
