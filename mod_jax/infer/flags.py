@@ -19,7 +19,12 @@ OUTPUT = flags.DEFINE_string(
 )
 
 # mod-jax stream
-VIDEO = flags.DEFINE_string("video", None, "Video file (anything PyAV/ffmpeg reads).")
+VIDEO = flags.DEFINE_string(
+  "video",
+  None,
+  "Video source, decoded incrementally: a file (anything PyAV/ffmpeg reads), '-' (stdin, e.g. a "
+  "pipe), a capture device (/dev/video0) or a URL (rtsp://, http://, ...).",
+)
 FPS = flags.DEFINE_float(
   "fps", None, "Frames per second fed to the model (default: the training config's data.fps, 2)."
 )
@@ -28,18 +33,35 @@ QUERY = flags.DEFINE_multi_string(
   [],
   "User query 'SECONDS:TEXT'; it enters before the first frame at or after SECONDS. Repeatable.",
 )
-MAX_FRAMES = flags.DEFINE_integer("max_frames", 1200, "KV cache capacity in frames.")
+MAX_FRAMES = flags.DEFINE_integer(
+  "max_frames",
+  None,
+  "Window (KV cache) in frames. Default: the training config's data.max_frames, so the model "
+  "never attends to more than a training row held (docs/streaming.md).",
+)
 MAX_TEXT = flags.DEFINE_integer(
   "max_text",
-  4096,
-  "KV cache capacity in text tokens besides the system prompt (one interval "
-  "token per frame, queries, responses).",
+  None,
+  "Window in text tokens, the system prompt, one interval token per frame, queries and "
+  "responses included. Default: the training config's data.max_text.",
+)
+REBASE = flags.DEFINE_boolean(
+  "rebase",
+  True,
+  "Re-base RoPE positions to the window so they stay in the trained range "
+  "(--norebase: absolute positions that grow with the stream).",
+)
+REALTIME = flags.DEFINE_boolean(
+  "realtime",
+  False,
+  "Pace to the source clock: wait for a frame's time, skip frames that are already late "
+  "(the model slower than real time); reports lag and skipped frames.",
 )
 ON_FULL = flags.DEFINE_enum(
   "on_full",
   "slide",
   ["slide", "stop"],
-  "When the KV cache is full: 'slide' drops the oldest "
+  "When the window is full: 'slide' drops the oldest "
   "frames and keeps the system prompt; 'stop' ends the stream there with a message.",
 )
 MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 100, "Response length limit (tokens).")
