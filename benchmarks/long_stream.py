@@ -13,7 +13,9 @@ user queries of different lengths inserted. The true narrations of the clips giv
 
 Fields of the last stdout line (one JSON object):
 
-* ``minutes``, ``frames``, ``fps`` (frames per wall second over the whole stream), ``fps_first2``;
+* ``minutes``, ``frames``, ``fps`` (frames per wall second over the whole stream), ``fps_first2``,
+  ``realtime_factor`` (wall seconds per second of video), ``pipeline`` (``--pipeline``: the vision
+  tower encodes frame t+1 in a worker thread while the decoder handles frame t);
 * ``speak_per_min_first2`` (responses per minute in the first 2 minutes), ``speak_per_min_late``
   (the same 2 minutes of content at their last recurrence that fits the stream, starting at
   ``late_start_s``), ``speak_rate_ratio`` (late / first 2), ``speak_per_min`` (one value per
@@ -108,6 +110,9 @@ def main(argv=None):
   p.add_argument("--max_text", type=int, default=None, help="window (default: data.max_text)")
   p.add_argument("--norebase", action="store_true", help="absolute RoPE positions")
   p.add_argument("--threshold", type=float, default=0.725)
+  p.add_argument(
+    "--pipeline", action="store_true", help="encode frame t+1 while the decoder handles frame t"
+  )
   a = p.parse_args(argv)
 
   from mod_jax.train import checkpoint
@@ -146,7 +151,7 @@ def main(argv=None):
     threshold=a.threshold,
   )
   session = engine.session
-  engine.warmup()
+  engine.warmup(encoded=a.pipeline)
   seconds = a.minutes * 60
   query_times = [seconds * (i + 1) / (len(QUERIES) + 1) for i in range(len(QUERIES))]
   for t, q in zip(query_times, QUERIES):
@@ -162,8 +167,13 @@ def main(argv=None):
   start = time.perf_counter()
   first2_wall = None
   size = int(config.model.vision.image_size)
-  for t, frame in iter_frames(video, fps, size):
-    for turn in engine.push_frame(frame, time_s=t):
+  source = iter_frames(video, fps, size)
+  if a.pipeline:
+    items = streaming.encode_ahead(session, source)
+  else:
+    items = ((t, frame, None) for t, frame in source)
+  for t, frame, features in items:
+    for turn in engine.push_frame(frame, time_s=t, features=features):
       if turn.role == "assistant":
         spoken_at.append(turn.time)
     if first2_wall is None and engine.frames_seen == int(120 * fps):
@@ -197,6 +207,8 @@ def main(argv=None):
     "minutes": minutes,
     "frames": frames,
     "fps": frames / wall,
+    "realtime_factor": wall / (frames / fps),
+    "pipeline": a.pipeline,
     "fps_first2": int(120 * fps) / first2_wall if first2_wall else None,
     "speak_per_min_first2": first2,
     "speak_per_min_late": late,

@@ -252,6 +252,34 @@ def test_padded_text_buckets_equal_unpadded_chunks():
     np.testing.assert_array_equal(a != 0, b != 0)  # same slots used: padding took none
 
 
+def test_encode_ahead_feeds_the_same_stream_as_pixels():
+  """Pipelined (the vision tower on frame t+1 in a worker thread, features fed to the decoder)
+  gives the logits of feeding the pixels, frame by frame."""
+  cfg, graphdef, params = _model("")
+  rng = np.random.default_rng(5)
+  s = cfg.model.vision.image_size
+  frames = [(i / 2, rng.integers(0, 256, (s, s, 3), np.uint8)) for i in range(4)]
+  outs = {}
+  for pipelined in (False, True):
+    session = streaming.Session(graphdef, params, cfg.model, **WINDOW)
+    session.feed([1, 2, 3])
+    session.pin()
+    items = (
+      streaming.encode_ahead(session, iter(frames))
+      if pipelined
+      else ((t, f, None) for t, f in frames)
+    )
+    got = []
+    for _, frame, features in items:
+      if features is None:
+        got.append(session.feed([3], frame[None])["frame_logits"])
+      else:
+        got.append(session.feed([3], features=features)["frame_logits"])
+    outs[pipelined] = np.concatenate(got, axis=1)
+  assert outs[True].shape == (1, 4, cfg.model.vocab_size)
+  np.testing.assert_allclose(outs[True], outs[False], atol=ATOL, rtol=0)
+
+
 def test_engine_compiles_nothing_after_warmup(tmp_path):
   """After warm-up, a stream with 5 queries of different lengths (one longer than the largest
   bucket) and responses compiles nothing; a new chunk shape would (the counter is live)."""

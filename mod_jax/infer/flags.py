@@ -64,6 +64,12 @@ ON_FULL = flags.DEFINE_enum(
   "When the window is full: 'slide' drops the oldest "
   "frames and keeps the system prompt; 'stop' ends the stream there with a message.",
 )
+PIPELINE = flags.DEFINE_boolean(
+  "pipeline",
+  False,
+  "Encoder || decoder pipelining: a worker thread decodes and encodes frame t+1 (vision tower) "
+  "while the decoder handles frame t.",
+)
 MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 100, "Response length limit (tokens).")
 TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy decoding; > 0: sampling.")
 TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass when temperature > 0.")
@@ -71,3 +77,7 @@ SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 # mod-jax eval
 MAX_SAMPLES = flags.DEFINE_integer("max_samples", None, "Evaluate only the first N windows.")
+
+# mod-jax serve
+PORT = flags.DEFINE_integer("port", 8000, "mod-jax serve: HTTP port (0: any free port).")
+HOST = flags.DEFINE_string("host", "127.0.0.1", "mod-jax serve: address to bind.")

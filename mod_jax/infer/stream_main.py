@@ -9,7 +9,9 @@ The model attends to a window of the training config's size (``--max_frames`` / 
 when it is full, ``--on_full=slide`` (default) drops the oldest frames and keeps the system
 prompt; ``--on_full=stop`` ends the stream there with a message (exit status 0, and
 ``"stopped": "<reason>"`` in the summary). ``--realtime`` paces to the source clock, skips the
-frames the model cannot keep up with, and reports the lag and the skipped frames.
+frames the model cannot keep up with, and reports the lag and the skipped frames. ``--pipeline``
+encodes frame t+1 (vision tower) in a worker thread while the decoder handles frame t; the summary
+reports the real-time factor (processing seconds per second of video).
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ def run_stream(
   on_full: str = "slide",
   rebase: bool = True,
   realtime: bool = False,
+  pipeline: bool = False,
   max_new_tokens: int = 100,
   temperature: float = 0.0,
   top_p: float = 1.0,
@@ -111,7 +114,7 @@ def run_stream(
   import jax
   import tqdm
 
-  from mod_jax.data import pipeline
+  from mod_jax.data import pipeline as data_pipeline
   from mod_jax.data.video import iter_frames, probe_video
   from mod_jax.infer import streaming
   from mod_jax.train import checkpoint
@@ -126,7 +129,7 @@ def run_stream(
     info = probe_video(video)
     total = int(round(info.duration * fps)) or None
   config, graphdef, params, ckpt_step = checkpoint.restore_params(workdir, step)
-  tokenizer = pipeline.load_tokenizer(config)
+  tokenizer = data_pipeline.load_tokenizer(config)
   engine = streaming.StreamEngine.create(
     graphdef,
     params,
@@ -143,7 +146,7 @@ def run_stream(
     max_new_tokens=max_new_tokens,
   )
   start = time.perf_counter()
-  engine.warmup()  # compile before the clock of the live stream starts
+  engine.warmup(encoded=pipeline)  # compile before the clock of the live stream starts
   compile_seconds = time.perf_counter() - start
   for t, q in queries:
     engine.add_query(t, q)
@@ -165,14 +168,18 @@ def run_stream(
     total=total, unit="frame", disable=not progress, dynamic_ncols=True, file=sys.stderr
   )
   source = itertools.chain([first] if first is not None else [], frames)
+  if pipeline:  # the vision tower on frame t+1 while the decoder handles frame t
+    items = streaming.encode_ahead(session, source)
+  else:
+    items = ((t_s, frame, None) for t_s, frame in source)
   with open(output, "w", encoding="utf-8") as out:
-    for t_s, frame in source:
+    for t_s, frame, features in items:
       decoded += 1
       bar.update(1)
       if pacer is not None and not pacer.admit(t_s):
         continue
       try:
-        new = engine.push_frame(frame, time_s=t_s)
+        new = engine.push_frame(frame, time_s=t_s, features=features)
       except streaming.CacheFull as e:
         stopped = f"at {t_s:.2f}s (frame {engine.frames_seen}): {e}"
         tqdm.tqdm.write(f"stopped {stopped}", file=sys.stderr)
@@ -196,6 +203,8 @@ def run_stream(
     "video_frames": decoded,
     "seconds": seconds,
     "frames_per_second": engine.frames_seen / seconds if seconds > 0 else 0.0,
+    "realtime_factor": seconds / (decoded / fps) if decoded else None,
+    "pipeline": pipeline,
     "compile_seconds": compile_seconds,
     "compiles_after_warmup": counter.count,
     "responses": engine.responses,
@@ -238,6 +247,7 @@ def main(argv):
       on_full=f.ON_FULL.value,
       rebase=f.REBASE.value,
       realtime=f.REALTIME.value,
+      pipeline=f.PIPELINE.value,
       max_new_tokens=f.MAX_NEW_TOKENS.value,
       temperature=f.TEMPERATURE.value,
       top_p=f.TOP_P.value,

@@ -53,9 +53,10 @@ f frames of a chunk, v vocabulary.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -379,6 +380,7 @@ class Session:
     *,
     next_position: int,
     what: str = "chunk",
+    features_bfnd=None,
   ):
     """Feeds one chunk in the slot layout (explicit positions; segment id 0 = padding slot).
 
@@ -388,6 +390,8 @@ class Session:
         ``[b, f]`` (frame i's vision tokens sit at positions p_i .. p_i + N - 1).
       next_position: the stream position that follows this chunk.
       what: named in a :class:`CacheFull` message.
+      features_bfnd: the frames' vision-tower output ``[b, f, N, d_vision]`` (:meth:`encode`),
+        used instead of ``frames_bfhwc`` (which may then be None).
 
     Returns:
       dict of numpy arrays: ``text_logits`` f32 ``[b, t, V]``, ``frame_logits`` f32 ``[b, f, V]``,
@@ -413,10 +417,13 @@ class Session:
       "text_tokens": jnp.asarray(text_tokens_bt, jnp.int32),
       "text_positions": jnp.asarray(text_positions_bt, jnp.int32),
       "text_segment_ids": jnp.asarray(text_segment_ids_bt, jnp.int32),
-      "frames": jnp.asarray(frames_bfhwc, jnp.uint8),
       "frame_positions": jnp.asarray(frame_positions_bf, jnp.int32),
       "frame_segment_ids": jnp.asarray(frame_segment_ids_bf, jnp.int32),
     }
+    if features_bfnd is not None:
+      batch["features"] = features_bfnd
+    else:
+      batch["frames"] = jnp.asarray(frames_bfhwc, jnp.uint8)
     rng = jax.random.fold_in(self._rng, self._calls)
     self._calls += 1
     out, self.caches = _step(
@@ -444,25 +451,15 @@ class Session:
     """The padded length of a text chunk of ``num_text`` tokens (<= the largest bucket)."""
     return next(b for b in self.text_buckets if b >= num_text)
 
-  def feed(
-    self, text_ids: Sequence[int], frames_fhwc: np.ndarray | None = None, *, what: str = "chunk"
-  ):
-    """Feeds text tokens and then frames at the next stream positions (all streams alike).
+  def encode(self, frames_fhwc: np.ndarray) -> jax.Array:
+    """The vision tower on frames, uint8 ``[f, S, S, 3]`` or ``[b, f, S, S, 3]`` -> features
+    ``[b, f, N, d_vision]`` for :meth:`feed` (dispatched asynchronously: a worker thread can encode
+    frame t+1 while the decoder handles frame t, :func:`encode_ahead`)."""
+    frames = self._frames(frames_fhwc)
+    return _encode(self._params, jnp.asarray(frames), graphdef=self._graphdef)
 
-    The text is padded to a bucket length (:attr:`text_buckets`); text longer than the largest
-    bucket goes in as several chunks (each its own event), the frames with the last one.
-
-    Args:
-      text_ids: t token ids (t may be 0 when there are frames).
-      frames_fhwc: uint8 ``[f, S, S, 3]`` or ``[b, f, S, S, 3]``; None for a text-only chunk.
-
-    Returns:
-      As :meth:`feed_layout`, with ``text_logits`` ``[b, t, V]`` at the real text slots of all
-      the chunks; the rest from the last chunk.
-    """
-    b, n, s = self.batch, self.tokens_per_frame, self.image_size
-    if frames_fhwc is None:
-      frames_fhwc = np.zeros((b, 0, s, s, 3), np.uint8)
+  def _frames(self, frames_fhwc) -> np.ndarray:
+    b, s = self.batch, self.image_size
     frames = np.asarray(frames_fhwc)
     if frames.ndim == 4:
       frames = np.broadcast_to(frames[None], (b, *frames.shape))
@@ -472,14 +469,47 @@ class Session:
         f"{frames.dtype} {frames.shape}. Decode with mod_jax.data.video at "
         f"size={s}."
       )
+    return frames
+
+  def feed(
+    self,
+    text_ids: Sequence[int],
+    frames_fhwc: np.ndarray | None = None,
+    *,
+    what: str = "chunk",
+    features=None,
+  ):
+    """Feeds text tokens and then frames at the next stream positions (all streams alike).
+
+    The text is padded to a bucket length (:attr:`text_buckets`); text longer than the largest
+    bucket goes in as several chunks (each its own event), the frames with the last one.
+
+    Args:
+      text_ids: t token ids (t may be 0 when there are frames).
+      frames_fhwc: uint8 ``[f, S, S, 3]`` or ``[b, f, S, S, 3]``; None for a text-only chunk.
+      features: the frames already encoded (:meth:`encode`), ``[b, f, N, d_vision]``, instead
+        of ``frames_fhwc``.
+
+    Returns:
+      As :meth:`feed_layout`, with ``text_logits`` ``[b, t, V]`` at the real text slots of all
+      the chunks; the rest from the last chunk.
+    """
+    b, n, s = self.batch, self.tokens_per_frame, self.image_size
+    if features is not None:
+      frames, f = None, features.shape[1]
+    else:
+      if frames_fhwc is None:
+        frames_fhwc = np.zeros((b, 0, s, s, 3), np.uint8)
+      frames = self._frames(frames_fhwc)
+      f = frames.shape[1]
     text_ids = [int(x) for x in text_ids]
-    if not text_ids and not frames.shape[1]:
+    if not text_ids and not f:
       raise ValueError("an empty chunk: give text ids or frames.")
     big, before = self.text_buckets[-1], []
     while len(text_ids) > big:
       before.append(self.feed(text_ids[:big], what=what)["text_logits"])
       text_ids = text_ids[big:]
-    t, f, p = len(text_ids), frames.shape[1], self.position
+    t, p = len(text_ids), self.position
     tb = self.bucket(t) if t else 0
     text = np.zeros((b, tb), np.int32)
     text[:, :t] = text_ids
@@ -495,15 +525,17 @@ class Session:
       np.ones((b, f), np.int32),
       next_position=p + t + n * f,
       what=what,
+      features_bfnd=features,
     )
     out["text_logits"] = np.concatenate(before + [out["text_logits"][:, :t]], axis=1)
     return out
 
-  def warmup(self) -> None:
+  def warmup(self, encoded: bool = False) -> None:
     """Compiles the frame step (one text token + one frame) and every text bucket.
 
     Runs the step on throw-away caches (the session's state and ledger are untouched), so a
-    stream compiles nothing more after its first frame.
+    stream compiles nothing more after its first frame. ``encoded``: the frame step takes
+    features (:meth:`encode`, compiled too) instead of pixels.
     """
     b, n, s = self.batch, self.tokens_per_frame, self.image_size
     shapes = [(1, 1)] + [(t, 0) for t in self.text_buckets]
@@ -518,6 +550,8 @@ class Session:
         "frame_positions": jnp.asarray(t + n * np.arange(f, dtype=np.int32)[None].repeat(b, 0)),
         "frame_segment_ids": jnp.ones((b, f), jnp.int32),
       }
+      if encoded and f:
+        batch["features"] = jax.block_until_ready(self.encode(np.asarray(batch.pop("frames"))))
       caches = self._zero_caches()
       jax.block_until_ready(
         _step(
@@ -578,6 +612,33 @@ def _step(
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _pin(caches):
   return tuple(c.pin() for c in caches)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _encode(params, frames, *, graphdef):
+  """The vision tower, uint8 [b, f, S, S, 3] -> [b, f, N, d_vision] (what ``features`` holds)."""
+  return nnx.merge(graphdef, params).vision(frames)
+
+
+def encode_ahead(session: Session, frames: Iterable[tuple[float, np.ndarray]]):
+  """Encoder ‖ decoder pipelining (LIVE's idea): yields ``(t, frame, features)`` for each
+  ``(t, frame)`` of ``frames`` while a worker thread already decodes and encodes the NEXT frame
+  (:meth:`Session.encode`), so the vision tower works on frame t+1 while the caller feeds frame t
+  to the decoder (``StreamEngine.push_frame(features=...)``)."""
+  it = iter(frames)
+
+  def next_encoded():
+    item = next(it, None)
+    if item is None:
+      return None
+    t, frame = item
+    return t, frame, jax.block_until_ready(session.encode(np.asarray(frame)[None]))
+
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="encode_ahead") as pool:
+    job = pool.submit(next_encoded)
+    while (item := job.result()) is not None:
+      job = pool.submit(next_encoded)
+      yield item
 
 
 # ------------------------------------------------------------------------------------- engine
@@ -740,10 +801,11 @@ class StreamEngine:
     self.responses = 0
     self.truncated_responses = 0
 
-  def warmup(self) -> None:
-    """Compiles every step shape a stream uses (:meth:`Session.warmup`) and the prompt's pin,
-    then resets, so a live stream compiles nothing after its first frame."""
-    self.session.warmup()
+  def warmup(self, encoded: bool = False) -> None:
+    """Compiles every step shape a stream uses (:meth:`Session.warmup`; ``encoded``: frames
+    come as features, :func:`encode_ahead`) and the prompt's pin, then resets, so a live stream
+    compiles nothing after its first frame."""
+    self.session.warmup(encoded)
     self.reset()
 
   @property
@@ -779,7 +841,12 @@ class StreamEngine:
     return [tok.interval_id], turns
 
   def push_frame(
-    self, frame_hwc: np.ndarray, *, respond: bool = True, time_s: float | None = None
+    self,
+    frame_hwc: np.ndarray | None,
+    *,
+    respond: bool = True,
+    time_s: float | None = None,
+    features=None,
   ) -> list[Turn]:
     """Feeds the next frame and, if the model decides to speak, decodes its response.
 
@@ -789,6 +856,8 @@ class StreamEngine:
       time_s: the frame's source time in seconds (default: frame index / fps); queries enter
         before the first frame at or after their time, and turns carry it. A live stream that
         skips frames passes it.
+      features: the frame already encoded (``[1, 1, N, d_vision]``, :func:`encode_ahead`);
+        ``frame_hwc`` may then be None.
 
     Returns:
       The turns this frame produced: inserted user queries, then the assistant response if any.
@@ -802,7 +871,10 @@ class StreamEngine:
     # Long openings go in as their own chunk so the frame step keeps one compiled shape.
     if len(text) > 1:
       self.session.feed(text[:-1], what="query" if turns else "stream text")
-    out = self.session.feed(text[-1:], np.asarray(frame_hwc)[None], what=f"frame {i}")
+    if features is not None:
+      out = self.session.feed(text[-1:], features=features, what=f"frame {i}")
+    else:
+      out = self.session.feed(text[-1:], np.asarray(frame_hwc)[None], what=f"frame {i}")
     self.frames_seen += 1
     self._after = "frame"
     probs = out["frame_probs"][0, -1]
