@@ -168,7 +168,7 @@ def test_eval_metrics_on_held_out_split(workdir, tmp_path):
 
 def test_stream_command_reads_a_pipe_on_stdin(workdir, tmp_path):
   """``--video=-``: an MPEG-TS stream piped into stdin streams without its length being known;
-  every frame of it is fed (10 s at 2 fps)."""
+  every frame of it is fed (10 s at 2 fps), encoded ahead (``--pipeline``)."""
   import io
 
   rng = np.random.default_rng(1)
@@ -193,6 +193,7 @@ def test_stream_command_reads_a_pipe_on_stdin(workdir, tmp_path):
       "--video=-",
       f"--output={tmp_path / 'pipe.jsonl'}",
       "--max_new_tokens=1",
+      "--pipeline",
     ],
     input=buf.getvalue(),
     capture_output=True,
@@ -202,6 +203,7 @@ def test_stream_command_reads_a_pipe_on_stdin(workdir, tmp_path):
   summary = json.loads(proc.stdout.decode().strip().splitlines()[-1])
   assert summary["video"] == "-" and summary["frames"] == summary["video_frames"] == 20
   assert summary["compiles_after_warmup"] == 0 and summary["stopped"] is None
+  assert summary["pipeline"] is True  # frames encoded ahead in a worker thread
 
 
 def test_realtime_pacer_waits_and_skips_late_frames():
@@ -221,3 +223,46 @@ def test_realtime_pacer_waits_and_skips_late_frames():
   assert fed == [0, 1, 3, 4, 6] and pacer.skipped == 3
   report = pacer.report()
   assert report["lag_max_s"] == pytest.approx(0.4) and report["skipped_frames"] == 3
+
+
+def test_serve_page_streams_narration_lines(workdir):
+  """``mod-jax serve``'s server end to end over HTTP (no browser here): the page, the video bytes,
+  a typed query, and the SSE stream of narration lines with their times, then ``done``."""
+  import threading
+  import urllib.error
+  import urllib.parse
+  import urllib.request
+
+  from mod_jax.infer.serve_main import DemoServer, make_server
+
+  demo = DemoServer(str(workdir), video=BIKES, threshold=1.0, max_new_tokens=2)
+  server = make_server(demo, "127.0.0.1", 0)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  base = f"http://127.0.0.1:{server.server_address[1]}"
+  get = lambda path: urllib.request.urlopen(base + path, timeout=600)
+  post = lambda text: urllib.request.urlopen(
+    urllib.request.Request(base + "/query", json.dumps({"text": text}).encode(), method="POST")
+  )
+  try:
+    page = get("/").read().decode()
+    assert 'id="lines"' in page and "<video" in page and BIKES in page
+    src = urllib.parse.quote(BIKES)
+    assert get(f"/video?src={src}").read() == open(BIKES, "rb").read()
+    assert json.loads(post("where is the red circle").read())["time"] == 0.0
+    with pytest.raises(urllib.error.HTTPError, match="400"):
+      post("  ")
+    events, event = [], None
+    for raw in get(f"/events?src={src}&realtime=0"):
+      line = raw.decode().rstrip("\n")
+      if line.startswith("event: "):
+        event = line[7:]
+      elif line.startswith("data: "):
+        events.append((event, json.loads(line[6:])))
+    turns = [d for e, d in events if e == "turn"]
+    assert turns[0]["role"] == "user" and turns[0]["text"] == "where is the red circle"
+    spoken = [t for t in turns if t["role"] == "assistant"]
+    assert spoken and spoken[0]["time"] == 0.0 and spoken[-1]["time"] == 9.5
+    assert events[-1][0] == "done" and events[-1][1]["frames"] == 20
+  finally:
+    server.shutdown()
+    server.server_close()
