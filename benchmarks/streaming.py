@@ -8,7 +8,9 @@ Two numbers (VideoLLM-MoD §4: "1.7× longer video in the same memory"):
   ``--budget_frames`` frames); each model's caches are sized from it
   (``streaming.frames_for_budget``), allocated, and frames are streamed in
   ([interval token + frame] chunks, the model kept silent) until the cache refuses the next one
-  (``on_full='stop'``). The allocated cache bytes are measured and must be within the budget.
+  (``on_full='stop'``). The allocated cache bytes are measured and must be within the budget,
+  and when the window is full every layer's cache must be full too (cache sizes by what is
+  stored: dense ``T + F·N``, MoD ``T + F·k``, so no layer type holds idle slots).
 * **fps**: streaming frames per second of the jitted per-frame step (vision tower + decoder
   + cache write + frame-end distribution), both models with caches for ``--cache_frames``
   frames, in ``--rounds`` alternating rounds of ``--frames_per_round`` frames; the median round.
@@ -57,8 +59,16 @@ def _frames(size: int) -> np.ndarray:
   return decode_video(path, 2.0, size)[0]
 
 
-def _session(config, graphdef, params, sizes, on_full="stop"):
-  s = streaming.Session(graphdef, params, config.model, sizes=sizes, on_full=on_full)
+def _session(config, graphdef, params, frames, on_full="stop"):
+  """A session whose window holds ``frames`` frames, their interval tokens and the prompt."""
+  s = streaming.Session(
+    graphdef,
+    params,
+    config.model,
+    max_frames=frames,
+    max_text=PROMPT_TOKENS + frames,
+    on_full=on_full,
+  )
   s.feed(list(range(1, PROMPT_TOKENS + 1)), what="system prompt")
   s.pin()
   return s
@@ -67,22 +77,27 @@ def _session(config, graphdef, params, sizes, on_full="stop"):
 def _cache_nbytes(session) -> int:
   """Bytes of the per-entry cache arrays (k, v, positions, segment ids; not the 3 int32
   counters per layer)."""
-  return int(sum(x.nbytes for x in jax.tree.leaves(session.cache) if x.ndim >= 2))
+  return int(sum(x.nbytes for x in jax.tree.leaves(session.caches) if x.ndim >= 2))
 
 
 def frames_fit(config, graphdef, params, budget: int, frames: np.ndarray) -> tuple[int, int]:
   """Frames streamed into caches sized from ``budget`` bytes before one is refused."""
   plan = RoutingPlan.from_config(config.model)
   f = streaming.frames_for_budget(config.model, plan, budget, fixed_text=PROMPT_TOKENS)
-  s = _session(config, graphdef, params, streaming.cache_sizes(plan, f, PROMPT_TOKENS + f))
+  s = _session(config, graphdef, params, f)
   nbytes = _cache_nbytes(s)
   count = 0
   while True:
     try:
       s.feed([INTERVAL_ID], frames[count % len(frames)][None], what="frame")
     except streaming.CacheFull:
-      return count, nbytes
+      break
     count += 1
+  # Every layer's cache is full when the window is: no layer type has idle slots.
+  live = [int((np.asarray(c.segment_ids) != 0).sum()) for c in s.caches]
+  if live != list(s.sizes):
+    raise AssertionError(f"live entries {live} at the window's end; cache sizes {s.sizes}.")
+  return count, nbytes
 
 
 def main(argv=None):
@@ -139,9 +154,7 @@ def main(argv=None):
   # ---------------------------------------------------------------- frames per second
   sessions = {}
   for name, (config, graphdef, params) in models.items():
-    plan = RoutingPlan.from_config(config.model)
-    sizes = streaming.cache_sizes(plan, a.cache_frames, PROMPT_TOKENS + a.cache_frames)
-    sessions[name] = _session(config, graphdef, params, sizes, on_full="slide")
+    sessions[name] = _session(config, graphdef, params, a.cache_frames, on_full="slide")
     sessions[name].feed([INTERVAL_ID], frames[0][None])  # compile
 
   def run(session) -> float:

@@ -3,6 +3,7 @@
 Commands (each is a module with an absl ``main(argv)``):
   train   train or resume:  mod-jax train --config configs/demo.py --workdir DIR
   stream  live narration of a video:  mod-jax stream --workdir DIR --video FILE [--fps 2]
+  serve   demo page (video, narration lines, queries):  mod-jax serve --workdir DIR [--port 8000]
   eval    streaming metrics (LM-PPL, TimeDiff, Fluency, LM-Correctness):  mod-jax eval --workdir DIR
   flops   analytic and XLA FLOPs, compiled memory, MoD vs dense:  mod-jax flops --config X [--json]
   compile AOT-compile train + streaming steps for a TPU topology; fits in HBM?
@@ -27,6 +28,7 @@ from absl import app
 COMMANDS = {
   "train": "mod_jax.train.main",
   "stream": "mod_jax.infer.stream_main",  # mod-jax stream --workdir CKPT --video FILE
+  "serve": "mod_jax.infer.serve_main",  # mod-jax serve --workdir CKPT [--port P] (demo page)
   "eval": "mod_jax.infer.eval_main",  # mod-jax eval --workdir CKPT (streaming metrics)
   "flops": "mod_jax.analysis.main",  # mod-jax flops --config X [--json]
   "compile": "mod_jax.analysis.compile_main",  # mod-jax compile --config X --topology v5:4x4x4

@@ -113,3 +113,59 @@ def test_truncated_stream_detected(tmp_path):
     r"but the container announces 5\.00s",
   ):
     video.decode_video(clean, 2.0, 32)
+
+
+def _mpegts_bytes(frames_thwc: np.ndarray, fps: int) -> bytes:
+  """frames encoded as an MPEG-TS stream (no index, readable front to back, as a pipe carries)."""
+  import io
+
+  buf = io.BytesIO()
+  with av.open(buf, mode="w", format="mpegts") as out:
+    stream = out.add_stream("mpeg2video", rate=fps)
+    stream.width, stream.height = frames_thwc.shape[2], frames_thwc.shape[1]
+    stream.pix_fmt = "yuv420p"
+    for x in frames_thwc:
+      for packet in stream.encode(av.VideoFrame.from_ndarray(x, format="rgb24")):
+        out.mux(packet)
+    for packet in stream.encode():
+      out.mux(packet)
+  return buf.getvalue()
+
+
+def test_pipe_source_streams_without_knowing_its_length(tmp_path):
+  """An MPEG-TS stream written into an OS pipe by another thread is decoded incrementally: the
+  first frame arrives while the writer still holds most of the stream back, and the frames are
+  those of the same bytes decoded from a file (the grid ends where the stream ends)."""
+  import threading
+
+  rng = np.random.default_rng(0)
+  clip = np.repeat(rng.integers(0, 256, (40, 1, 32, 32, 3), dtype=np.uint8), 4, axis=1)
+  data = _mpegts_bytes(clip.reshape(160, 32, 32, 3), fps=8)  # 20 s, a new picture every 0.5 s
+  (tmp_path / "clip.ts").write_bytes(data)
+  want = [f for _, f in video.iter_frames(str(tmp_path / "clip.ts"), 2.0, 32)]
+  r, w = os.pipe()
+  half = threading.Event()
+  sent = [0]
+
+  def writer():
+    with os.fdopen(w, "wb") as out:
+      for i in range(0, len(data), 1024):
+        if i >= len(data) // 2:
+          half.wait(timeout=30)  # the rest only once the reader has produced a frame
+        out.write(data[i : i + 1024])
+        out.flush()
+        sent[0] = i + 1024
+
+  thread = threading.Thread(target=writer)
+  thread.start()
+  got = []
+  with os.fdopen(r, "rb") as pipe:
+    for t, frame in video.iter_frames(pipe, 2.0, 32):
+      if not got:
+        assert sent[0] <= len(data) // 2 + 1024  # streaming before the end of the input
+        half.set()
+      assert t == len(got) / 2.0
+      got.append(frame)
+  thread.join()
+  assert len(got) == len(want) == 40
+  np.testing.assert_array_equal(np.stack(got), np.stack(want))

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import av
 import jax
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from mod_jax.data.sources.procedural import write_mp4
 from mod_jax.data.tokenizer import build_word_tokenizer
 from mod_jax.data.video import VideoError
 from mod_jax.infer.eval_main import run_eval
-from mod_jax.infer.stream_main import parse_query, run_stream
+from mod_jax.infer.stream_main import Pacer, parse_query, run_stream
 from mod_jax.train import checkpoint, sharding
 from mod_jax.train.state import trainable_labels
 
@@ -107,6 +108,8 @@ def test_stream_command_on_bikes(workdir, tmp_path):
   lines = proc.stdout.strip().splitlines()
   summary = json.loads(lines[-1])
   assert summary["frames"] == summary["video_frames"] == 20 and summary["stopped"] is None
+  assert summary["compiles_after_warmup"] == 0
+  assert summary["max_position"] <= summary["trained_max_position"]
   turns = [json.loads(line) for line in out.read_text().splitlines()]
   assert len(turns) == summary["turns"] >= 1
   assert {"user"} <= {t["role"] for t in turns}
@@ -127,12 +130,13 @@ def test_stream_on_mpeg2_with_stop_policy(workdir, tmp_path):
   summary = run_stream(
     str(workdir), CITY, output=str(tmp_path / "city.jsonl"), on_full="stop", **kw
   )
-  assert summary["video_frames"] == 16 and 1 <= summary["frames"] < 16
+  assert 1 <= summary["frames"] == summary["video_frames"] - 1 < 15  # stopped at a frame
   assert "KV cache full" in summary["stopped"] and "on_full='stop'" in summary["stopped"]
   slide = run_stream(
     str(workdir), CITY, output=str(tmp_path / "city2.jsonl"), on_full="slide", **kw
   )
-  assert slide["frames"] == 16 and slide["stopped"] is None and slide["evicted_chunks"] > 0
+  assert slide["frames"] == slide["video_frames"] == 16 and slide["stopped"] is None
+  assert slide["evicted_chunks"] > 0
 
 
 def test_stream_rejects_a_corrupt_video_naming_it(workdir, tmp_path):
@@ -165,3 +169,105 @@ def test_eval_metrics_on_held_out_split(workdir, tmp_path):
   assert result["fluency"] == pytest.approx(1 / 8)
   assert result["lm_ppl"] > 1.0 and 0.0 <= result["lm_correctness"] <= 1.0
   assert json.loads(out.read_text())["time_diff"] == pytest.approx(1.0)
+
+
+def test_stream_command_reads_a_pipe_on_stdin(workdir, tmp_path):
+  """``--video=-``: an MPEG-TS stream piped into stdin streams without its length being known;
+  every frame of it is fed (10 s at 2 fps), encoded ahead (``--pipeline``)."""
+  import io
+
+  rng = np.random.default_rng(1)
+  clip = np.repeat(rng.integers(0, 256, (20, 1, 32, 32, 3), dtype=np.uint8), 4, axis=1)
+  buf = io.BytesIO()
+  with av.open(buf, mode="w", format="mpegts") as out:
+    stream = out.add_stream("mpeg2video", rate=8)
+    stream.width = stream.height = 32
+    stream.pix_fmt = "yuv420p"
+    for x in clip.reshape(80, 32, 32, 3):
+      for packet in stream.encode(av.VideoFrame.from_ndarray(x, format="rgb24")):
+        out.mux(packet)
+    for packet in stream.encode():
+      out.mux(packet)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "mod_jax.cli",
+      "stream",
+      f"--workdir={workdir}",
+      "--video=-",
+      f"--output={tmp_path / 'pipe.jsonl'}",
+      "--max_new_tokens=1",
+      "--pipeline",
+    ],
+    input=buf.getvalue(),
+    capture_output=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:].decode()
+  summary = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+  assert summary["video"] == "-" and summary["frames"] == summary["video_frames"] == 20
+  assert summary["compiles_after_warmup"] == 0 and summary["stopped"] is None
+  assert summary["pipeline"] is True  # frames encoded ahead in a worker thread
+
+
+def test_realtime_pacer_waits_and_skips_late_frames():
+  """A fake clock: frames due every 0.5 s, the model takes 0.8 s per fed frame; the pacer waits
+  for early frames and skips those a whole interval late (hand-computed schedule)."""
+  now = [0.0]
+  pacer = Pacer(2.0, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
+  fed = []
+  for i in range(8):
+    t = i / 2.0
+    if pacer.admit(t):
+      fed.append(i)
+      now[0] += 0.8
+  # fed 0 at 0.0 (done 0.8); 1 due 0.5, lag 0.3 -> fed (1.6); 2 due 1.0, lag 0.6 -> skip;
+  # 3 due 1.5, lag 0.1 -> fed (2.4); 4 due 2.0, lag 0.4 -> fed (3.2); 5 due 2.5, lag 0.7 skip;
+  # 6 due 3.0, lag 0.2 -> fed (4.0); 7 due 3.5, lag 0.5 -> skip.
+  assert fed == [0, 1, 3, 4, 6] and pacer.skipped == 3
+  report = pacer.report()
+  assert report["lag_max_s"] == pytest.approx(0.4) and report["skipped_frames"] == 3
+
+
+def test_serve_page_streams_narration_lines(workdir):
+  """``mod-jax serve``'s server end to end over HTTP (no browser here): the page, the video bytes,
+  a typed query, and the SSE stream of narration lines with their times, then ``done``."""
+  import threading
+  import urllib.error
+  import urllib.parse
+  import urllib.request
+
+  from mod_jax.infer.serve_main import DemoServer, make_server
+
+  demo = DemoServer(str(workdir), video=BIKES, threshold=1.0, max_new_tokens=2)
+  server = make_server(demo, "127.0.0.1", 0)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  base = f"http://127.0.0.1:{server.server_address[1]}"
+  get = lambda path: urllib.request.urlopen(base + path, timeout=600)
+  post = lambda text: urllib.request.urlopen(
+    urllib.request.Request(base + "/query", json.dumps({"text": text}).encode(), method="POST")
+  )
+  try:
+    page = get("/").read().decode()
+    assert 'id="lines"' in page and "<video" in page and BIKES in page
+    src = urllib.parse.quote(BIKES)
+    assert get(f"/video?src={src}").read() == open(BIKES, "rb").read()
+    assert json.loads(post("where is the red circle").read())["time"] == 0.0
+    with pytest.raises(urllib.error.HTTPError, match="400"):
+      post("  ")
+    events, event = [], None
+    for raw in get(f"/events?src={src}&realtime=0"):
+      line = raw.decode().rstrip("\n")
+      if line.startswith("event: "):
+        event = line[7:]
+      elif line.startswith("data: "):
+        events.append((event, json.loads(line[6:])))
+    turns = [d for e, d in events if e == "turn"]
+    assert turns[0]["role"] == "user" and turns[0]["text"] == "where is the red circle"
+    spoken = [t for t in turns if t["role"] == "assistant"]
+    assert spoken and spoken[0]["time"] == 0.0 and spoken[-1]["time"] == 9.5
+    assert events[-1][0] == "done" and events[-1][1]["frames"] == 20
+  finally:
+    server.shutdown()
+    server.server_close()

@@ -30,9 +30,7 @@ def _model(variant, n_layers=None):
   return cfg, graphdef, params
 
 
-def _sizes(cfg):
-  """One cache shape for the tests of a model, so their compiled steps are shared."""
-  return streaming.cache_sizes(RoutingPlan.from_config(cfg.model), 16, 48)
+WINDOW = dict(max_frames=16, max_text=48)  # one cache shape, so the tests share compiled steps
 
 
 def _stream(cfg, seed=0, frames=5):
@@ -87,7 +85,7 @@ def test_incremental_logits_equal_full_pass(variant):
   text_full, frame_full = jax.device_get(_full(params, batch, graphdef))
   t, f = batch["text_tokens"].shape[1], batch["frames"].shape[1]
   plan = RoutingPlan.from_config(cfg.model)
-  session = streaming.Session(graphdef, params, cfg.model, sizes=_sizes(cfg))
+  session = streaming.Session(graphdef, params, cfg.model, **WINDOW)
   text_inc, frame_inc = [], []
   for e in events:
     if e[0] == "prompt":
@@ -104,10 +102,7 @@ def test_incremental_logits_equal_full_pass(variant):
   np.testing.assert_allclose(np.stack(text_inc), text_full[0], atol=ATOL, rtol=0)
   np.testing.assert_allclose(np.stack(frame_inc), frame_full[0], atol=ATOL, rtol=0)
 
-  live = [
-    int((np.asarray(layer["attn"]["cache"]["segment_ids"][...]) != 0).sum())
-    for layer in session.cache["llm"]["layers"].values()
-  ]
+  live = [int((np.asarray(c.segment_ids) != 0).sum()) for c in session.caches]
   k = plan.keep
   assert live == [t + f * (n if k[i] is None else k[i]) for i in range(cfg.model.n_layers)]
   if variant == "":
@@ -124,7 +119,7 @@ def test_prefix_chunk_then_frames_equals_full_pass():
   batch = _layout(events, n)
   cut, m = 3, 3  # keep frames 0..2 (and the text before), feed frames 3..5
   probs = evaluate.continue_after(
-    streaming.Session(graphdef, params, cfg.model, sizes=_sizes(cfg)),
+    streaming.Session(graphdef, params, cfg.model, **WINDOW),
     batch,
     cut - 1,
     m,
@@ -152,20 +147,23 @@ def test_prefix_chunk_then_frames_equals_full_pass():
   np.testing.assert_allclose(probs, jax.nn.softmax(frame_oracle[0, cut:]), atol=1e-5, rtol=0)
 
 
-def test_slide_keeps_prompt_and_equals_full_pass_over_kept_stream():
-  """With on_full='slide' the cache drops the oldest frames; the logits then equal the full pass
-  over [system prompt + the frames still held] at their original positions. One (MoD) layer, so
+@pytest.mark.parametrize("rebase", [True, False])
+def test_slide_keeps_prompt_and_equals_full_pass_over_kept_stream(rebase):
+  """With on_full='slide' the window drops the oldest frames; the logits then equal the full pass
+  over [system prompt + the frames still held]: right after the prompt when positions are
+  re-based (a training row's layout), at their original positions otherwise. One (MoD) layer, so
   cached keys/values do not carry context from evicted frames, and the full pass is the oracle."""
   cfg, graphdef, params = _model("", n_layers=1)
   n = cfg.model.tokens_per_frame
-  plan = RoutingPlan.from_config(cfg.model)
   prompt_len, hold = 5, 3
   session = streaming.Session(
     graphdef,
     params,
     cfg.model,
     on_full="slide",
-    sizes=streaming.cache_sizes(plan, hold, prompt_len + hold),
+    rebase=rebase,
+    max_frames=hold,
+    max_text=prompt_len + hold,
   )
   events = _stream(cfg, seed=2, frames=7)
   frames = [e for e in events if e[0] == "frame"]
@@ -175,9 +173,10 @@ def test_slide_keeps_prompt_and_equals_full_pass_over_kept_stream():
     out = session.feed(e[1], e[2][None])
   assert session.ledger.evicted_events == len(frames) - hold
   kept = frames[-hold:]
+  first = len(frames) - hold if not rebase else 0  # the first kept frame's place after the prompt
   tt, tp, fp = list(events[0][1]), list(range(prompt_len)), []
   for j, e in enumerate(kept):
-    p = prompt_len + (len(frames) - hold + j) * (1 + n)
+    p = prompt_len + (first + j) * (1 + n)
     tt.append(e[1][0])
     tp.append(p)
     fp.append(p + 1)
@@ -191,18 +190,134 @@ def test_slide_keeps_prompt_and_equals_full_pass_over_kept_stream():
   }
   _, frame_oracle = jax.device_get(_full(params, oracle, graphdef))
   np.testing.assert_allclose(out["frame_logits"][0, 0], frame_oracle[0, -1], atol=ATOL, rtol=0)
-  seg0 = np.asarray(session.cache["llm"]["layers"][0]["attn"]["cache"]["segment_ids"][...])
-  pos0 = np.asarray(session.cache["llm"]["layers"][0]["attn"]["cache"]["positions"][...])
+  cache = session.caches[0]
+  pos0, seg0 = np.asarray(cache.positions), np.asarray(cache.segment_ids)
   np.testing.assert_array_equal(pos0[0, :prompt_len], np.arange(prompt_len))  # prompt pinned
   assert (seg0[0, :prompt_len] == 1).all()
+  # Re-based, no RoPE position exceeds the window's span (the trained range).
+  assert session.max_position == (fp[-1] + n - 1)
+  if rebase:
+    assert session.max_position <= session.trained_max_position < session.position - 1
+
+
+def test_rebased_window_equals_unrebased_cache_while_it_fits():
+  """A stream that fits the window gives the same logits with and without re-basing (nothing is
+  evicted, so the offset is 0 and keys rotated at read time are the keys rotated at write time;
+  ``test_incremental_logits_equal_full_pass`` checks both against the full pass)."""
+  cfg, graphdef, params = _model("")
+  events = _stream(cfg, seed=3, frames=5)
+  outs = {}
+  for rebase in (True, False):
+    session = streaming.Session(
+      graphdef, params, cfg.model, rebase=rebase, on_full="slide", **WINDOW
+    )
+    logits = []
+    for e in events:
+      out = session.feed(e[1], e[2][None] if e[0] == "frame" else None)
+      logits.append(out["frame_logits"][0, 0] if e[0] == "frame" else out["text_logits"][0, -1])
+    outs[rebase] = np.stack(logits)
+    assert session.rope_offset == 0 and session.ledger.evicted_events == 0
+  np.testing.assert_array_equal(outs[True], outs[False])
+
+
+def test_padded_text_buckets_equal_unpadded_chunks():
+  """Text padded to bucket lengths (padding takes no cache slot) gives the logits of the same
+  chunks unpadded, with the same live cache entries; text longer than the largest bucket is split."""
+  cfg, graphdef, params = _model("")
+  rng = np.random.default_rng(4)
+  s, v = cfg.model.vision.image_size, cfg.model.vocab_size
+  chunks = [
+    (list(rng.integers(1, v, 5)), None),
+    ([3], rng.integers(0, 256, (1, s, s, 3), np.uint8)),
+  ]
+  chunks += [
+    (list(rng.integers(1, v, 7)), None),
+    ([3], rng.integers(0, 256, (1, s, s, 3), np.uint8)),
+  ]
+  chunks += [(list(rng.integers(1, v, 11)), None), ([2], None)]
+  outs, live = {}, {}
+  for name, buckets in (("padded", (1, 4, 8)), ("exact", tuple(range(1, 12)))):
+    session = streaming.Session(
+      graphdef, params, cfg.model, text_buckets=buckets, max_frames=4, max_text=40
+    )
+    outs[name] = [session.feed(ids, fr) for ids, fr in chunks]
+    live[name] = [np.asarray(c.segment_ids) for c in session.caches]
+    assert session.position == 5 + 11 + 7 + 11 + 11 + 1
+  for a, b in zip(outs["padded"], outs["exact"]):
+    assert a["text_logits"].shape == b["text_logits"].shape
+    np.testing.assert_allclose(a["text_logits"], b["text_logits"], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(a["frame_logits"], b["frame_logits"], atol=ATOL, rtol=0)
+    assert a["next_token"] == b["next_token"]
+  for a, b in zip(live["padded"], live["exact"]):
+    np.testing.assert_array_equal(a != 0, b != 0)  # same slots used: padding took none
+
+
+def test_encode_ahead_feeds_the_same_stream_as_pixels():
+  """Pipelined (the vision tower on frame t+1 in a worker thread, features fed to the decoder)
+  gives the logits of feeding the pixels, frame by frame."""
+  cfg, graphdef, params = _model("")
+  rng = np.random.default_rng(5)
+  s = cfg.model.vision.image_size
+  frames = [(i / 2, rng.integers(0, 256, (s, s, 3), np.uint8)) for i in range(4)]
+  outs = {}
+  for pipelined in (False, True):
+    session = streaming.Session(graphdef, params, cfg.model, **WINDOW)
+    session.feed([1, 2, 3])
+    session.pin()
+    items = (
+      streaming.encode_ahead(session, iter(frames))
+      if pipelined
+      else ((t, f, None) for t, f in frames)
+    )
+    got = []
+    for _, frame, features in items:
+      if features is None:
+        got.append(session.feed([3], frame[None])["frame_logits"])
+      else:
+        got.append(session.feed([3], features=features)["frame_logits"])
+    outs[pipelined] = np.concatenate(got, axis=1)
+  assert outs[True].shape == (1, 4, cfg.model.vocab_size)
+  np.testing.assert_allclose(outs[True], outs[False], atol=ATOL, rtol=0)
+
+
+def test_engine_compiles_nothing_after_warmup(tmp_path):
+  """After warm-up, a stream with 5 queries of different lengths (one longer than the largest
+  bucket) and responses compiles nothing; a new chunk shape would (the counter is live)."""
+  cfg, graphdef, params = _model("")
+  params = jax.device_put(params, jax.devices()[0])  # committed, as restored checkpoints are
+  words = ["narrate", "what", "happens", "a", "red", "circle", "where", "is", "it", "?"]
+  tok = build_word_tokenizer(words, tmp_path / "tokenizer.json")
+  engine = streaming.StreamEngine.create(
+    graphdef,
+    params,
+    cfg,
+    tok,
+    max_frames=6,
+    max_text=40,
+    threshold=1.0,
+    max_new_tokens=2,
+    text_buckets=(1, 4, 16),
+    system_prompt="narrate what happens",
+  )
+  engine.warmup()
+  counter = streaming.CompileCounter()
+  for i, length in enumerate((1, 3, 6, 12, 20)):
+    engine.add_query(i * 0.5, " ".join(words[j % len(words)] for j in range(length)))
+  s = cfg.model.vision.image_size
+  turns = []
+  for i in range(12):
+    turns += engine.push_frame(np.full((s, s, 3), 20 * i, np.uint8))
+  assert sum(t.role == "user" for t in turns) == 5 and engine.responses == 12
+  assert engine.evicted_chunks > 0
+  assert counter.count == 0
+  assert engine.session.max_position <= engine.session.trained_max_position
+  engine.session.feed([3, 3], np.zeros((2, s, s, 3), np.uint8))  # a shape never warmed up
+  assert counter.count > 0
 
 
 def test_stop_policy_raises_clear_error_and_writes_nothing():
   cfg, graphdef, params = _model("", n_layers=1)
-  plan = RoutingPlan.from_config(cfg.model)
-  session = streaming.Session(
-    graphdef, params, cfg.model, on_full="stop", sizes=streaming.cache_sizes(plan, 2, 4)
-  )
+  session = streaming.Session(graphdef, params, cfg.model, on_full="stop", max_frames=2, max_text=4)
   s = cfg.model.vision.image_size
   session.feed([1, 2])
   session.pin()
@@ -212,12 +327,14 @@ def test_stop_policy_raises_clear_error_and_writes_nothing():
   used = list(session.ledger.used)
   with pytest.raises(
     streaming.CacheFull,
-    match=r"KV cache full: the frame 2 needs .* "
+    match=r"KV cache full: the frame 2 needs 1 more text entries; the window holds 4 of 4 .*"
     r"on_full='stop'.*on_full='slide'",
   ):
     session.feed([3], frame, what="frame 2")
   assert session.ledger.used == used and session.position == 2 + 2 * 11
-  assert used == [2 + 2 * (1 + 2)]  # prompt + 2 x (interval + k = 2 kept vision tokens)
+  assert used == [4, 2]  # prompt + 2 interval tokens, 2 frames
+  # prompt + 2 x (interval + k = 2 kept vision tokens) live entries in the (MoD) layer's cache
+  assert int((np.asarray(session.caches[0].segment_ids) != 0).sum()) == 2 + 2 * (1 + 2)
 
 
 def test_ledger_refuses_an_event_larger_than_the_cache():

@@ -342,12 +342,9 @@ def compile_stream(config: ConfigDict, mesh: Mesh) -> dict[str, Any]:
     RoutingPlan.from_config(config.model), config.data.max_frames, config.data.max_text
   )
 
-  def build():
-    model = build_model(config.model, rngs=config.seed)
-    streaming.attach_caches(model, 1, sizes)
-    return model
-
-  graphdef, abs_params, abs_cache = nnx.split(nnx.eval_shape(build), nnx.Param, nnx.Cache)
+  abs_model = nnx.eval_shape(lambda: build_model(config.model, rngs=config.seed))
+  graphdef, abs_params = nnx.split(abs_model, nnx.Param)
+  abs_cache = jax.eval_shape(lambda: streaming.empty_caches(abs_model, 1, sizes))
   replicated = NamedSharding(mesh, PartitionSpec())
   params = _with_sharding(abs_params, sharding.param_shardings(abs_params, mesh, rules))
   cache = jax.tree.map(
@@ -373,6 +370,8 @@ def compile_stream(config: ConfigDict, mesh: Mesh) -> dict[str, Any]:
       cache,
       batch,
       sd((), i32),
+      sd((), i32),
+      sd((1,), i32),
       jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
       graphdef=graphdef,
       sampler=streaming.Sampler(),

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import av
@@ -172,15 +174,131 @@ def num_sampled_frames(duration: float, fps: float) -> int:
   return max(n, 1)
 
 
+def _is_live(source) -> bool:
+  """A source whose length is not known up front: a pipe, stdin, a device or a URL."""
+  return not (isinstance(source, (str, os.PathLike)) and os.path.isfile(source))
+
+
+def _open_source(source) -> tuple[Any, str]:
+  """Opens a file path, ``-`` (stdin), a file object (a pipe), a capture device (``/dev/videoN``,
+  through v4l2) or a URL (``rtsp://``, ``http://``, ...); returns (container, name)."""
+  if hasattr(source, "read"):
+    name, target, fmt = getattr(source, "name", "<pipe>"), source, None
+  elif os.fspath(source) == "-":
+    name, target, fmt = "<stdin>", sys.stdin.buffer, None
+  else:
+    name = target = os.fspath(source)
+    if "://" not in name and not name.startswith("/dev/"):
+      return _open(name), name
+    fmt = "v4l2" if name.startswith("/dev/video") else None
+  try:
+    container = av.open(target, mode="r", format=fmt)
+  except (av.error.FFmpegError, OSError, ValueError) as e:
+    raise VideoError(name, f"cannot open as a media source ({type(e).__name__}: {e})") from e
+  if not container.streams.video:
+    container.close()
+    raise VideoError(name, "the source has no video stream")
+  return container, name
+
+
+def iter_frames(source, fps: float, size: int) -> Iterator[tuple[float, np.ndarray]]:
+  """Decodes a video source incrementally at a fixed frame rate: yields ``(t_i, frame_i)``.
+
+  Frame ``i`` is the picture displayed at ``t_i = i / fps`` seconds (the last decoded frame whose
+  presentation time, relative to the first frame's, is ``<= t_i``), yielded as soon as a later
+  frame arrives, so only one decoded picture is held at a time: a camera, a network stream or a
+  pipe streams without its length being known, and a long file is never held in memory.
+
+  A regular file is checked as :func:`decode_video` checks it: the grid ends at the duration the
+  container announces and a stream that stops early raises (after its frames were yielded).
+  Any other source (``-`` for stdin, a file object such as a pipe, ``/dev/videoN``, a URL) ends
+  where its stream ends.
+
+  Args:
+    source: a file path, ``-``, a readable binary file object, a device path or a URL.
+    fps: sampling rate in frames per second.
+    size: output side in pixels (letterboxed RGB, :func:`frame_to_rgb`).
+
+  Yields:
+    ``(seconds, uint8 [size, size, 3])``.
+
+  Raises:
+    VideoError: the source cannot be opened or has no video stream, a decoding error, no
+      decodable frame, or a truncated file.
+    ValueError: ``fps <= 0`` or ``size < 1``.
+  """
+  if fps <= 0 or size < 1:
+    raise ValueError(f"iter_frames({source!r}): fps={fps} must be > 0 and size={size} >= 1.")
+  live = _is_live(source)
+  container, name = _open_source(source)
+  try:
+    info = _info(container)
+    stream = container.streams.video[0]
+    if info.width * info.height >= 320 * 240:  # frame threads pay off only for larger pictures
+      stream.thread_type = "AUTO"
+    reformatter = VideoReformatter()
+    emitted = 0
+    prev = None  # last decoded frame with time <= the next grid time
+    first_time = None
+    last_time = 0.0
+    n_decoded = 0
+    duration = 0.0 if live else info.duration
+    # The number of grid times is fixed by the announced duration when there is one; otherwise
+    # by the decoded stream's end.
+    n_target = num_sampled_frames(duration, fps) if duration > 0 else None
+    try:
+      for frame in container.decode(stream):
+        if frame.pts is None or frame.time is None:
+          continue
+        t = float(frame.time)
+        if first_time is None:
+          first_time = t
+        t -= first_time
+        n_decoded += 1
+        # Emit every grid time that this frame's arrival closes (the previous frame was shown).
+        while (
+          prev is not None
+          and (n_target is None or emitted < n_target)
+          and t > emitted / fps + _PTS_EPS_S
+        ):
+          yield emitted / fps, frame_to_rgb(prev, size, reformatter)
+          emitted += 1
+        prev = frame
+        last_time = t
+    except av.error.FFmpegError as e:
+      raise VideoError(
+        name, f"decoding failed after {n_decoded} frames ({type(e).__name__}: {e})"
+      ) from e
+    if prev is None:
+      raise VideoError(name, "no decodable video frame")
+    frame_dur = 1.0 / info.native_fps if info.native_fps > 0 else 0.0
+    if duration <= 0:  # no announced duration: the stream's own end
+      n_target = num_sampled_frames(last_time + frame_dur, fps)
+    while emitted < n_target:  # grid times after the last frame change
+      yield emitted / fps, frame_to_rgb(prev, size, reformatter)
+      emitted += 1
+    if duration > 0 and last_time + frame_dur < duration - max(
+      _TRUNCATION_TOLERANCE_S, 2 * frame_dur
+    ):
+      raise VideoError(
+        name,
+        f"truncated: frames stop at {last_time + frame_dur:.2f}s but the container "
+        f"announces {duration:.2f}s",
+      )
+  finally:
+    container.close()
+
+
 def decode_video(
   path: str | os.PathLike[str], fps: float, size: int
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Decodes a video at a fixed frame rate into letterboxed RGB frames.
+  """Decodes a video at a fixed frame rate into letterboxed RGB frames, all in memory.
 
   Frame ``i`` is the picture displayed at ``t_i = i / fps`` seconds: the last decoded frame whose
   presentation time is ``<= t_i``, for every ``t_i < duration``. Presentation times are taken
   relative to the stream's first frame. The whole stream is decoded (every frame is checked, so a
   corrupt or truncated file raises here rather than later), but only sampled frames are resized.
+  :func:`iter_frames` is the incremental form (live sources, long streams).
 
   Args:
     path: video file.
@@ -200,59 +318,8 @@ def decode_video(
   path = os.fspath(path)
   if fps <= 0 or size < 1:
     raise ValueError(f"decode_video({path!r}): fps={fps} must be > 0 and size={size} >= 1.")
-  container = _open(path)
-  try:
-    info = _info(container)
-    stream = container.streams.video[0]
-    if info.width * info.height >= 320 * 240:  # frame threads pay off only for larger pictures
-      stream.thread_type = "AUTO"
-    reformatter = VideoReformatter()
-    frames: list[np.ndarray] = []
-    prev = None  # last decoded frame with time <= the next grid time
-    first_time = None
-    last_time = None
-    n_decoded = 0
-    duration = info.duration
-    # The number of grid times is fixed by the announced duration when there is one; otherwise
-    # by the decoded stream's end.
-    n_target = num_sampled_frames(duration, fps) if duration > 0 else None
-    try:
-      for frame in container.decode(stream):
-        if frame.pts is None or frame.time is None:
-          continue
-        t = float(frame.time)
-        if first_time is None:
-          first_time = t
-        t -= first_time
-        n_decoded += 1
-        # Emit every grid time that this frame's arrival closes (the previous frame was shown).
-        while (
-          prev is not None
-          and (n_target is None or len(frames) < n_target)
-          and t > len(frames) / fps + _PTS_EPS_S
-        ):
-          frames.append(frame_to_rgb(prev, size, reformatter))
-        prev = frame
-        last_time = t
-    except av.error.FFmpegError as e:
-      raise VideoError(
-        path, f"decoding failed after {n_decoded} frames ({type(e).__name__}: {e})"
-      ) from e
-    if prev is None:
-      raise VideoError(path, "no decodable video frame")
-    frame_dur = 1.0 / info.native_fps if info.native_fps > 0 else 0.0
-    if duration <= 0:  # no announced duration: the stream's own end
-      duration = last_time + frame_dur
-      n_target = num_sampled_frames(duration, fps)
-    elif last_time + frame_dur < duration - max(_TRUNCATION_TOLERANCE_S, 2 * frame_dur):
-      raise VideoError(
-        path,
-        f"truncated: frames stop at {last_time + frame_dur:.2f}s but the container "
-        f"announces {duration:.2f}s",
-      )
-    while len(frames) < n_target:  # grid times after the last frame change
-      frames.append(frame_to_rgb(prev, size, reformatter))
-  finally:
-    container.close()
+  if not os.path.exists(path):
+    raise VideoError(path, "file does not exist")
+  frames = [frame for _, frame in iter_frames(path, fps, size)]
   timestamps = np.arange(len(frames), dtype=np.float64) / fps
   return np.stack(frames).astype(np.uint8, copy=False), timestamps

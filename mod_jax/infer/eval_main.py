@@ -70,11 +70,11 @@ def run_benchmark_eval(
   progress: bool = True,
 ) -> dict:
   """COIN benchmark accuracy of the model of ``workdir``; writes and returns the result dict."""
+  from mod_jax.convert import pretrained
   from mod_jax.data import pipeline
   from mod_jax.infer import coin_benchmark
-  from mod_jax.train import checkpoint
 
-  config, graphdef, params, ckpt_step = checkpoint.restore_params(workdir, step)
+  config, graphdef, params, ckpt_step = pretrained.restore_params(workdir, step)
   tokenizer = pipeline.load_tokenizer(config)
   answer = coin_benchmark.engine_answer_fn(
     config, graphdef, params, tokenizer, max_new_tokens=max_new_tokens

@@ -23,7 +23,6 @@ from flax import nnx
 from mod_jax.data import pipeline
 from mod_jax.data.tokenizer import StreamTokenizer
 from mod_jax.infer import metrics, streaming
-from mod_jax.model.mod import RoutingPlan
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -145,7 +144,8 @@ def stream_evaluate(
     graphdef,
     params,
     m,
-    sizes=streaming.cache_sizes(RoutingPlan.from_config(m), 2 * f_cap, t_cap + f_cap),
+    max_frames=2 * f_cap,
+    max_text=t_cap + f_cap,
   )
   rng = jax.random.key(config.seed + 1)
   results = []

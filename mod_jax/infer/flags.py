@@ -19,7 +19,12 @@ OUTPUT = flags.DEFINE_string(
 )
 
 # mod-jax stream
-VIDEO = flags.DEFINE_string("video", None, "Video file (anything PyAV/ffmpeg reads).")
+VIDEO = flags.DEFINE_string(
+  "video",
+  None,
+  "Video source, decoded incrementally: a file (anything PyAV/ffmpeg reads), '-' (stdin, e.g. a "
+  "pipe), a capture device (/dev/video0) or a URL (rtsp://, http://, ...).",
+)
 FPS = flags.DEFINE_float(
   "fps", None, "Frames per second fed to the model (default: the training config's data.fps, 2)."
 )
@@ -28,19 +33,42 @@ QUERY = flags.DEFINE_multi_string(
   [],
   "User query 'SECONDS:TEXT'; it enters before the first frame at or after SECONDS. Repeatable.",
 )
-MAX_FRAMES = flags.DEFINE_integer("max_frames", 1200, "KV cache capacity in frames.")
+MAX_FRAMES = flags.DEFINE_integer(
+  "max_frames",
+  None,
+  "Window (KV cache) in frames. Default: the training config's data.max_frames, so the model "
+  "never attends to more than a training row held (docs/streaming.md).",
+)
 MAX_TEXT = flags.DEFINE_integer(
   "max_text",
-  4096,
-  "KV cache capacity in text tokens besides the system prompt (one interval "
-  "token per frame, queries, responses).",
+  None,
+  "Window in text tokens, the system prompt, one interval token per frame, queries and "
+  "responses included. Default: the training config's data.max_text.",
+)
+REBASE = flags.DEFINE_boolean(
+  "rebase",
+  True,
+  "Re-base RoPE positions to the window so they stay in the trained range "
+  "(--norebase: absolute positions that grow with the stream).",
+)
+REALTIME = flags.DEFINE_boolean(
+  "realtime",
+  False,
+  "Pace to the source clock: wait for a frame's time, skip frames that are already late "
+  "(the model slower than real time); reports lag and skipped frames.",
 )
 ON_FULL = flags.DEFINE_enum(
   "on_full",
   "slide",
   ["slide", "stop"],
-  "When the KV cache is full: 'slide' drops the oldest "
+  "When the window is full: 'slide' drops the oldest "
   "frames and keeps the system prompt; 'stop' ends the stream there with a message.",
+)
+PIPELINE = flags.DEFINE_boolean(
+  "pipeline",
+  False,
+  "Encoder || decoder pipelining: a worker thread decodes and encodes frame t+1 (vision tower) "
+  "while the decoder handles frame t.",
 )
 MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 100, "Response length limit (tokens).")
 TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy decoding; > 0: sampling.")
@@ -59,3 +87,7 @@ BENCHMARK_DIR = flags.DEFINE_string(
   "benchmark_dir", "", "tfds data_dir holding coin_stream (default: the config's data.tfds_dir)."
 )
 BENCHMARK_SPLIT = flags.DEFINE_string("benchmark_split", "test", "COIN subset: test or train.")
+
+# mod-jax serve
+PORT = flags.DEFINE_integer("port", 8000, "mod-jax serve: HTTP port (0: any free port).")
+HOST = flags.DEFINE_string("host", "127.0.0.1", "mod-jax serve: address to bind.")

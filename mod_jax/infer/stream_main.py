@@ -1,16 +1,22 @@
-"""``mod-jax stream --workdir CKPT --video FILE [--fps 2] [--threshold 0.725]``: live narration.
+"""``mod-jax stream --workdir CKPT --video SOURCE [--fps 2] [--threshold 0.725] [--realtime]``.
 
-Decodes the video (PyAV) at ``fps``, feeds it frame by frame to the model of ``CKPT`` through the
-streaming engine (``mod_jax.infer.streaming``), prints each response with its video time as it
-comes, and writes every turn as a JSON line (``{"role", "time", "frame", "text", "token_ids",
-"p_interval", "truncated"}``) to ``--output``. The last stdout line is a JSON summary.
-When the KV cache is full, ``--on_full=slide`` (default) drops the oldest frames and keeps the
-system prompt; ``--on_full=stop`` ends the stream there with a message (exit status 0, and
-``"stopped": "<reason>"`` in the summary).
+Decodes the source incrementally (PyAV: a file, ``-`` for stdin, a capture device or a URL;
+``mod_jax.data.video.iter_frames``) at ``fps``, feeds it frame by frame to the model of ``CKPT``
+through the streaming engine (``mod_jax.infer.streaming``), prints each response with its video
+time as it comes, and writes every turn as a JSON line (``{"role", "time", "frame", "text",
+"token_ids", "p_interval", "truncated"}``) to ``--output``. The last stdout line is a JSON summary.
+The model attends to a window of the training config's size (``--max_frames`` / ``--max_text``);
+when it is full, ``--on_full=slide`` (default) drops the oldest frames and keeps the system
+prompt; ``--on_full=stop`` ends the stream there with a message (exit status 0, and
+``"stopped": "<reason>"`` in the summary). ``--realtime`` paces to the source clock, skips the
+frames the model cannot keep up with, and reports the lag and the skipped frames. ``--pipeline``
+encodes frame t+1 (vision tower) in a worker thread while the decoder handles frame t; the summary
+reports the real-time factor (processing seconds per second of video).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -38,17 +44,57 @@ def parse_query(text: str) -> tuple[float, str]:
   return seconds, body.strip()
 
 
+class Pacer:
+  """Paces a stream to its source clock (``--realtime``).
+
+  The clock starts at the first frame. A frame due at ``t`` seconds waits until then; a frame
+  that is already a whole frame interval late when its turn comes is skipped (the model is slower
+  than real time), so the stream stays live instead of falling further behind.
+  """
+
+  def __init__(self, fps: float, clock=time.perf_counter, sleep=time.sleep):
+    self.interval = 1.0 / fps
+    self.clock, self.sleep = clock, sleep
+    self.start: float | None = None
+    self.skipped = 0
+    self.lags: list[float] = []
+
+  def admit(self, t: float) -> bool:
+    """Whether the frame due at ``t`` seconds is fed (after waiting for it); counts skips/lag."""
+    if self.start is None:
+      self.start = self.clock() - t
+    lag = self.clock() - self.start - t
+    if lag >= self.interval:
+      self.skipped += 1
+      return False
+    if lag < 0:
+      self.sleep(-lag)
+    self.lags.append(max(lag, 0.0))
+    return True
+
+  def report(self) -> dict:
+    lags = self.lags or [0.0]
+    return {
+      "skipped_frames": self.skipped,
+      "lag_mean_s": sum(lags) / len(lags),
+      "lag_max_s": max(lags),
+    }
+
+
 def run_stream(
   workdir: str,
-  video: str,
+  video,
   *,
   output: str | None = None,
   fps: float | None = None,
   threshold: float = 0.725,
   queries=(),
-  max_frames: int = 1200,
-  max_text: int = 4096,
+  max_frames: int | None = None,
+  max_text: int | None = None,
   on_full: str = "slide",
+  rebase: bool = True,
+  realtime: bool = False,
+  pipeline: bool = False,
   max_new_tokens: int = 100,
   temperature: float = 0.0,
   top_p: float = 1.0,
@@ -57,25 +103,33 @@ def run_stream(
   progress: bool = True,
   echo=print,
 ) -> dict:
-  """Streams ``video`` through the model of ``workdir``; returns the summary dict.
+  """Streams ``video`` (a source :func:`~mod_jax.data.video.iter_frames` opens) through the model
+  of ``workdir``; returns the summary dict. ``max_frames`` / ``max_text``: the window (default:
+  the training config's ``data.max_frames`` / ``data.max_text``).
 
   Raises:
-    VideoError: the video cannot be decoded (checked before the model is loaded).
+    VideoError: the video cannot be opened (checked before the model is loaded) or decoded.
     FileNotFoundError: ``workdir`` has no config.json / checkpoint.
   """
   import jax
   import tqdm
 
   from mod_jax.convert import pretrained
-  from mod_jax.data import pipeline
-  from mod_jax.data.video import decode_video
+  from mod_jax.data import pipeline as data_pipeline
+  from mod_jax.data.video import iter_frames, probe_video
   from mod_jax.infer import streaming
 
   config = pretrained.native_config(workdir)
   fps = float(config.data.fps if fps is None else fps)
-  frames, times = decode_video(video, fps, int(config.model.vision.image_size))
+  frames = iter_frames(video, fps, int(config.model.vision.image_size))
+  first = next(frames, None)  # opens the source: a bad one fails before the model loads
+  name = video if isinstance(video, str) else getattr(video, "name", "<pipe>")
+  total = None
+  if isinstance(video, str) and os.path.isfile(video):
+    info = probe_video(video)
+    total = int(round(info.duration * fps)) or None
   config, graphdef, params, ckpt_step = pretrained.restore_params(workdir, step)
-  tokenizer = pipeline.load_tokenizer(config)
+  tokenizer = data_pipeline.load_tokenizer(config)
   engine = streaming.StreamEngine.create(
     graphdef,
     params,
@@ -84,6 +138,7 @@ def run_stream(
     max_frames=max_frames,
     max_text=max_text,
     on_full=on_full,
+    rebase=rebase,
     sampler=streaming.Sampler(temperature, top_p),
     seed=seed,
     fps=fps,
@@ -91,29 +146,42 @@ def run_stream(
     max_new_tokens=max_new_tokens,
   )
   start = time.perf_counter()
-  engine.warmup()  # compile before the clock of the live stream starts
+  engine.warmup(encoded=pipeline)  # compile before the clock of the live stream starts
   compile_seconds = time.perf_counter() - start
   for t, q in queries:
     engine.add_query(t, q)
   if output is None:
-    stem = os.path.splitext(os.path.basename(video))[0]
+    stem = os.path.splitext(os.path.basename(name))[0] or "stream"
     output = os.path.join(workdir, "stream", f"{stem}.jsonl")
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  session = engine.session
   echo(
-    f"streaming {video}: {len(frames)} frames at {fps:g} fps through {workdir} "
-    f"(step {ckpt_step}, threshold {threshold:g}, backend {jax.default_backend()})"
+    f"streaming {name} at {fps:g} fps through {workdir} (step {ckpt_step}, threshold "
+    f"{threshold:g}, window {session.window[1]} frames + {session.window[0]} text, backend "
+    f"{jax.default_backend()})"
   )
-  stopped, turns = None, 0
+  stopped, turns, decoded = None, 0, 0
+  pacer = Pacer(fps) if realtime else None
+  counter = streaming.CompileCounter()
   start = time.perf_counter()
   bar = tqdm.tqdm(
-    total=len(frames), unit="frame", disable=not progress, dynamic_ncols=True, file=sys.stderr
+    total=total, unit="frame", disable=not progress, dynamic_ncols=True, file=sys.stderr
   )
+  source = itertools.chain([first] if first is not None else [], frames)
+  if pipeline:  # the vision tower on frame t+1 while the decoder handles frame t
+    items = streaming.encode_ahead(session, source)
+  else:
+    items = ((t_s, frame, None) for t_s, frame in source)
   with open(output, "w", encoding="utf-8") as out:
-    for i, frame in enumerate(frames):
+    for t_s, frame, features in items:
+      decoded += 1
+      bar.update(1)
+      if pacer is not None and not pacer.admit(t_s):
+        continue
       try:
-        new = engine.push_frame(frame)
+        new = engine.push_frame(frame, time_s=t_s, features=features)
       except streaming.CacheFull as e:
-        stopped = f"at frame {i} ({times[i]:.2f}s): {e}"
+        stopped = f"at {t_s:.2f}s (frame {engine.frames_seen}): {e}"
         tqdm.tqdm.write(f"stopped {stopped}", file=sys.stderr)
         break
       for turn in new:
@@ -126,24 +194,31 @@ def run_stream(
         out.write(json.dumps(turn.to_json()) + "\n")
         out.flush()
         turns += 1
-      bar.update(1)
   bar.close()
   seconds = time.perf_counter() - start
-  return {
-    "video": video,
+  summary = {
+    "video": name,
     "output": output,
     "frames": engine.frames_seen,
-    "video_frames": len(frames),
+    "video_frames": decoded,
     "seconds": seconds,
     "frames_per_second": engine.frames_seen / seconds if seconds > 0 else 0.0,
+    "realtime_factor": seconds / (decoded / fps) if decoded else None,
+    "pipeline": pipeline,
     "compile_seconds": compile_seconds,
+    "compiles_after_warmup": counter.count,
     "responses": engine.responses,
     "truncated_responses": engine.truncated_responses,
     "turns": turns,
     "evicted_chunks": engine.evicted_chunks,
+    "max_position": session.max_position,
+    "trained_max_position": session.trained_max_position,
     "stopped": stopped,
     "step": ckpt_step,
   }
+  if pacer is not None:
+    summary.update(pacer.report())
+  return summary
 
 
 def main(argv):
@@ -170,6 +245,9 @@ def main(argv):
       max_frames=f.MAX_FRAMES.value,
       max_text=f.MAX_TEXT.value,
       on_full=f.ON_FULL.value,
+      rebase=f.REBASE.value,
+      realtime=f.REALTIME.value,
+      pipeline=f.PIPELINE.value,
       max_new_tokens=f.MAX_NEW_TOKENS.value,
       temperature=f.TEMPERATURE.value,
       top_p=f.TOP_P.value,

@@ -13,10 +13,14 @@ Two masks, one meaning (``mask[q, k] = seg_q == seg_k != 0 and pos_k <= pos_q``)
 RoPE tables (cos, sin) are computed once per forward pass from the positions and shared by every
 layer (:func:`rope_tables`).
 
-Streaming inference attaches a :class:`KVCache` to a layer (``Attention.cache``; None in training).
-A call then writes its keys/values into the cache and attends over every cached entry with the
-position mask; in a MoD layer the call sees only the text and kept vision tokens, so only those
-are cached (``mod_jax.infer.streaming``).
+Streaming inference passes a layer its :class:`KVCache` explicitly (:meth:`Attention.cached`,
+which returns the updated cache; training never sees one). The call writes its keys/values into the
+cache and attends over every cached entry with the position mask; in a MoD layer the call sees
+only the text and kept vision tokens, so only those are cached (``mod_jax.infer.streaming``).
+Keys are cached UNROTATED with their stream positions and rotated when read, at positions
+shifted by the caller's ``rope_offset`` (the pinned prefix excepted): a long stream whose oldest
+entries were evicted is re-based so that its RoPE positions stay in the trained range
+(``docs/streaming.md``).
 
 Shape letters: b batch, t query tokens, s key tokens, d model width, n query heads, k KV heads,
 g query heads per KV head (n = k·g), h head dim.
@@ -133,7 +137,21 @@ class Attention(nnx.Module):
     self.block_size = int(cfg.get("attention_block_size", 512))
     self.platform = cfg.get("attention_platform", "") or None
     self.rules = rules
-    self.cache: KVCache | None = nnx.data(None)  # set for streaming inference only
+
+  def projections(self, x_btd: jax.Array, rng: jax.Array | None = None):
+    """Unrotated q [b, t, n, h], k and v [b, t, k, h] (biases and LoRA included).
+
+    ``rng`` is the LoRA dropout key (``mod_jax/model/lora.py``; training only).
+    """
+    x = x_btd.astype(self.dtype)
+
+    def proj(name, bias, i):
+      y = project(x, getattr(self, name)[...].astype(self.dtype))
+      y = y if bias is None else y + bias[...].astype(self.dtype)
+      delta = lora.adapter(self, name, x, lora.fold(rng, i), self.dtype)  # None without LoRA
+      return y if delta is None else y + delta
+
+    return proj("q", self.q_bias, 0), proj("k", self.k_bias, 1), proj("v", self.v_bias, 2)
 
   def qkv(
     self,
@@ -145,21 +163,14 @@ class Attention(nnx.Module):
     """Projects and rotates: returns q [b, t, n, h], k and v [b, t, k, h].
 
     ``rope``: the row's tables (:func:`rope_tables`), computed here from ``positions`` if None.
-    ``rng`` is the LoRA dropout key (``mod_jax/model/lora.py``; training only). The projections
-    are named ``query_proj`` / ``key_proj`` / ``value_proj`` for remat policies.
+    ``rng`` is the LoRA dropout key. The projections are named ``query_proj`` / ``key_proj`` /
+    ``value_proj`` for remat policies.
     """
-    x = x_btd.astype(self.dtype)
     rope = rope_tables(positions_bt, self.inv_freq) if rope is None else rope
-
-    def proj(name, bias, i):
-      y = project(x, getattr(self, name)[...].astype(self.dtype))
-      y = y if bias is None else y + bias[...].astype(self.dtype)
-      delta = lora.adapter(self, name, x, lora.fold(rng, i), self.dtype)  # None without LoRA
-      return y if delta is None else y + delta
-
-    q = checkpoint_name(apply_rope(proj("q", self.q_bias, 0), rope), "query_proj")
-    k = checkpoint_name(apply_rope(proj("k", self.k_bias, 1), rope), "key_proj")
-    v = checkpoint_name(proj("v", self.v_bias, 2), "value_proj")
+    q, k, v = self.projections(x_btd, rng)
+    q = checkpoint_name(apply_rope(q, rope), "query_proj")
+    k = checkpoint_name(apply_rope(k, rope), "key_proj")
+    v = checkpoint_name(v, "value_proj")
     q = shard(q, ("batch", "length", "heads", "head_dim"), self.rules)
     k = shard(k, ("batch", "length", "kv_heads", "head_dim"), self.rules)
     return q, k, v
@@ -184,12 +195,10 @@ class Attention(nnx.Module):
     ``ordered=True`` promises the tokens are in stream order (``mod_jax/model/rows.py``): the
     mask is then causal in slot order within a segment and runs on the configured kernel
     (``attention_ops.attend``). Otherwise the mask is built from positions (any slot order;
-    the reference path, materialising the [t, t] scores). With a :class:`KVCache` attached, the
-    tokens' keys/values are written to it first and the queries attend over all cached entries
-    (earlier calls included). ``rng``: LoRA dropout key.
+    the reference path, materialising the [t, t] scores). ``rng``: LoRA dropout key.
     """
     q, k, v = self.qkv(x_btd, positions_bt, rng, rope)
-    if ordered and self.cache is None:
+    if ordered:
       o = attention_ops.attend(
         q,
         k,
@@ -203,65 +212,124 @@ class Attention(nnx.Module):
         rules=self.rules,
       )
     else:
-      k_pos, k_seg = positions_bt, segment_ids_bt
-      if self.cache is not None:
-        k, v, k_pos, k_seg = self.cache.write(k, v, positions_bt, segment_ids_bt)
-      mask = attention_mask(positions_bt, segment_ids_bt, k_pos, k_seg)
+      mask = attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt)
       o = attention_ops.masked_attention(q, k, v, mask)
     return self.out(o, rng)
 
+  def cached(
+    self,
+    x_btd,
+    positions_bt,
+    segment_ids_bt,
+    cache: KVCache,
+    *,
+    rope_offset=0,
+    rope: Rope | None = None,
+  ) -> tuple[jax.Array, KVCache]:
+    """Attention of new tokens over a KV cache (streaming inference); returns (y, new cache).
 
-class KVCache(nnx.Module):
-  """Static-shape key/value cache of one attention layer (streaming inference, SPEC §2).
+    The tokens' unrotated keys/values are written to ``cache`` (padding, segment id 0, takes no
+    slot) and the queries attend over every cached entry, the new ones included, with the
+    position mask. Keys are rotated at read time at :meth:`KVCache.rope_positions`, queries at
+    ``positions - rope_offset``: RoPE scores depend on position differences only, so a stream
+    re-based by ``rope_offset`` attends as one that started at the pinned prefix's end.
 
-  ``size`` slots hold keys/values with their RoPE positions and segment ids; segment id 0 marks an
-  empty or evicted slot, which the mask never attends to. Slot order is irrelevant (the mask is
-  built from positions), so the slots after the pinned prefix form a ring: entry ``j`` (counting
-  every entry ever written) goes to slot ``ring_start + (j - ring_start) mod (size - ring_start)``.
+    Args:
+      x_btd: [b, t, d] new tokens (any slot order).
+      positions_bt, segment_ids_bt: int32 [b, t], absolute stream positions (the mask's order).
+      cache: this layer's :class:`KVCache`.
+      rope_offset: int32 [] subtracted from the positions of the queries and of the unpinned
+        cache entries before rotation (0: absolute positions).
+      rope: the queries' tables at ``positions - rope_offset``; computed here if None.
+    """
+    q, k, v = self.projections(x_btd)
+    if rope is None:
+      rope = rope_tables(positions_bt - rope_offset, self.inv_freq)
+    q = apply_rope(q, rope)
+    cache = cache.write(k, v, positions_bt, segment_ids_bt)
+    keys = apply_rope(cache.k, rope_tables(cache.rope_positions(rope_offset), self.inv_freq))
+    mask = attention_mask(positions_bt, segment_ids_bt, cache.positions, cache.segment_ids)
+    o = attention_ops.masked_attention(q, keys, cache.v, mask)
+    return self.out(o), cache
+
+
+class KVCache(NamedTuple):
+  """Static-shape key/value cache of one attention layer (streaming inference, docs/design.md §2).
+
+  A pytree of arrays, passed to :meth:`Attention.cached` and returned updated (no module state).
+  ``size`` slots hold UNROTATED keys and values with their absolute stream positions and segment
+  ids; segment id 0 marks an empty or evicted slot, which the mask never attends to. Slot order is
+  irrelevant (the mask is built from positions), so the slots after the pinned prefix form a ring:
+  the j-th real entry of a row (counting every entry ever written to it) goes to slot
+  ``ring_start + (j - ring_start) mod (size - ring_start)``; padding (segment 0) takes no slot.
   Entries written before :meth:`pin` (the system prompt) are never overwritten. The caller decides
   what to evict (:meth:`evict_before`) so that a write never lands on a live entry; a write that
   would is still performed but COUNTED in ``overwritten`` so the caller can refuse the result.
 
-  State (``nnx.Cache``): k, v ``[b, size, k, h]`` (compute dtype); positions, segment_ids int32
-  ``[b, size]``; written, ring_start, overwritten int32 ``[]``.
+  Fields: k, v ``[b, size, k, h]`` (compute dtype); positions, segment_ids int32 ``[b, size]``;
+  written, ring_start int32 ``[b]``; overwritten int32 ``[]``.
   """
 
-  def __init__(self, batch: int, size: int, n_kv_heads: int, head_dim: int, dtype):
+  k: jax.Array
+  v: jax.Array
+  positions: jax.Array
+  segment_ids: jax.Array
+  written: jax.Array
+  ring_start: jax.Array
+  overwritten: jax.Array
+
+  @classmethod
+  def empty(cls, batch: int, size: int, n_kv_heads: int, head_dim: int, dtype) -> KVCache:
+    """An empty cache of ``size`` slots. Raises ValueError for size < 1."""
     if size < 1:
       raise ValueError(f"KVCache size={size} must be >= 1.")
-    self.k = nnx.Cache(jnp.zeros((batch, size, n_kv_heads, head_dim), dtype))
-    self.v = nnx.Cache(jnp.zeros((batch, size, n_kv_heads, head_dim), dtype))
-    self.positions = nnx.Cache(jnp.zeros((batch, size), jnp.int32))
-    self.segment_ids = nnx.Cache(jnp.zeros((batch, size), jnp.int32))
-    self.written = nnx.Cache(jnp.zeros((), jnp.int32))
-    self.ring_start = nnx.Cache(jnp.zeros((), jnp.int32))
-    self.overwritten = nnx.Cache(jnp.zeros((), jnp.int32))
+    kv = jnp.zeros((batch, size, n_kv_heads, head_dim), dtype)
+    ids = jnp.zeros((batch, size), jnp.int32)
+    row = jnp.zeros((batch,), jnp.int32)
+    return cls(kv, kv, ids, ids, row, row, jnp.zeros((), jnp.int32))
 
-  def write(self, k_btkh, v_btkh, positions_bt, segment_ids_bt):
-    """Appends t entries; returns the whole cache (k, v [b, s, k, h], positions, segment_ids)."""
-    size = self.positions.shape[1]
-    t = k_btkh.shape[1]
-    start = self.ring_start[...]
-    j = self.written[...] + jnp.arange(t, dtype=jnp.int32)
-    slots = start + (j - start) % (size - start)
-    self.overwritten[...] = self.overwritten[...] + jnp.sum(self.segment_ids[...][:, slots] != 0)
-    self.k[...] = self.k[...].at[:, slots].set(k_btkh.astype(self.k.dtype))
-    self.v[...] = self.v[...].at[:, slots].set(v_btkh.astype(self.v.dtype))
-    self.positions[...] = self.positions[...].at[:, slots].set(positions_bt)
-    self.segment_ids[...] = self.segment_ids[...].at[:, slots].set(segment_ids_bt)
-    self.written[...] = self.written[...] + t
-    return self.k[...], self.v[...], self.positions[...], self.segment_ids[...]
+  @property
+  def size(self) -> int:
+    return self.positions.shape[1]
 
-  def pin(self) -> None:
+  def write(self, k_btkh, v_btkh, positions_bt, segment_ids_bt) -> KVCache:
+    """Appends the real (segment id != 0) entries of [b, t] new tokens; padding is dropped."""
+    size = self.size
+    real = segment_ids_bt != 0
+    rank = jnp.cumsum(real, axis=1, dtype=jnp.int32) - 1  # index among the row's real entries
+    j = self.written[:, None] + rank
+    start = self.ring_start[:, None]
+    slots = jnp.where(real, start + (j - start) % (size - start), size)  # size: dropped
+    rows = jnp.arange(slots.shape[0])[:, None]
+    hit = jnp.take_along_axis(self.segment_ids, jnp.minimum(slots, size - 1), axis=1) != 0
+    put = lambda dst, x: dst.at[rows, slots].set(x.astype(dst.dtype), mode="drop")
+    return KVCache(
+      k=put(self.k, k_btkh),
+      v=put(self.v, v_btkh),
+      positions=put(self.positions, positions_bt),
+      segment_ids=put(self.segment_ids, segment_ids_bt),
+      written=self.written + jnp.sum(real, axis=1, dtype=jnp.int32),
+      ring_start=self.ring_start,
+      overwritten=self.overwritten + jnp.sum(hit & real, dtype=jnp.int32),
+    )
+
+  def pin(self) -> KVCache:
     """Keeps every entry written so far forever; later writes cycle through the other slots."""
-    self.ring_start[...] = self.written[...]
+    return self._replace(ring_start=self.written)
 
-  def evict_before(self, position) -> None:
+  def pinned(self) -> jax.Array:
+    """bool [b, size]: the slots of the pinned prefix."""
+    return jnp.arange(self.size, dtype=jnp.int32)[None, :] < self.ring_start[:, None]
+
+  def evict_before(self, position) -> KVCache:
     """Empties the unpinned slots whose position is < ``position`` (int32 [])."""
-    size = self.positions.shape[1]
-    unpinned = jnp.arange(size, dtype=jnp.int32) >= self.ring_start[...]
-    old = unpinned[None, :] & (self.positions[...] < position)
-    self.segment_ids[...] = jnp.where(old, 0, self.segment_ids[...])
+    old = ~self.pinned() & (self.positions < position)
+    return self._replace(segment_ids=jnp.where(old, 0, self.segment_ids))
+
+  def rope_positions(self, rope_offset) -> jax.Array:
+    """int32 [b, size]: the positions keys are rotated at, ``position - rope_offset`` except
+    for the pinned prefix, which keeps its own."""
+    return jnp.where(self.pinned(), self.positions, self.positions - rope_offset)
 
 
 def _as_dict(x):

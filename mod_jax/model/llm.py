@@ -7,7 +7,7 @@ listed by the :class:`~mod_jax.model.mod.RoutingPlan` route vision tokens (``mod
 The stack is run as runs of a repeating layer cycle (:func:`layer_runs`; ``interleaved`` is one
 (dense, MoD) cycle repeated n/2 times), each run one ``lax.scan`` over the layers' parameters
 stacked at call time, so the layer body is compiled once per cycle. Parameters stay one module
-per layer (HF / GGUF import and export, LoRA, KV caches and checkpoints address ``layers/i``);
+per layer (HF / GGUF import and export, LoRA and checkpoints address ``layers/i``);
 the stacked copy costs one extra copy of the layer weights per step (FSDP-sharded like the
 weights), and the stacking and the optimizer update still grow with depth (32 layers compile in
 1.76x the time of 8 at bench_paper width). Each cycle is rematerialised with ``REMAT_POLICIES[train.remat]``.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Hashable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -103,6 +104,21 @@ class DecoderLayer(nnx.Module):
     x = x + self.mlp(self.post_attn_norm(x), lora.fold(rng, 1)).astype(x.dtype)
     return shard(x, ("batch", "length", "embed"), self.rules)
 
+  def cached(self, x_bld, positions_bl, segment_ids_bl, cache, *, rope=None, rope_offset=0):
+    """The block over new tokens with this layer's KV cache (``Attention.cached``); returns
+    (x [b, l, d], the updated cache)."""
+    a, cache = self.attn.cached(
+      self.input_norm(x_bld),
+      positions_bl,
+      segment_ids_bl,
+      cache,
+      rope=rope,
+      rope_offset=rope_offset,
+    )
+    x = x_bld + a.astype(x_bld.dtype)
+    x = x + self.mlp(self.post_attn_norm(x)).astype(x.dtype)
+    return x, cache
+
 
 class Decoder(nnx.Module):
   """Token embedding, decoder layers (some with a LayerExpert router), final norm, LM head."""
@@ -182,9 +198,6 @@ class Decoder(nnx.Module):
     aux = {}
     x = x_bld
     n = len(self.layers)
-    if self.layers[0].attn.cache is not None:  # streaming: the caches are mutated in place
-      x, aux = self._run(0, n, 1, x, seq, layout, rng, drop, ordered, "none")
-      return self.final_norm(x), aux
     kinds = [
       (self.plan.keep[i] if layout is not None else None, str(i) in self.routers) for i in range(n)
     ]
@@ -194,11 +207,54 @@ class Decoder(nnx.Module):
       aux.update(run_aux)
     return self.final_norm(x), aux
 
+  def cached(self, x_bld, seq: rows.TokenInfo, layout, caches, *, rope_offset=0, rng=None):
+    """Streaming: all layers over new tokens with their KV caches (``Attention.cached``).
+
+    Args:
+      x_bld: embedded new tokens [b, l, d] (any slot order; padding has segment id 0).
+      seq: their absolute stream positions and segment ids (``rope`` is ignored: the tables are
+        computed at ``positions - rope_offset``).
+      layout: where the frames are (``rows.StreamLayout``), or None for text only.
+      caches: one ``attention.KVCache`` per layer.
+      rope_offset: int32 [], the re-basing of the stream's positions (``KVCache.rope_positions``).
+      rng: routing key (``random`` selection).
+    Returns:
+      (final-normed hidden [b, l, d], aux per routed layer, tuple of the updated caches).
+    Raises:
+      ValueError: ``len(caches)`` is not the number of layers.
+    """
+    if len(caches) != len(self.layers):
+      raise ValueError(f"{len(caches)} KV caches for {len(self.layers)} layers.")
+    inv_freq = self.layers[0].attn.inv_freq
+    seq = seq._replace(rope=rope_tables(seq.positions - rope_offset, inv_freq))
+    if layout is not None and layout.frame_start.shape[1] == 0:
+      layout = None
+    x, aux, new = x_bld, {}, []
+    for i, layer in enumerate(self.layers):
+      written: list[Any] = []  # the block runs once, inside routed_block for a MoD layer
+
+      def block(x, s, layer=layer, cache=caches[i], written=written):
+        y, c = layer.cached(
+          x, s.positions, s.segment_ids, cache, rope=s.rope, rope_offset=rope_offset
+        )
+        written.append(c)
+        return y
+
+      x, a = self._route(i, self.plan.keep[i], block, self.routers.get(str(i)), x, seq, layout, rng)
+      new.append(written[0])
+      aux.update({f"layer_{i}": a} if a else {})
+    return self.final_norm(x), aux, tuple(new)
+
   def _apply(self, i, keep, layer, router, x, seq, layout, rng, drop, ordered):
     """Decoder layer ``i`` (a Python or traced int) on x: through ``mod.routed_block`` when
     ``keep`` (the plan's k for it) is set and there are frames; LoRA dropout key from ``drop``."""
     lrng = None if drop is None else jax.random.fold_in(drop, i)
     block = functools.partial(_block, layer, lrng, ordered)
+    return self._route(i, keep, block, router, x, seq, layout, rng)
+
+  def _route(self, i, keep, block, router, x, seq, layout, rng):
+    """``block(x, seq)`` on all tokens, or through ``mod.routed_block`` (layer ``i`` keeps
+    ``keep`` vision tokens per frame) when ``keep`` is set and there are frames."""
     if layout is None or keep is None:
       return block(x, seq), {}
     return mod.routed_block(

@@ -106,16 +106,26 @@ class VideoLLM(nnx.Module):
     ``train.remat`` policy (``llm.REMAT_POLICIES``)."""
     x, seq, layout = self.embed_row(batch)
     h, aux = self.llm(x, seq, layout, rng=rng, remat=remat)
-    t, n = layout.num_text, layout.tokens_per_frame
-    f = layout.frame_start.shape[1]
-    # Ordered slots of the text slots and of each frame's last vision token (layout order).
-    idx = jnp.concatenate([layout.inverse[:, :t], layout.inverse[:, t + n - 1 :: n][:, :f]], axis=1)
-    back = jnp.full(layout.order.shape, t + f, jnp.int32)
-    back = jnp.where(layout.order < t, layout.order, back)
-    is_end = (layout.order >= t) & ((layout.order - t) % n == n - 1)
-    back = jnp.where(is_end, t + (layout.order - t) // n, back)
-    h_out = rows.gather_rows(h, idx, back)
-    return h_out[:, :t], h_out[:, t:], aux
+    h_text, h_end = _at_outputs(h, layout)
+    return h_text, h_end, aux
+
+  def stream_step(self, batch, caches, *, rope_offset=0, rng: jax.Array | None = None):
+    """Streaming inference: one chunk of a stream over the decoder's KV caches.
+
+    Args:
+      batch: the chunk in the slot layout (module docstring; ``frames`` or ``features``), with
+        absolute stream positions; padding slots (segment id 0) take no cache slot.
+      caches: one ``attention.KVCache`` per decoder layer.
+      rope_offset: int32 [], the stream's re-basing (``attention.Attention.cached``).
+      rng: ``random`` selection key.
+    Returns:
+      (text_logits f32 [b, T, V], frame_logits f32 [b, F, V] at each frame's last vision token,
+      tuple of the updated caches).
+    """
+    x, seq, layout = self.embed_row(batch)
+    h, _, caches = self.llm.cached(x, seq, layout, caches, rope_offset=rope_offset, rng=rng)
+    h_text, h_end = _at_outputs(h, layout)
+    return self.llm.logits(h_text), self.llm.logits(h_end), caches
 
   def __call__(self, batch: dict, *, rng: jax.Array | None = None):
     """Returns (text_logits f32 [b, T, V], frame_logits f32 [b, F, V], aux dict).
@@ -134,3 +144,18 @@ class VideoLLM(nnx.Module):
     h_text, h_end, aux = self.hidden(batch, rng=rng)
     frame_rng = None if rng is None else jax.random.fold_in(rng, 1)  # LoRA dropout on lm_head
     return self.llm.logits(h_text, rng), self.llm.logits(h_end, frame_rng), aux
+
+
+def _at_outputs(h_bld: jax.Array, layout: rows.StreamLayout):
+  """Hidden states [b, L, d] in stream order -> (at the text slots [b, T, d], at each frame's
+  last vision token [b, F, d]), in the slot layout."""
+  t, n = layout.num_text, layout.tokens_per_frame
+  f = layout.frame_start.shape[1]
+  # Ordered slots of the text slots and of each frame's last vision token (layout order).
+  idx = jnp.concatenate([layout.inverse[:, :t], layout.inverse[:, t + n - 1 :: n][:, :f]], axis=1)
+  back = jnp.full(layout.order.shape, t + f, jnp.int32)
+  back = jnp.where(layout.order < t, layout.order, back)
+  is_end = (layout.order >= t) & ((layout.order - t) % n == n - 1)
+  back = jnp.where(is_end, t + (layout.order - t) // n, back)
+  h_out = rows.gather_rows(h_bld, idx, back)
+  return h_out[:, :t], h_out[:, t:]
