@@ -93,14 +93,14 @@ def test_engine_answers_after_the_last_frame(coin_build):
 
   from configs import tiny
   from mod_jax.data import pipeline
-  from mod_jax.train.sharding import build_model
+  from mod_jax.model.factory import build_model
 
   c = tiny.get_config()
   c.data.tfds_dir = coin_build
   c.data.dir = str(coin_build) + "_procedural"
   pipeline.prepare_data(c)
   tok = pipeline.load_tokenizer(c)
-  graphdef, params = nnx.split(build_model(c), nnx.Param)
+  graphdef, params = nnx.split(build_model(c.model, rngs=c.seed), nnx.Param)
   answer = cb.engine_answer_fn(c, graphdef, params, tok, max_new_tokens=3)
   out = cb.run_benchmark(c, "coin_next", answer, progress=False)
   assert out["samples"] == 1 and 0.0 <= out["accuracy"] <= 1.0

@@ -14,7 +14,7 @@ from configs import tiny
 from mod_jax.data import features as features_lib
 from mod_jax.data import pipeline
 from mod_jax.data.encode import encode_videos
-from mod_jax.train.sharding import build_model
+from mod_jax.model.factory import build_model
 from mod_jax.train.state import TrainState, make_optimizer
 from mod_jax.train.step import train_step, train_step_options
 
@@ -29,7 +29,7 @@ def _frozen_tower_config(data_dir):
 
 
 def _one_step(config, batch):
-  model = build_model(config)
+  model = build_model(config.model, rngs=config.seed)
   graphdef, params = nnx.split(model, nnx.Param)
   tx = make_optimizer(config, params)
   state = TrainState.create(params, tx)
