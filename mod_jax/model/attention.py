@@ -118,13 +118,11 @@ class Attention(nnx.Module):
     self.k = param(rngs, dense_init(d), (d, kh, h), ("embed", "kv_heads", "head_dim"), pdt)
     self.v = param(rngs, dense_init(d), (d, kh, h), ("embed", "kv_heads", "head_dim"), pdt)
     self.o = param(rngs, dense_init(n * h), (n, h, d), ("heads", "head_dim", "embed"), pdt)
-    self.q_bias: nnx.Param | None = None
-    self.k_bias: nnx.Param | None = None
-    self.v_bias: nnx.Param | None = None
-    if cfg.qkv_bias:
-      self.q_bias = param(rngs, _zeros, (n, h), ("heads", "head_dim"), pdt)
-      self.k_bias = param(rngs, _zeros, (kh, h), ("kv_heads", "head_dim"), pdt)
-      self.v_bias = param(rngs, _zeros, (kh, h), ("kv_heads", "head_dim"), pdt)
+    # Assigned once (NNX refuses a Param on an attribute first set to None, a static value).
+    bias = lambda shape, axes: param(rngs, _zeros, shape, axes, pdt) if cfg.qkv_bias else None
+    self.q_bias: nnx.Param | None = bias((n, h), ("heads", "head_dim"))
+    self.k_bias: nnx.Param | None = bias((kh, h), ("kv_heads", "head_dim"))
+    self.v_bias: nnx.Param | None = bias((kh, h), ("kv_heads", "head_dim"))
     # A tuple (static), not an array: NNX would treat an array attribute as model state.
     self.inv_freq = tuple(
       float(f) for f in rope_inv_freq(h, cfg.rope_theta, _as_dict(cfg.get("rope_scaling")))
