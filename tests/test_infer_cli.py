@@ -3,6 +3,7 @@ checkpoint written in ``mod-jax train``'s layout (tiny model)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -271,3 +272,40 @@ def test_serve_page_streams_narration_lines(workdir):
   finally:
     server.shutdown()
     server.server_close()
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="apt-get install chromium (Debian)")
+def test_serve_page_in_headless_chromium(workdir):
+  """The demo page in a real browser: it loads, streams a short real video (autostart, as fast
+  as the model runs) and the narration lines appear in the DOM with their times."""
+  import threading
+
+  from mod_jax.infer.serve_main import DemoServer, make_server
+
+  demo = DemoServer(str(workdir), video=BIKES, threshold=1.0, max_new_tokens=2)
+  server = make_server(demo, "127.0.0.1", 0)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  url = f"http://127.0.0.1:{server.server_address[1]}/?autostart=1&realtime=0"
+  try:
+    proc = subprocess.run(
+      [
+        "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--virtual-time-budget=60000",
+        "--dump-dom",
+        url,
+      ],
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+  finally:
+    server.shutdown()
+    server.server_close()
+  dom = proc.stdout
+  assert 'id="lines"' in dom, proc.stderr[-2000:]
+  assert '<li class="turn assistant">[0.00s] Assistant:' in dom
+  assert "done: 20 frames" in dom

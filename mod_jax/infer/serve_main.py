@@ -6,7 +6,8 @@ their video times as they are produced, and takes typed queries.
 
 Routes:
   ``GET /``                     the page (a source box, a ``<video>`` player, the narration list,
-                                a query box)
+                                a query box); ``?autostart=1`` starts streaming on load,
+                                ``&realtime=0`` streams as fast as the model runs
   ``GET /video?src=PATH``       the file's bytes, for the player (regular files only)
   ``GET /events?src=SOURCE``    Server-Sent Events: one ``turn`` event per turn (JSON: role, time,
                                 frame, text, ...) as it is produced, then ``done`` (the summary);
@@ -53,12 +54,14 @@ body { font-family: sans-serif; margin: 1.5em; max-width: 60em; }
 <ol id="lines"></ol>
 <script>
 const $ = (id) => document.getElementById(id);
+const opts = new URLSearchParams(location.search);
 $("start").onclick = () => {
   const src = encodeURIComponent($("src").value);
   $("player").src = "/video?src=" + src;
   $("player").play().catch(() => {});
   $("status").textContent = "streaming";
-  const es = new EventSource("/events?src=" + src);
+  const pace = opts.get("realtime") === "0" ? "&realtime=0" : "";
+  const es = new EventSource("/events?src=" + src + pace);
   es.addEventListener("turn", (e) => {
     const t = JSON.parse(e.data);
     const li = document.createElement("li");
@@ -79,6 +82,7 @@ $("ask").onsubmit = (e) => {
   fetch("/query", {method: "POST", body: JSON.stringify({text: $("q").value})});
   $("q").value = "";
 };
+if (opts.get("autostart") === "1") $("start").click();
 </script></body></html>
 """
 

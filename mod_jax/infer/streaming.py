@@ -329,7 +329,6 @@ class Session:
     self.on_full = on_full
     self.rebase = bool(rebase)
     self.text_buckets = buckets
-    self.per_frame = vision_entries_per_frame(self.plan)
     self.tokens_per_frame = model_cfg.tokens_per_frame
     self.image_size = model_cfg.vision.image_size
     self._rng = jax.random.key(seed)
@@ -364,10 +363,6 @@ class Session:
     self.ledger.pin()
     self.caches = _pin(self.caches)
     self.pinned_end = self.position
-
-  def counts(self, num_text: int, num_frames: int) -> list[int]:
-    """Cache entries a chunk of ``num_text`` text slots and ``num_frames`` frames writes per layer."""
-    return [num_text + num_frames * n for n in self.per_frame]
 
   def feed_layout(
     self,
