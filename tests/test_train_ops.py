@@ -217,3 +217,28 @@ def test_nonfinite_loss_raises_naming_the_step_and_saves_nothing_after(tmp_path)
   if saved:
     _, _, params, _ = pretrained.restore_params(str(wd))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_workdir_config_is_read_through_epath_from_gs(tmp_path):
+  """gs:// is faked with etils' own mock (every epath backend routed to a local folder); Orbax's
+  array writes (tensorstore's GCS driver) and TensorBoard's (google-cloud-storage) are not
+  epath and are not covered by this fake."""
+  from etils.epath import testing as epath_testing
+
+  (tmp_path / "bucket" / "run").mkdir(parents=True)
+  c = tiny.get_config()
+  c.train.steps = 123
+  (tmp_path / "bucket" / "run" / "config.json").write_text(c.to_json_best_effort())
+  seen = []
+
+  def local(fn, path, *args, **kwargs):
+    seen.append(str(path))
+    return fn(str(path).replace("gs://", f"{tmp_path}/"), *args, **kwargs)
+
+  fake = dict(open=local, exists=local, isdir=local, stat=local, glob=local, listdir=local)
+  with epath_testing.mock_epath(**fake):
+    assert pretrained.native_config("gs://bucket/run").train.steps == 123
+    with pytest.raises(FileNotFoundError, match="gs://bucket/none/config.json does not exist"):
+      pretrained.native_config("gs://bucket/none")
+    assert checkpoint.steps("gs://bucket/run") == []
+  assert "gs://bucket/run/config.json" in seen
