@@ -244,6 +244,7 @@ def test_workdir_config_is_read_through_epath_from_gs(tmp_path):
   assert "gs://bucket/run/config.json" in seen
 
 
+@pytest.mark.slow
 def test_init_from_a_training_workdir_restores_base_and_trained_parts(tmp_path):
   """A workdir as ``model.init_from``: frozen parts come from the run's base (its seed), trained
   parts from its trainable-only checkpoint, whatever the new run's own seed."""
