@@ -217,3 +217,63 @@ def test_nonfinite_loss_raises_naming_the_step_and_saves_nothing_after(tmp_path)
   if saved:
     _, _, params, _ = pretrained.restore_params(str(wd))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_workdir_config_is_read_through_epath_from_gs(tmp_path):
+  """gs:// is faked with etils' own mock (every epath backend routed to a local folder); Orbax's
+  array writes (tensorstore's GCS driver) and TensorBoard's (google-cloud-storage) are not
+  epath and are not covered by this fake."""
+  from etils.epath import testing as epath_testing
+
+  (tmp_path / "bucket" / "run").mkdir(parents=True)
+  c = tiny.get_config()
+  c.train.steps = 123
+  (tmp_path / "bucket" / "run" / "config.json").write_text(c.to_json_best_effort())
+  seen = []
+
+  def local(fn, path, *args, **kwargs):
+    seen.append(str(path))
+    return fn(str(path).replace("gs://", f"{tmp_path}/"), *args, **kwargs)
+
+  fake = dict(open=local, exists=local, isdir=local, stat=local, glob=local, listdir=local)
+  with epath_testing.mock_epath(**fake):
+    assert pretrained.native_config("gs://bucket/run").train.steps == 123
+    with pytest.raises(FileNotFoundError, match="gs://bucket/none/config.json does not exist"):
+      pretrained.native_config("gs://bucket/none")
+    assert checkpoint.steps("gs://bucket/run") == []
+  assert "gs://bucket/run/config.json" in seen
+
+
+@pytest.mark.slow
+def test_init_from_a_training_workdir_restores_base_and_trained_parts(tmp_path):
+  """A workdir as ``model.init_from``: frozen parts come from the run's base (its seed), trained
+  parts from its trainable-only checkpoint, whatever the new run's own seed."""
+  from mod_jax.train import sharding
+  from mod_jax.train.state import trainable_labels
+
+  c = tiny.get_config()
+  c.mesh.shape = (1, 1, 1)
+  c.model.vision.trainable = False
+  mesh = sharding.make_mesh(c, devices=jax.devices()[:1])
+  state, _, _, _ = sharding.create_train_state(c, mesh)
+  labels = trainable_labels(state.params, c.model)
+  trained = jax.tree.map(lambda x, lab: x + 1.0 if lab == "train" else x, state.params, labels)
+  state = state.replace(params=trained)
+  wd = tmp_path / "run"
+  wd.mkdir()
+  (wd / "config.json").write_text(c.to_json_best_effort())
+  mngr = checkpoint.manager(str(wd), c.train)
+  checkpoint.save(mngr, 5, state, labels, None, checkpoint.base_reference(c))
+  mngr.wait_until_finished()
+  assert "vision" not in checkpoint.trainable_params(state.params, labels)
+
+  new = tiny.get_config()
+  new.mesh.shape = (1, 1, 1)
+  new.seed = 5  # another random init: every parameter must come from the workdir
+  new.model.init_from = str(wd)
+  params, _, _, _ = sharding.create_train_state(new, mesh)
+  lines = pretrained.init_from_pretrained(new, params.params)
+  assert any("(mod_jax)" in line for line in lines)
+  jax.tree.map(
+    np.testing.assert_array_equal, jax.device_get(params.params), jax.device_get(trained)
+  )

@@ -381,7 +381,10 @@ def load_native(state, path: str, *, optional=lambda p: False) -> tuple[int, lis
   Args:
     state: ``nnx.State`` of a ``VideoLLM``; arrays are restored straight into its shardings
       (each host reads only its shards).
-    path: a converted directory (``params/``) or a training workdir (latest step).
+    path: a converted directory (``params/``, read straight into the shardings), or a training
+      workdir (latest step: its model is rebuilt by :func:`restore_params` on the first local
+      device, frozen base + trained parameters, then placed in ``state``'s shardings; one
+      process).
     optional: path string → True for parameters the checkpoint may lack (e.g. LoRA adapters,
       routers of layers that did not route); they keep their current values.
 

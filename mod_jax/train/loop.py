@@ -241,11 +241,16 @@ def train_and_evaluate(
   eval_fn = make_eval_step(config, graphdef, tokenizer)
   first_batch = sharding.host_to_global(next(train_iter), mesh, rules) if start < end else None
   compile_s = 0.0
+  preemption = distributed.Preemption()  # a SIGTERM from here on stops at a step and saves
   if first_batch is not None:
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh):
-      step_fn = step_fn.lower(state, first_batch).compile()
-      eval_fn = eval_fn.lower(state.params, first_batch).compile()  # same batch shapes
+    try:
+      with jax.set_mesh(mesh):
+        step_fn = step_fn.lower(state, first_batch).compile()
+        eval_fn = eval_fn.lower(state.params, first_batch).compile()  # same batch shapes
+    except BaseException:
+      preemption.close()
+      raise
     compile_s = time.perf_counter() - t0
     log.debug("train and eval steps compiled in %.1f s", compile_s)
   # Processes enter the first collective together: gloo (CPU) gives up after 30 s of waiting.
@@ -269,7 +274,6 @@ def train_and_evaluate(
       metrics_lines = (wd / "metrics.jsonl").read_text().splitlines()
   history: list[dict] = []
   evals: list[dict] = []
-  preemption = distributed.Preemption()
   bar = tqdm.tqdm(
     total=t.steps,
     initial=start,
