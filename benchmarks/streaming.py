@@ -38,8 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mod_jax.data.video import decode_video
 from mod_jax.infer import streaming
+from mod_jax.model.factory import build_model
 from mod_jax.model.mod import RoutingPlan
-from mod_jax.model.video_llm import VideoLLM
 
 PROMPT_TOKENS = 12
 INTERVAL_ID = 7
@@ -119,9 +119,7 @@ def main(argv=None):
   models = {}
   for name, arg in (("dense", "dense"), ("mod", "")):
     config = _config(a.config, arg)
-    graphdef, params = nnx.split(
-      VideoLLM(config.model, rngs=nnx.Rngs(params=config.seed)), nnx.Param
-    )
+    graphdef, params = nnx.split(build_model(config.model, rngs=config.seed), nnx.Param)
     models[name] = (config, graphdef, params)
   mod_cfg = models["mod"][0].model
   print(

@@ -71,7 +71,7 @@ from mod_jax import api
 from mod_jax.config import base_config, validate
 from mod_jax.convert import hf
 from mod_jax.model import attention_ops
-from mod_jax.model.video_llm import VideoLLM
+from mod_jax.model.factory import build_model
 
 VARIANTS = {  # name -> model config overrides
   "blockwise": {"attention": "auto", "scan_layers": True},  # the CPU default
@@ -117,7 +117,7 @@ class JaxSide:
     self.name = name
     cfg = bench_config(args, **VARIANTS[name])
     self.attention = attention_ops.resolve_implementation(cfg.model.attention)
-    abstract = nnx.eval_shape(lambda: VideoLLM(cfg.model, rngs=nnx.Rngs(params=0)))
+    abstract = nnx.eval_shape(lambda: build_model(cfg.model, rngs=0))
     self.graphdef, _, self.rest = nnx.split(abstract.llm, nnx.Param, ...)
     self.params = jax.tree.map(jnp.copy, params)
     self.opt_state = tx.init(self.params)
