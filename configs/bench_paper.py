@@ -1,6 +1,6 @@
 """The paper's proportions at a CPU-sized width: dense vs MoD step benchmark config.
 
-VideoLLM-MoD's efficiency claims (SPEC §1.1: 0.6x training FLOPs, ~30% less memory, ~42% less
+VideoLLM-MoD's efficiency claims (docs/design.md §1.1: 0.6x training FLOPs, ~30% less memory, ~42% less
 time at r = 0.2, interleaved) hold for a 32-layer LLM on long, vision-dominated streams. This
 config keeps those proportions: 32 decoder layers; rows of 64 frames x 10 tokens and 128 text
 slots (16.7% text: one interval token per frame plus narrations); r = 0.2 interleaved with the

@@ -74,7 +74,7 @@ def base_config() -> ConfigDict:
   m.tokens_per_frame = 10  # 1 pooled token + pool_size**2 grid tokens
   m.init_from = ""  # pretrained LLM loaded at step 0: HF dir, .gguf, `mod-jax convert` dir
 
-  # LoRA (SPEC §1, mod_jax/model/lora.py). rank > 0 freezes the LLM: the optimizer updates the
+  # LoRA (docs/design.md §1, mod_jax/model/lora.py). rank > 0 freezes the LLM: the optimizer updates the
   # adapters, the connector, the routers, the vision tower if vision.trainable, and `trainable`.
   lo = m.lora = ConfigDict()
   lo.rank = 0  # r; 0 = no LoRA (every parameter trains)
@@ -99,7 +99,7 @@ def base_config() -> ConfigDict:
   v.param_dtype = "float32"  # bfloat16 only when frozen (trainable = False)
   v.frame_chunk = 0  # frames per tower call (lax.map over chunks; 0 = all at once)
 
-  # Routing of vision tokens (SPEC §1.1, mod_jax/model/mod.py). insertion and keep_ratio take a
+  # Routing of vision tokens (docs/design.md §1.1, mod_jax/model/mod.py). insertion and keep_ratio take a
   # str/float or a list (typed `object` so `--config.model.mod.insertion=[1,3]` works). Baselines
   # are k = 0 settings of the same mechanism (mod.baseline_routing): EarlyExit(E) = insertion
   # [E..n-1] with keep_ratio [0.0]*(n-E); LayerSkip = "interleaved" with one 0.0 per routed layer;

@@ -1,4 +1,4 @@
-"""LIVE stream rendering against hand-written token sequences (mod_jax/data/stream.py, SPEC §2)."""
+"""LIVE stream rendering against hand-written token sequences (mod_jax/data/stream.py, docs/design.md §2)."""
 
 import numpy as np
 import pytest

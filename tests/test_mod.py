@@ -1,4 +1,4 @@
-"""MoD routing (SPEC §1.1): per-frame top-k, text always processed, static compact length,
+"""MoD routing (docs/design.md §1.1): per-frame top-k, text always processed, static compact length,
 router gradients, and r = 1 equal to the dense model."""
 
 import jax

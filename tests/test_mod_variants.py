@@ -1,4 +1,4 @@
-"""The MoD design space (SPEC §1.1): insertion and selection strategies, keep schedules, the
+"""The MoD design space (docs/design.md §1.1): insertion and selection strategies, keep schedules, the
 EarlyExit / LayerSkip baselines as k = 0 routing, and the auxiliary router loss.
 
 Oracle: a masked dense computation. A routed layer equals the dense decoder layer run on the whole

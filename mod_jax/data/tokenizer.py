@@ -1,6 +1,6 @@
 """The stream tokenizer: an HF ``tokenizers.Tokenizer`` plus the ids the LIVE format needs.
 
-The LIVE stream (SPEC §2; videollm-online ``models/tokenization_live.py``) is built from a few
+The LIVE stream (docs/design.md §2; videollm-online ``models/tokenization_live.py``) is built from a few
 fixed pieces of text: ``<bos>``, ``<eos>``, the vision placeholder ``<v>``, the interval token
 ``,`` between frames, the stream close ``]\\n`` (its first id is the frame-end target that means
 "speak now"), the stream open ``[``, ``\\n``, and the role tags ``Assistant:`` / ``User:``.

@@ -9,7 +9,7 @@ the longer side is ``size`` and padded with black to a square, as VideoLLM-onlin
 
 Every failure to read a file (missing, not a container, no video stream, corrupt or truncated
 stream) raises :class:`VideoError` naming the file and the reason, so that data sources can skip
-and count it (SPEC §5, STYLE "never lose data").
+and count it (docs/design.md §5, STYLE "never lose data").
 """
 
 from __future__ import annotations

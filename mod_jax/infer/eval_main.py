@@ -1,6 +1,6 @@
 """``mod-jax eval --workdir CKPT [--threshold 0] [--output FILE]``: the four streaming metrics.
 
-LM-PPL, TimeDiff (seconds), Fluency and LM-Correctness (SPEC §3, videollm-online
+LM-PPL, TimeDiff (seconds), Fluency and LM-Correctness (docs/design.md §3, videollm-online
 ``stream_evaluate``) of the trained model in ``CKPT`` on the held-out split of its training
 config. Prints the metrics as JSON (last stdout line) and writes them to ``--output``
 (default ``{workdir}/stream_eval.json``).

@@ -1,4 +1,4 @@
-"""``stream_evaluate`` of a trained model on the held-out split: the four metrics of SPEC §3.
+"""``stream_evaluate`` of a trained model on the held-out split: the four metrics of docs/design.md §3.
 
 Each window of the eval split (``mod_jax.data.pipeline.load_split(config, "eval")``) is one
 sample. Its teacher-forced logits come from one full forward pass (the training forward,
@@ -115,7 +115,7 @@ def stream_evaluate(
   max_samples: int | None = None,
   progress: bool = True,
 ) -> dict:
-  """LM-PPL, TimeDiff (seconds), Fluency, LM-Correctness on the eval split (SPEC §3).
+  """LM-PPL, TimeDiff (seconds), Fluency, LM-Correctness on the eval split (docs/design.md §3).
 
   Args:
     config: the training config (data caps, fps, model).

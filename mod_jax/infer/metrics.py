@@ -1,7 +1,7 @@
 """The four streaming metrics of VideoLLM-online: LM-PPL, TimeDiff, Fluency, LM-Correctness.
 
 Source: videollm-online ``models/modeling_live.py::LiveMixin.stream_evaluate`` (per sample) and
-``data/ego4d/narration.py::compute_metrics`` (mean over samples, frames → seconds); SPEC §3.
+``data/ego4d/narration.py::compute_metrics`` (mean over samples, frames → seconds); docs/design.md §3.
 
 A sample is one teacher-forced stream. It is split into **turns** at every ``<eos>``: turn ``r``
 covers stream positions ``[start_r, stop_r)`` with ``stop_r`` = (position of the r-th ``<eos>``)

@@ -6,7 +6,7 @@ LoRA (Hu et al. 2021, arXiv 2106.09685, §4.1): a frozen weight W gets a trainab
 The forward pass adds the update as a side branch, ``y = x·W + (alpha / r) · dropout(x)·A·B``
 (``peft.tuners.lora.layer.Linear.forward``), so the full-size ΔW is never materialised in training.
 VideoLLM-online fine-tunes Llama-3-8B-Instruct with r = 128, alpha = 256, dropout 0.05 on the
-q, k, v, o, gate, up, down projections and the LM head (SPEC §1).
+q, k, v, o, gate, up, down projections and the LM head (docs/design.md §1).
 
 Where adapters live: an adapter of the parameter ``name`` of a module is the sibling attribute
 ``{name}_lora`` of that module (``attn.q`` → ``attn.q_lora``, ``mlp.gate.kernel`` →

@@ -10,7 +10,7 @@ granularity, so streaming inference reproduces the full forward pass.
 Static shapes. The decoder keeps a row in stream order (``mod_jax/model/rows.py``): text and
 frames interleaved as in the stream, frame f's N tokens contiguous at ``frame_start[f]``. k =
 ceil(r·N) is known at trace time and every frame keeps exactly k tokens (padding frames too), so
-the compact sequence has exactly ``C = T + F·k`` tokens and nothing can overflow (SPEC §1.2). The
+the compact sequence has exactly ``C = T + F·k`` tokens and nothing can overflow (docs/design.md §1.2). The
 compact sequence is the kept slots IN STREAM ORDER (a stable sort of the keep flags), so it keeps
 the kernel-friendly mask "causal in slot order within a segment" with the original positions.
 

@@ -1,6 +1,6 @@
 """The streaming video LLM: vision tower → connector → decoder with MoD vision routing.
 
-Consumes a batch in the slot layout of ``mod_jax.data.pipeline`` (SPEC §1.2, §2):
+Consumes a batch in the slot layout of ``mod_jax.data.pipeline`` (docs/design.md §1.2, §2):
 
   text_tokens, text_positions, text_segment_ids     int32 [b, T]
   frames                                            uint8 [b, F, H, W, 3]  (or, instead,)
@@ -11,7 +11,7 @@ Consumes a batch in the slot layout of ``mod_jax.data.pipeline`` (SPEC §1.2, §
 :meth:`VideoLLM.embed_row` embeds it and puts the row in stream order (``mod_jax/model/rows.py``)
 so that every attention runs on a kernel; :meth:`VideoLLM.hidden` runs the decoder and returns
 hidden states only where the loss needs them: at every text slot, and at the last vision token of
-every frame (the streaming decision: interval token vs. stream close, SPEC §2).
+every frame (the streaming decision: interval token vs. stream close, docs/design.md §2).
 """
 
 from __future__ import annotations

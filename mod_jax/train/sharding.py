@@ -1,6 +1,6 @@
 """Device mesh, logical → physical shardings, and sharded creation of the train state.
 
-Mesh axes ``data``, ``fsdp``, ``tensor`` (SPEC §6); the only place physical axes are named is
+Mesh axes ``data``, ``fsdp``, ``tensor`` (docs/design.md §6); the only place physical axes are named is
 ``config.mesh.logical_axis_rules``. The mesh uses ``AxisType.Auto`` so logical constraints are
 propagated by GSPMD (``jax.make_mesh`` defaults to Explicit axes now).
 """

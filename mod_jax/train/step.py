@@ -1,6 +1,6 @@
 """The pure train and eval steps: ``train_step(state, batch) -> (state, metrics)``.
 
-Loss (VideoLLM-online, SPEC §2): token cross-entropy summed over labelled text slots (weight 1)
+Loss (VideoLLM-online, docs/design.md §2): token cross-entropy summed over labelled text slots (weight 1)
 and frame-end slots (weight ``stream_loss_weight``), divided by the number of labelled tokens of
 the whole batch. The LM head and cross-entropy run in chunks of slots (``Decoder.cross_entropy``)
 so that full-vocabulary logits never exist at once.

@@ -1,4 +1,4 @@
-"""The procedural dataset: rendered clips of coloured shapes with event narrations (SPEC §5).
+"""The procedural dataset: rendered clips of coloured shapes with event narrations (docs/design.md §5).
 
 The embedded default dataset, generated on first use, deterministically from
 ``data.procedural.seed``. Each clip is a plain background on which up to two objects (distinct
