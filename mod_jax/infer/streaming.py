@@ -240,6 +240,7 @@ class Session:
     sampler: Sampler = Sampler(),
     vocab_size: int | None = None,
     seed: int = 0,
+    compressor=None,
   ):
     """Builds caches of ``sizes[i]`` slots per layer (see :func:`cache_sizes`).
 
@@ -252,6 +253,7 @@ class Session:
       sampler: decoding settings of the sampled next token.
       vocab_size: ids that may be sampled (the tokenizer's size); default the model's vocabulary.
       seed: PRNG seed for sampling and ``random`` selection.
+      compressor: a ``mod_jax.compress.apply.StreamCompressor`` (DyCoke TTM state) or None.
     """
     model = nnx.merge(graphdef, params)
     attach_caches(model, batch, sizes)
@@ -268,6 +270,7 @@ class Session:
     self.image_size = model_cfg.vision.image_size
     self._rng = jax.random.key(seed)
     self._calls = 0
+    self.compressor = compressor
     self._static = dict(
       graphdef=self._graphdef, sampler=sampler, vocab_size=int(vocab_size or model_cfg.vocab_size)
     )
@@ -278,6 +281,8 @@ class Session:
     self.cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._zero_cache)
     self.ledger = CacheLedger(self.sizes, self.on_full)
     self.position = 0
+    if self.compressor is not None:
+      self.compressor.reset()
 
   def pin(self) -> None:
     """Keeps everything fed so far (the system prompt) through any eviction."""
@@ -334,6 +339,8 @@ class Session:
       "frame_positions": jnp.asarray(frame_positions_bf, jnp.int32),
       "frame_segment_ids": jnp.asarray(frame_segment_ids_bf, jnp.int32),
     }
+    if self.compressor is not None:  # training-free peer state (mod_jax/compress/apply.py)
+      batch = self.compressor.prepare(batch)
     rng = jax.random.fold_in(self._rng, self._calls)
     self._calls += 1
     out, self.cache = _step(self._params, self.cache, batch, jnp.int32(window), rng, **self._static)
@@ -513,6 +520,7 @@ class StreamEngine:
     seed: int = 0,
     fps: float | None = None,
     system_prompt: str | None = None,
+    compression=None,
     **kwargs,
   ) -> StreamEngine:
     """An engine with its own session.
@@ -526,6 +534,7 @@ class StreamEngine:
       on_full: ``slide`` (evict the oldest frames, keep the system prompt) or ``stop``.
       sampler: greedy or temperature/top-p decoding. seed: its PRNG seed.
       fps, system_prompt: override the config's.
+      compression: a ``mod_jax.compress.apply.Compression`` (FastV / DyCoke) or None.
       **kwargs: ``threshold``, ``max_new_tokens``.
 
     Raises:
@@ -542,6 +551,12 @@ class StreamEngine:
       max_frames,
       max_text + len(prompt_ids(tokenizer, prompt)),
     )
+    compressor = None
+    if compression is not None:
+      from mod_jax.compress import apply
+
+      graphdef = apply.attach(graphdef, params, compression, config.model)
+      compressor = apply.StreamCompressor(graphdef, params, compression)
     session = Session(
       graphdef,
       params,
@@ -552,6 +567,7 @@ class StreamEngine:
       sampler=sampler,
       vocab_size=tokenizer.vocab_size,
       seed=seed,
+      compressor=compressor,
     )
     return cls(
       session,

@@ -137,6 +137,7 @@ class Decoder(nnx.Module):
     self.dtype = jnp.dtype(cfg.dtype)
     self.scan_layers = bool(cfg.get("scan_layers", True))
     self.rules = rules
+    self.compress = None  # a training-free peer method (mod_jax.compress.apply.attach)
 
   def embed_tokens(self, tokens_bt: jax.Array) -> jax.Array:
     """int32 [b, t] -> [b, t, d] in the compute dtype."""
@@ -155,6 +156,7 @@ class Decoder(nnx.Module):
     rng: jax.Array | None = None,
     remat: str = "none",
     ordered: bool = True,
+    vision_keep: jax.Array | None = None,
   ):
     """Runs all layers; returns (final-normed hidden [b, l, d], aux per routed layer).
 
@@ -169,6 +171,8 @@ class Decoder(nnx.Module):
         layer.
       ordered: tokens are in stream order, so attention runs on the configured kernel; False
         uses the position mask (any order; the reference).
+      vision_keep: bool [b, f, n], vision tokens a training-free method keeps (DyCoke TTM in
+        streaming; ``mod_jax/compress/apply.py``); used only with ``self.compress``.
     Raises:
       ValueError: an unknown ``remat`` policy.
     """
@@ -182,6 +186,13 @@ class Decoder(nnx.Module):
     aux = {}
     x = x_bld
     n = len(self.layers)
+    if self.compress is not None:  # FastV / DyCoke: layer by layer (mod_jax/compress/apply.py)
+      from mod_jax.compress import apply
+
+      x, aux = apply.run_layers(
+        self, x, seq, layout, rng=rng, drop=drop, ordered=ordered, vision_keep=vision_keep
+      )
+      return self.final_norm(x), aux
     if self.layers[0].attn.cache is not None:  # streaming: the caches are mutated in place
       x, aux = self._run(0, n, 1, x, seq, layout, rng, drop, ordered, "none")
       return self.final_norm(x), aux

@@ -29,7 +29,8 @@ Router weighting g (Mixture-of-Depths, Raposo et al. 2024, §3.5): without it th
 not differentiable and the router receives no gradient.
   * ``ste``: forward value 1 (so r = 1 equals the dense model exactly), gradient of sigmoid(s);
   * ``sigmoid``: g = sigmoid(s);
-  * ``score``: g = s (the raw router output, as in Mixture-of-Depths).
+  * ``score``: g = s (the raw router output, as in Mixture-of-Depths);
+  * ``none``: no weighting, the block output itself (training-free selection: FastV).
 
 Selection strategies (VideoLLM-MoD Table 3): ``learned`` (LayerExpert top-k), ``random``
 (top-k of uniform noise, a fresh draw per step and layer), ``uniform`` (fixed stride within frame).
@@ -62,6 +63,7 @@ from mod_jax.model import rows
 from mod_jax.model.partitioning import param
 
 _zeros = nnx.initializers.zeros_init()
+_PRUNED = -1e9  # router score of a pruned token: never in a top-k while a kept one is left
 
 
 def mod_layer_indices(insertion, n_layers: int) -> tuple[int, ...]:
@@ -231,7 +233,9 @@ def router_gate(scores: jax.Array, weighting: str) -> jax.Array:
     return jax.nn.sigmoid(scores)
   if weighting == "score":
     return scores
-  raise ValueError(f"unknown router weighting {weighting!r}; use ste, sigmoid or score.")
+  if weighting == "none":  # selection only (FastV): block(x) exactly, no router gradient
+    return jnp.ones_like(scores)
+  raise ValueError(f"unknown router weighting {weighting!r}; use ste, sigmoid, score or none.")
 
 
 def routed_block(
@@ -245,6 +249,7 @@ def routed_block(
   weighting: str,
   router: Callable | None = None,
   rng=None,
+  allowed=None,
 ):
   """Runs ``block`` on the text tokens and the per-frame top-k vision tokens; scatters back.
 
@@ -260,9 +265,12 @@ def routed_block(
     selection, weighting: see :func:`select` and :func:`router_gate`.
     router: ``router(x [b, l, d]) -> logits float32 [b, l]`` (``learned`` selection).
     rng: PRNG key for ``random`` selection.
+    allowed: bool [b, l] or None: vision tokens outside it are never processed (pruned before
+      this layer, e.g. by DyCoke's TTM); a frame may then process fewer than k (the compact
+      slots left over are padding, :func:`compact_block`).
   Returns:
-    (x [b, l, d], aux) where aux holds the kept indices [b, f, k] (within each frame) and
-    router statistics.
+    (x [b, l, d], aux) where aux holds the kept indices [b, f, k] (within each frame), the
+    overflow count (always 0 here: C = T + F·k holds every kept token) and router statistics.
   Raises:
     ValueError: k outside [0, N].
   """
@@ -278,6 +286,8 @@ def routed_block(
     keep = ~is_vis
   else:
     scores = router(x_bld) if router is not None else None  # [b, l]
+    if scores is not None and allowed is not None:
+      scores = jnp.where(allowed | ~is_vis, scores, _PRUNED)
     frame_slots = layout.frame_tokens()  # [b, f, n]
     scores_bfn = (
       None
@@ -289,24 +299,63 @@ def routed_block(
     kept_of_slot = jnp.take_along_axis(idx, jnp.maximum(layout.frame_of, 0)[..., None], axis=1)
     keep = ~is_vis | jnp.any(kept_of_slot == layout.offset[..., None], axis=-1)
     aux["kept_index"] = idx
+  if allowed is not None:  # tokens pruned before this layer (DyCoke TTM) are never processed
+    keep = keep & (allowed | ~is_vis)
   c = l - f * (n - k)  # = T + F·k, static
-  perm = rows.sort_permutation((~keep).astype(jnp.int32))  # kept slots first, stream order
-  cidx = perm[:, :c]
-  back = jnp.minimum(rows.inverse_permutation(perm), c)  # compact index of a slot (c: none)
-  x_c = rows.gather_rows(x_bld, cidx, back)
-  y_c = block(x_c, seq.take(cidx))
+  gate = None
+  if scores is not None and scores_bfn is not None and weighting != "none":
+    gate = router_gate(scores, weighting)
+  out, aux["overflow"] = compact_block(block, x_bld, seq, keep, c, gate_bl=gate, gated_bl=is_vis)
   if scores is not None and scores_bfn is not None:
-    vis_c = rows.take(is_vis, cidx)[..., None]
-    gate_c = rows.take(router_gate(scores, weighting), cidx)[..., None]
-    y_c = jnp.where(vis_c, x_c + (y_c - x_c) * gate_c.astype(x_c.dtype), y_c)
     s_kept = jnp.take_along_axis(scores_bfn, idx, axis=2)
     valid = rows.take(seq.segment_ids, frame_slots.reshape(b, f * n)).reshape(b, f, n) != 0
     aux["router_logits"] = scores_bfn
     aux["router_prob_kept"] = jnp.mean(jax.nn.sigmoid(s_kept))
     aux["router_prob_all"] = jnp.mean(jax.nn.sigmoid(scores_bfn))
     aux["router_bce_sum"], aux["router_bce_count"] = _router_bce(scores_bfn, idx, valid)
-  out = jnp.where(keep[..., None], rows.scatter_rows(y_c, back, cidx), x_bld)
   return out, aux
+
+
+def compact_block(
+  block: Callable, x_bld, seq: rows.TokenInfo, keep_bl, c: int, *, gate_bl=None, gated_bl=None
+):
+  """Runs ``block`` on the slots where ``keep`` (at most ``c`` of them), scatters the result back.
+
+  The compact sequence is the kept slots in stream order (a stable sort of the keep flags), with
+  their original positions, so it keeps the kernel-friendly causal mask. When fewer than ``c``
+  slots are kept, the remaining compact slots are filled with unkept tokens marked as padding
+  (segment id 0): they are never attended to and their outputs are discarded. When more than
+  ``c`` are kept, the last ones in stream order skip the block and are COUNTED in the returned
+  overflow, never dropped silently.
+
+  Args:
+    block: ``block(x [b, c, d], seq_c) -> [b, c, d]`` (residual connections included).
+    x_bld: hidden states [b, l, d] in stream order; seq: their ``rows.TokenInfo``.
+    keep_bl: bool [b, l], the slots to process.
+    c: compact length (static), 0 < c <= l.
+    gate_bl: float32 [b, l] or None: a processed slot of ``gated_bl`` (bool [b, l]; None: all)
+      becomes ``x + g·(block(x) − x)`` (the MoD router weighting); others get ``block(x)``
+      exactly.
+  Returns:
+    (x [b, l, d], overflow int32 [b]: kept slots beyond ``c``, which skipped the block).
+  """
+  perm = rows.sort_permutation((~keep_bl).astype(jnp.int32))  # kept slots first, stream order
+  cidx = perm[:, :c]
+  inverse = rows.inverse_permutation(perm)
+  back = jnp.minimum(inverse, c)  # compact index of a slot (c: none)
+  x_c = rows.gather_rows(x_bld, cidx, back)
+  in_c = rows.take(keep_bl, cidx)
+  seq_c = seq.take(cidx)
+  seq_c = seq_c._replace(segment_ids=jnp.where(in_c, seq_c.segment_ids, 0))
+  y_c = block(x_c, seq_c)
+  if gate_bl is not None:
+    gate_c = rows.take(gate_bl, cidx)[..., None]
+    gated_c = True if gated_bl is None else rows.take(gated_bl, cidx)[..., None]
+    y_c = jnp.where(gated_c, x_c + (y_c - x_c) * gate_c.astype(x_c.dtype), y_c)
+  processed = keep_bl & (inverse < c)
+  out = jnp.where(processed[..., None], rows.scatter_rows(y_c, back, cidx), x_bld)
+  overflow = jnp.sum(keep_bl, axis=1, dtype=jnp.int32) - jnp.sum(in_c, axis=1, dtype=jnp.int32)
+  return out, overflow
 
 
 def _router_bce(scores_bfn: jax.Array, idx_bfk: jax.Array, valid_bfn: jax.Array):

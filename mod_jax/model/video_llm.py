@@ -99,7 +99,7 @@ class VideoLLM(nnx.Module):
     aux), in the slot layout. ``rng``: random routing and LoRA dropout; ``remat``: the
     ``train.remat`` policy (``llm.REMAT_POLICIES``)."""
     x, seq, layout = self.embed_row(batch)
-    h, aux = self.llm(x, seq, layout, rng=rng, remat=remat)
+    h, aux = self.llm(x, seq, layout, rng=rng, remat=remat, vision_keep=batch.get("vision_keep"))
     t, n = layout.num_text, layout.tokens_per_frame
     f = layout.frame_start.shape[1]
     # Ordered slots of the text slots and of each frame's last vision token (layout order).

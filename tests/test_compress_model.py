@@ -1,0 +1,129 @@
+"""FastV and DyCoke on a tiny trained-shape model: zero rates are the dense model exactly,
+the pruned layers see the static compact length, and streaming equals the full pass."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import tiny
+from mod_jax.compress import apply, dycoke
+from mod_jax.infer import streaming
+from mod_jax.model.mod import RoutingPlan
+from mod_jax.model.video_llm import VideoLLM
+from tests.test_infer_streaming import _layout, _stream
+
+ATOL = 1e-4
+
+
+@functools.cache
+def _dense(scan_layers=True):
+  cfg = tiny.get_config("dense")
+  cfg.model.scan_layers = scan_layers
+  model = VideoLLM(cfg.model, rngs=nnx.Rngs(params=0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  return cfg, graphdef, params
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _full(params, batch, graphdef):
+  return nnx.merge(graphdef, params)(batch)
+
+
+def _batch(cfg, frames=6, seed=0):
+  return _layout(_stream(cfg, seed=seed, frames=frames), cfg.model.tokens_per_frame)
+
+
+@pytest.mark.parametrize("spec", ["fastv:K=2,R=0", "dycoke:K=0,P=0,L=2"])
+def test_zero_rates_give_exactly_the_dense_logits(spec):
+  """Bit for bit against the dense model run layer by layer (compressed models run unscanned;
+  the scanned stack is a different XLA program and differs by ~1e-6)."""
+  cfg, graphdef, params = _dense(scan_layers=False)
+  batch = _batch(cfg)
+  dense = jax.device_get(_full(params, batch, graphdef)[:2])
+  gd = apply.attach(graphdef, params, apply.parse(spec), cfg.model)
+  text, frame, aux = jax.device_get(_full(params, batch, gd))
+  np.testing.assert_array_equal(text, dense[0])
+  np.testing.assert_array_equal(frame, dense[1])
+  assert not aux  # nothing pruned, no routed layer
+
+
+def test_fastv_prunes_after_layer_k_and_changes_the_output():
+  cfg, graphdef, params = _dense()
+  batch = _batch(cfg)
+  seen = []
+  model = nnx.merge(
+    apply.attach(graphdef, params, apply.parse("fastv:K=2,R=0.5"), cfg.model), params
+  )
+  for i, layer in enumerate(model.llm.layers):  # record the sequence length each layer sees
+    call = type(layer).__call__
+
+    def spy(self, x, *a, _i=i, _call=call, **kw):
+      seen.append((_i, x.shape[1]))
+      return _call(self, x, *a, **kw)
+
+    layer.__class__ = type(f"Spy{i}", (type(layer),), {"__call__": spy})
+  text, frame, _ = jax.jit(lambda b: model(b))(batch)  # shapes are recorded while tracing
+  t, f, n = batch["text_tokens"].shape[1], batch["frames"].shape[1], cfg.model.tokens_per_frame
+  assert seen == [(0, t + f * n), (1, t + f * n), (2, t + f * 5), (3, t + f * 5)]
+  dense = _full(params, batch, graphdef)
+  assert np.abs(np.asarray(frame) - np.asarray(dense[1])).max() > 1e-3
+
+
+@pytest.mark.parametrize("spec", ["dycoke:K=0.7,P=0,L=2", "fastv:K=2,R=0.5"])
+def test_streaming_equals_teacher_forced(spec):
+  """Frame by frame through the streaming engine (TTM windows kept by the StreamCompressor,
+  FastV scores from the KV cache) gives the full pass's logits."""
+  cfg, graphdef, params = _dense()
+  comp = apply.parse(spec)
+  gd = apply.attach(graphdef, params, comp, cfg.model)
+  events = _stream(cfg, frames=6)
+  batch = _layout(events, cfg.model.tokens_per_frame)
+  text_full, frame_full, _ = jax.device_get(_full(params, batch, gd))
+  sizes = streaming.cache_sizes(RoutingPlan.from_config(cfg.model), 16, 48)
+  session = streaming.Session(
+    gd, params, cfg.model, sizes=sizes, compressor=apply.StreamCompressor(gd, params, comp)
+  )
+  text_inc, frame_inc = [], []
+  for e in events:
+    if e[0] == "prompt":
+      out = session.feed(e[1])
+      session.pin()
+    elif e[0] == "frame":
+      out = session.feed(e[1], e[2][None])
+      frame_inc.append(out["frame_logits"][0, 0])
+    else:
+      for tok in e[1]:
+        text_inc.append(session.feed([tok])["text_logits"][0, 0])
+      continue
+    text_inc.extend(out["text_logits"][0])
+  np.testing.assert_allclose(np.stack(frame_inc), frame_full[0], atol=ATOL, rtol=0)
+  np.testing.assert_allclose(np.stack(text_inc), text_full[0], atol=ATOL, rtol=0)
+  if comp.method == "dycoke":  # TTM really pruned: 6 frames keep 10 + 3 + 3 + 3 + 10 + 3
+    live = (
+      np.asarray(session.cache["llm"]["layers"][0]["attn"]["cache"]["segment_ids"][...]) != 0
+    ).sum()
+    t = batch["text_tokens"].shape[1]
+    assert live == t + dycoke.causal_keep_counts(0.7, 10, 6, keep_last=True) == t + 32
+
+
+def test_parse_and_check_errors():
+  assert str(apply.parse("fastv:K=3,R=0.25")) == "fastv:K=3,R=0.25"
+  assert apply.parse("dycoke") == apply.Compression("dycoke", 0.7, p=0.7, l=3)
+  assert apply.parse("none") is None
+  for bad, match in [
+    ("fastvv:K=2", "unknown method"),
+    ("fastv:K=1.5", "integer"),
+    ("fastv:R=2", "R="),
+    ("dycoke:K=0.5,Q=1", "bad setting"),
+    ("dycoke:P=x", "not a number"),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      apply.parse(bad)
+  mod_cfg = tiny.get_config("").model  # interleaved MoD: layers 1, 3 routed
+  with pytest.raises(ValueError, match="already route"):
+    apply.check(apply.parse("fastv:K=2,R=0.5"), mod_cfg)
+  with pytest.raises(ValueError, match="not implemented"):
+    apply.check(apply.parse("dycoke:K=0.7,P=0.7,L=2"), mod_cfg)
