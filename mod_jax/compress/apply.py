@@ -314,20 +314,45 @@ class StreamCompressor:
     if not self.active() or f == 0:
       return batch
     emb = _embed(self._params, batch, graphdef=self._graphdef)  # [b, f, N, d]
-    start, lead = self.frames_seen, self.frames_seen % dycoke.WINDOW
+    lead = self.frames_seen % dycoke.WINDOW  # only the window offset matters
     context = self._window if lead else None
-    keep = jax.vmap(
-      lambda e, c: dycoke.causal_keep(
-        e, self.compression.k, start=start, keep_last=True, context=c
-      ),
-      in_axes=(0, None if context is None else 0),
-    )(emb, context)
+    if f == 1:  # the live case: one compiled program for every window offset
+      b, _, n, d = emb.shape
+      padded = jnp.zeros((b, dycoke.WINDOW - 1, n, d), emb.dtype)
+      if context is not None:
+        padded = padded.at[:, :lead].set(context)
+      keep = _frame_keep(emb, padded, jnp.int32(lead), k=self.compression.k)
+    else:
+      keep = _stream_keep(emb, context, k=self.compression.k, lead=lead)
     real = int(np.max(np.sum(np.asarray(batch["frame_segment_ids"]) != 0, axis=1)))
     self.frames_seen += real
     hist = emb[:, :real] if context is None else jnp.concatenate([context, emb[:, :real]], axis=1)
     tail = self.frames_seen % dycoke.WINDOW
     self._window = hist[:, hist.shape[1] - tail :] if tail else None
     return {**batch, "vision_keep": keep}
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _frame_keep(emb, window, lead, *, k: float):
+  """:func:`dycoke.causal_keep` of one frame [b, 1, N, d] at window offset ``lead`` (traced),
+  after the window's earlier frames ``window`` [b, 3, N, d] (the first ``lead`` are real)."""
+  n = emb.shape[2]
+  ref = jnp.take(window, jnp.array([0, 0, 0, 2])[lead], axis=1)  # offsets 1, 2 -> 0; 3 -> 2
+  keep_n = max(dycoke.keep_per_frame(k, n), 1)
+
+  def one(e, r):
+    sim = dycoke._cosine(r, e).at[n - 1].set(-jnp.inf)
+    return dycoke._least_similar(sim, keep_n)
+
+  pruned = jax.vmap(one)(emb[:, 0], ref)
+  return jnp.where(lead == 0, True, pruned)[:, None]
+
+
+@functools.partial(jax.jit, static_argnames=("k", "lead"))
+def _stream_keep(emb, context, *, k: float, lead: int):
+  """Causal TTM flags [b, f, N] of a chunk whose first frame is at window offset ``lead``."""
+  one = lambda e, c: dycoke.causal_keep(e, k, start=lead, keep_last=True, context=c)
+  return jax.vmap(one, in_axes=(0, None if context is None else 0))(emb, context)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

@@ -116,6 +116,7 @@ def stream_evaluate(
   threshold: float = 0.0,
   max_samples: int | None = None,
   progress: bool = True,
+  compression=None,
 ) -> dict:
   """LM-PPL, TimeDiff (seconds), Fluency, LM-Correctness on the eval split (SPEC §3).
 
@@ -127,6 +128,8 @@ def stream_evaluate(
       evaluation default; the LIVE demo uses 0.725).
     max_samples: evaluate only the first windows of the split.
     progress: show a progress bar.
+    compression: a ``mod_jax.compress.apply.Compression`` (FastV / DyCoke) applied to the model
+      in the teacher-forced pass and the late continuations, or None.
 
   Returns:
     ``{"lm_ppl", "time_diff", "fluency", "lm_correctness", "samples", "turns",
@@ -143,11 +146,18 @@ def stream_evaluate(
   d, m = config.data, config.model
   t_cap, f_cap = int(d.max_text), int(d.max_frames)
   cache = folder.frame_cache(int(d.cache_mb) << 20)
+  compressor = None
+  if compression is not None:
+    from mod_jax.compress import apply
+
+    graphdef = apply.attach(graphdef, params, compression, m)
+    compressor = apply.StreamCompressor(graphdef, params, compression)
   session = streaming.Session(
     graphdef,
     params,
     m,
     sizes=streaming.cache_sizes(RoutingPlan.from_config(m), 2 * f_cap, t_cap + f_cap),
+    compressor=compressor,
   )
   rng = jax.random.key(config.seed + 1)
   results = []

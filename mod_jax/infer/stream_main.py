@@ -1,4 +1,5 @@
-"""``mod-jax stream --workdir CKPT --video FILE [--fps 2] [--threshold 0.725]``: live narration.
+"""``mod-jax stream --workdir CKPT --video FILE [--fps 2] [--threshold 0.725] [--compress SPEC]``:
+live narration (``--compress``: a training-free peer method, as ``mod-jax eval``).
 
 Decodes the video (PyAV) at ``fps``, feeds it frame by frame to the model of ``CKPT`` through the
 streaming engine (``mod_jax.infer.streaming``), prints each response with its video time as it
@@ -56,6 +57,7 @@ def run_stream(
   step: int | None = None,
   progress: bool = True,
   echo=print,
+  compress: str | None = None,
 ) -> dict:
   """Streams ``video`` through the model of ``workdir``; returns the summary dict.
 
@@ -66,11 +68,13 @@ def run_stream(
   import jax
   import tqdm
 
+  from mod_jax.compress import apply
   from mod_jax.data import pipeline
   from mod_jax.data.video import decode_video
   from mod_jax.infer import streaming
   from mod_jax.train import checkpoint
 
+  compression = apply.parse(compress)
   config = checkpoint.load_config(workdir)
   fps = float(config.data.fps if fps is None else fps)
   frames, times = decode_video(video, fps, int(config.model.vision.image_size))
@@ -89,6 +93,7 @@ def run_stream(
     fps=fps,
     threshold=threshold,
     max_new_tokens=max_new_tokens,
+    compression=compression,
   )
   start = time.perf_counter()
   engine.warmup()  # compile before the clock of the live stream starts
@@ -143,6 +148,7 @@ def run_stream(
     "evicted_chunks": engine.evicted_chunks,
     "stopped": stopped,
     "step": ckpt_step,
+    "compress": str(compression or "none"),
   }
 
 
@@ -175,6 +181,7 @@ def main(argv):
       top_p=f.TOP_P.value,
       seed=f.SEED.value,
       step=f.STEP.value,
+      compress=f.COMPRESS.value,
     )
   except (VideoError, FileNotFoundError, ValueError) as e:
     sys.exit(f"mod-jax stream: error: {e}")
