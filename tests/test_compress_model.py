@@ -125,5 +125,52 @@ def test_parse_and_check_errors():
   mod_cfg = tiny.get_config("").model  # interleaved MoD: layers 1, 3 routed
   with pytest.raises(ValueError, match="already route"):
     apply.check(apply.parse("fastv:K=2,R=0.5"), mod_cfg)
-  with pytest.raises(ValueError, match="not implemented"):
+  with pytest.raises(ValueError, match="dense layers"):
     apply.check(apply.parse("dycoke:K=0.7,P=0.7,L=2"), mod_cfg)
+  apply.check(apply.parse("dycoke:K=0.7,P=0,L=2"), mod_cfg)  # TTM alone runs on MoD models
+
+
+def _run_stream(cfg, gd, params, comp, events):
+  sizes = streaming.cache_sizes(RoutingPlan.from_config(cfg.model), 16, 48)
+  session = streaming.Session(
+    gd, params, cfg.model, sizes=sizes, compressor=apply.StreamCompressor(gd, params, comp)
+  )
+  logits = []
+  for e in events:
+    if e[0] == "prompt":
+      session.feed(e[1])
+      session.pin()
+    elif e[0] == "frame":
+      logits.append(session.feed(e[1], e[2][None])["frame_logits"][0, 0])
+    else:
+      logits += [session.feed([tok])["text_logits"][0, 0] for tok in e[1]]
+  return np.stack(logits), session
+
+
+def test_dycoke_kv_pruning_selects_hides_and_keeps_the_cache():
+  """P -> 0 selects every image entry (the TTM-only logits, up to the float32 rounding of a
+  differently compiled step); P = 0.7 keeps
+  floor(0.3 · n_img) image entries visible to layers >= L, changes the logits, and leaves the
+  cache itself as it was (pruned entries are hidden per step, not evicted)."""
+  cfg, graphdef, params = _dense()
+  events = _stream(cfg, frames=6)
+
+  def run(spec):
+    comp = apply.parse(spec)
+    return _run_stream(cfg, apply.attach(graphdef, params, comp, cfg.model), params, comp, events)
+
+  base, s0 = run("dycoke:K=0.7,P=0,L=2")
+  tiny_p, _ = run("dycoke:K=0.7,P=1e-9,L=2")
+  np.testing.assert_allclose(tiny_p, base, atol=1e-5, rtol=0)
+  pruned, s7 = run("dycoke:K=0.7,P=0.7,L=2")
+  st = s7.cache["llm"]["dycoke_state"]
+  n_img = int(np.asarray(st["is_vision"][...]).sum())
+  assert n_img == dycoke.causal_keep_counts(0.7, 10, 6, keep_last=True)  # the TTM-kept frames
+  assert int(np.asarray(st["selected"][...]).sum()) <= int(np.floor(n_img * 0.3 + 1e-6))
+  assert int(np.asarray(st["reselections"][...])) >= 1
+  assert np.abs(pruned - base).max() > 1e-4  # layers >= L saw fewer image entries
+  for i in range(cfg.model.n_layers):  # the full cache is kept
+    seg = [
+      np.asarray(s.cache["llm"]["layers"][i]["attn"]["cache"]["segment_ids"][...]) for s in (s7, s0)
+    ]
+    np.testing.assert_array_equal(*seg)

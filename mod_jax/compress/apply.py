@@ -16,9 +16,14 @@ is a copy of the routing core: every pruned layer is ``mod.routed_block`` /
   on the connector outputs and every layer processes only the kept vision tokens
   (``compact_block`` with the static bound C = T + ceil(F/4)·N + (F − ceil(F/4))·m). In
   streaming the window's earlier frames are kept by a :class:`StreamCompressor`.
-* **DyCoke dynamic KV pruning** (P, L) acts only on decoding steps after a prefill. It is NOT
-  implemented yet: P is parsed and validated, and anything but P = 0 is refused with an error
-  (see the module's report in docs/compare.md).
+* **DyCoke dynamic KV pruning** (P, L) acts on the streaming session's steps after the first
+  (a teacher-forced pass is one prefill, which DyCoke never prunes): after layer L−1 wrote a
+  chunk, its last token's head-averaged attention over the image entries of the cache is
+  compared with the previous step's (cosine); below 0.9 (or at the first step) the top
+  ``floor(n_img · (1 − P))`` image entries are selected (:func:`_kv_select`). Layers L..n−1 then
+  attend to every text entry, the chunk's own entries and the selected image entries only;
+  the other image entries stay in the cache (hidden for the step by a zero segment id and
+  restored after it), so they can come back at the next re-selection.
 
 Evaluation rows hold one sample (``mod_jax.infer.evaluate``), so frame f of a row is frame f of
 its stream; TTM assumes that.
@@ -133,10 +138,12 @@ def check(compression: Compression, model_cfg) -> None:
   else:
     if not 1 <= compression.l < n:
       raise ValueError(f"DyCoke L={compression.l} must be in [1, {n - 1}] for {n} layers.")
-    if compression.p > 0:
+    routed = [i for i in range(compression.l - 1, n) if plan.routed(i)]
+    if compression.p > 0 and routed:
       raise ValueError(
-        f"DyCoke dynamic KV pruning (P={compression.p:g}) is not implemented yet; run TTM alone "
-        f"with P=0, e.g. --compress=dycoke:K={compression.k:g},P=0."
+        f"DyCoke KV pruning (P={compression.p:g}, L={compression.l}) needs dense layers "
+        f"L-1..n-1 (one cache slot space); layers {routed} route vision tokens (MoD). Use "
+        f"L > {max(routed) + 1}, P=0 (TTM alone) or a dense checkpoint."
       )
 
 
@@ -173,34 +180,40 @@ def to_stream(keep_bfn, layout: rows.StreamLayout) -> jax.Array:
   return jnp.where(layout.is_vision, flat, True)
 
 
-def frame_end_attention(layer, x_bld, seq: rows.TokenInfo, layout: rows.StreamLayout):
-  """Each frame's last vision token's attention to its frame's tokens, head-averaged, at
-  ``layer`` (input ``x_bld``); float32 [b, l] at the vision slots (0 at text).
+def query_attention(layer, x_bld, seq: rows.TokenInfo, q_idx_bm):
+  """Head-averaged attention of the tokens at slots ``q_idx`` [b, m] in ``layer`` (input
+  ``x_bld``): (probs float32 [b, m, s], key positions [b, s], key segment ids [b, s]).
 
-  The attention is over every key the token attends to in the layer (its row, or the layer's
-  KV cache after this chunk was written), with the layer's own mask, so FastV sees the same
-  scores in a full pass and in streaming.
+  The keys are every key those tokens attend to in the layer — the row itself, or the layer's
+  KV cache after this chunk was written — under the layer's own mask, so a full pass and
+  streaming see the same distribution.
   """
   attn = layer.attn
-  b, l, _ = x_bld.shape
-  f, n = layout.frame_start.shape[1], layout.tokens_per_frame
+  b, m = q_idx_bm.shape
   q, k, _ = attn.qkv(layer.input_norm(x_bld), seq.positions, None, seq.rope)
-  ends = layout.frame_start + n - 1  # [b, f]
-  q_end = rows.take(q, ends)  # [b, f, heads, hd]
+  q_sel = rows.take(q, q_idx_bm)  # [b, m, heads, hd]
   if attn.cache is not None:
     keys = attn.cache.k[...]
     k_pos, k_seg = attn.cache.positions[...], attn.cache.segment_ids[...]
   else:
     keys, k_pos, k_seg = k, seq.positions, seq.segment_ids
-  heads, hd = q_end.shape[2], q_end.shape[3]
+  heads, hd = q_sel.shape[2], q_sel.shape[3]
   kh = keys.shape[2]
-  qg = q_end.reshape(b, f, kh, heads // kh, hd).astype(jnp.float32)
-  logits = jnp.einsum("bfkgh,bskh->bfkgs", qg, keys.astype(jnp.float32)) / np.sqrt(hd)
-  mask = attention_mask(
-    rows.take(seq.positions, ends), rows.take(seq.segment_ids, ends), k_pos, k_seg
-  )
+  qg = q_sel.reshape(b, m, kh, heads // kh, hd).astype(jnp.float32)
+  logits = jnp.einsum("bmkgh,bskh->bmkgs", qg, keys.astype(jnp.float32)) / np.sqrt(hd)
+  q_pos, q_seg = rows.take(seq.positions, q_idx_bm), rows.take(seq.segment_ids, q_idx_bm)
+  mask = attention_mask(q_pos, q_seg, k_pos, k_seg)
   logits = jnp.where(mask[:, :, None, None], logits, -1e30)
-  probs = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=(2, 3))  # [b, f, s]
+  return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=(2, 3)), k_pos, k_seg
+
+
+def frame_end_attention(layer, x_bld, seq: rows.TokenInfo, layout: rows.StreamLayout):
+  """Each frame's last vision token's head-averaged attention to its own frame's tokens at
+  ``layer`` (input ``x_bld``; :func:`query_attention`); float32 [b, l] at the vision slots, 0
+  at text. FastV's scores."""
+  b = x_bld.shape[0]
+  f, n = layout.frame_start.shape[1], layout.tokens_per_frame
+  probs, k_pos, k_seg = query_attention(layer, x_bld, seq, layout.frame_start + n - 1)
   tok_pos = rows.take(seq.positions, layout.frame_tokens().reshape(b, f * n)).reshape(b, f, n)
   match = (k_pos[:, None, None, :] == tok_pos[..., None]) & (k_seg[:, None, None, :] != 0)
   score_bfn = jnp.sum(jnp.where(match, probs[:, :, None, :], 0.0), axis=-1)
@@ -237,11 +250,20 @@ def run_layers(dec, x, seq: rows.TokenInfo, layout, *, rng, drop, ordered, visio
     allowed = ttm_keep(x, layout, comp.k) if vision_keep is None else to_stream(vision_keep, layout)
   scores = None
   kept = fastv.kept_count(plan.tokens_per_frame, comp.r) if comp.method == "fastv" else 0
+  state = getattr(dec, "dycoke_state", None)
+  kv = state is not None and dec.layers[0].attn.cache is not None
+  current = None  # this chunk's cache slots (DyCoke KV pruning)
   for i, layer in enumerate(dec.layers):
     lrng = None if drop is None else jax.random.fold_in(drop, i)
     block = functools.partial(_block, layer, lrng, ordered)
     x_in = x
     a = {}
+    pruned = None
+    if kv and i >= comp.l and current is not None:  # hide unselected earlier image entries
+      cache = layer.attn.cache
+      saved = cache.segment_ids[...]
+      pruned = state.is_vision[...] & ~state.selected[...] & ~current & (saved != 0)
+      cache.segment_ids[...] = jnp.where(pruned, 0, saved)
     if not has_frames:
       x = block(x, seq)
     elif comp.method == "fastv" and i >= comp.k and kept < plan.tokens_per_frame:
@@ -276,11 +298,81 @@ def run_layers(dec, x, seq: rows.TokenInfo, layout, *, rng, drop, ordered, visio
       a = {"overflow": overflow}
     else:
       x = block(x, seq)
+    if pruned is not None:  # the full cache is kept: pruned entries can come back
+      layer.attn.cache.segment_ids[...] = jnp.where(
+        pruned, saved, layer.attn.cache.segment_ids[...]
+      )
+    if kv and i == comp.l - 1:
+      current = _kv_select(state, layer, x_in, seq, layout if has_frames else None, comp.p)
     if has_frames and comp.method == "fastv" and i == comp.k - 1 and kept < plan.tokens_per_frame:
       scores = frame_end_attention(layer, x_in, seq, layout)
     if a:
       aux[f"layer_{i}"] = a
   return x, aux
+
+
+class DyCokeState(nnx.Module):
+  """DyCoke's dynamic KV pruning state of a streaming session, in the slot space of the caches
+  of layers L−1..n−1 (dense layers of equal size, :func:`check`). ``nnx.Cache`` variables, so
+  they travel with the KV caches through the session's jitted step.
+
+  is_vision: bool [b, S], the slot holds an image entry; selected: bool [b, S], an image entry
+  layers >= L attend to; ref: float32 [b, S], the last token's head-averaged attention over
+  image entries at layer L−1 in the previous step; has_ref: bool [], a selection exists;
+  reselections: int32 [], how many times the selection was renewed (cosine < 0.9).
+  """
+
+  def __init__(self, batch: int, size: int):
+    self.is_vision = nnx.Cache(jnp.zeros((batch, size), bool))
+    self.selected = nnx.Cache(jnp.zeros((batch, size), bool))
+    self.ref = nnx.Cache(jnp.zeros((batch, size), jnp.float32))
+    self.has_ref = nnx.Cache(jnp.zeros((), bool))
+    self.reselections = nnx.Cache(jnp.zeros((), jnp.int32))
+
+
+SIMILARITY_THRESHOLD = 0.9  # DyCoke: re-select when the attention's cosine drops below this
+
+
+def attach_state(model, batch: int, sizes) -> None:
+  """Gives ``model.llm`` a :class:`DyCokeState` when its compression prunes the KV cache (the
+  streaming session calls this after attaching the caches)."""
+  comp = model.llm.compress
+  if comp is not None and comp.method == "dycoke" and comp.p > 0:
+    model.llm.dycoke_state = DyCokeState(batch, int(sizes[comp.l - 1]))
+
+
+def _kv_select(state: DyCokeState, layer, x_bld, seq: rows.TokenInfo, layout, p: float):
+  """After layer L−1 wrote this chunk: marks the chunk's slots, takes the attention of its last
+  token over the image entries, and re-selects the top (1 − P) when the cosine with the previous
+  step's attention is below 0.9 (or no selection exists). Returns bool [b, S]: this chunk's
+  slots (never pruned in their own step)."""
+  b, t = seq.positions.shape
+  cache = layer.attn.cache
+  k_pos, k_seg = cache.positions[...], cache.segment_ids[...]
+  is_vis_t = layout.is_vision if layout is not None else jnp.zeros((b, t), bool)
+  live_t = seq.segment_ids != 0
+  match = (k_pos[:, :, None] == seq.positions[:, None, :]) & live_t[:, None, :]
+  match = match & (k_seg != 0)[:, :, None]
+  hit = jnp.any(match, axis=-1)
+  img = jnp.where(hit, jnp.any(match & is_vis_t[:, None, :], axis=-1), state.is_vision[...])
+  img = img & (k_seg != 0)
+  last = jnp.argmax(jnp.where(live_t, seq.positions, -1), axis=1)[:, None]  # [b, 1]
+  probs = query_attention(layer, x_bld, seq, last)[0][:, 0]  # [b, S]
+  vec = jnp.where(img, probs, 0.0)
+  ref = jnp.where(hit, 0.0, state.ref[...])  # entries new in this step had no attention before
+  cos = jnp.sum(vec * ref, 1) / jnp.maximum(
+    jnp.linalg.norm(vec, axis=1) * jnp.linalg.norm(ref, axis=1), 1e-8
+  )
+  renew = (~state.has_ref[...]) | (cos < SIMILARITY_THRESHOLD)  # [b]
+  n_keep = jnp.floor(jnp.sum(img, 1) * (1.0 - p) + 1e-6).astype(jnp.int32)
+  order = jnp.argsort(jnp.argsort(-jnp.where(img, vec, -1.0), axis=1), axis=1)  # rank per slot
+  fresh = img & (order < n_keep[:, None])
+  state.selected[...] = jnp.where(renew[:, None], fresh, state.selected[...] & img)
+  state.is_vision[...] = img
+  state.ref[...] = vec  # the reference updates its stored attention at every step
+  state.has_ref[...] = jnp.ones((), bool)
+  state.reselections[...] = state.reselections[...] + jnp.any(renew).astype(jnp.int32)
+  return hit
 
 
 def _block(layer, rng, ordered: bool, x_bld, seq: rows.TokenInfo) -> jax.Array:

@@ -180,6 +180,10 @@ def attach_caches(model: VideoLLM, batch: int, sizes: Sequence[int]) -> None:
   for layer, size in zip(layers, sizes):
     a = layer.attn
     a.cache = KVCache(batch, int(size), a.k.shape[1], a.k.shape[2], a.dtype)
+  if getattr(model.llm, "compress", None) is not None:  # DyCoke KV pruning state
+    from mod_jax.compress import apply
+
+    apply.attach_state(model, batch, sizes)
 
 
 def sample_token(
