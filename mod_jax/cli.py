@@ -8,6 +8,7 @@ Commands (each is a module with an absl ``main(argv)``):
   compile AOT-compile train + streaming steps for a TPU topology; fits in HBM?
           mod-jax compile --config X [--topology v5:4x4x4] [--num_slices S] [--json]
   convert HF safetensors / GGUF import and HF export:  mod-jax convert --from-hf DIR --out DIR
+  arank   γ-MoD ARank per layer + MoD insertion list:  mod-jax arank --config X --workdir DIR
 
 Configs are Python files with ``get_config(arg)`` (big_vision style); any field can be
 overridden, e.g. ``--config.train.steps=50``. ``mod-jax <command> --helpfull`` lists its flags.
@@ -28,6 +29,7 @@ COMMANDS = {
   "flops": "mod_jax.analysis.main",  # mod-jax flops --config X [--json]
   "compile": "mod_jax.analysis.compile_main",  # mod-jax compile --config X --topology v5:4x4x4
   "convert": "mod_jax.convert.main",  # mod-jax convert --from-hf DIR | --to-hf SRC --out DIR
+  "arank": "mod_jax.compress.arank_main",  # mod-jax arank --config X --workdir CKPT [--samples N]
 }
 
 

@@ -174,3 +174,32 @@ def test_dycoke_kv_pruning_selects_hides_and_keeps_the_cache():
       np.asarray(s.cache["llm"]["layers"][i]["attn"]["cache"]["segment_ids"][...]) for s in (s7, s0)
     ]
     np.testing.assert_array_equal(*seg)
+
+
+def test_arank_maps_are_the_layers_attention_and_recommendation():
+  """``mod-jax arank``'s maps reproduce the layer's own attention output (probs · V through the
+  output projection = the attention kernel's result); the recommendation takes the n/2 lowest."""
+  from mod_jax.compress import arank_main
+  from mod_jax.model import rows
+  from mod_jax.model.attention import rope_tables
+
+  cfg, graphdef, params = _dense()
+  model = nnx.merge(graphdef, params)
+  layer = model.llm.layers[1]
+  l, d = 12, cfg.model.d_model
+  x = jax.random.normal(jax.random.key(0), (1, l, d))
+  pos = np.arange(l, dtype=np.int32)[None]
+  seg = np.array([[1] * 8 + [2] * 4], np.int32)  # two packed samples
+  seq = rows.TokenInfo(pos, seg, rope_tables(pos, layer.attn.inv_freq))
+  probs = arank_main.attention_maps(layer, x, seq)  # [1, heads, l, l]
+  _, _, v = layer.attn.qkv(layer.input_norm(x), seq.positions, None, seq.rope)
+  heads, kh = probs.shape[1], v.shape[2]
+  v_rep = np.repeat(np.asarray(v), heads // kh, axis=2)  # [1, l, heads, hd]
+  o = np.einsum("bnqs,bsnh->bqnh", np.asarray(probs), v_rep)
+  want = layer.attn(
+    layer.input_norm(x), seq.positions, seq.segment_ids, rope=seq.rope, ordered=True
+  )
+  np.testing.assert_allclose(np.asarray(layer.attn.out(o)), np.asarray(want), atol=1e-5)
+  assert np.asarray(probs)[0, :, 8, :8].max() == 0  # no attention across samples
+  assert arank_main.recommend([5.0, 1.0, 3.0, 1.0]) == {"lowest": [1, 3], "reference": []}
+  assert arank_main.recommend([9.0] * 8)["reference"] == [3, 4, 5, 6]

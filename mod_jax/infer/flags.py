@@ -15,8 +15,8 @@ COMPRESS = flags.DEFINE_string(
   "compress",
   None,
   "Training-free peer method applied to the checkpoint: 'fastv:K=2,R=0.5' (FastV) or "
-  "'dycoke:K=0.7,P=0,L=3' (DyCoke TTM; dynamic KV pruning P > 0 is not implemented yet). "
-  "Default: none.",
+  "'dycoke:K=0.7,P=0.7,L=3' (DyCoke: TTM rate K, KV pruning rate P from layer L; the "
+  "KV pruning acts on streaming steps only). Default: none.",
 )
 OUTPUT = flags.DEFINE_string(
   "output",
