@@ -18,6 +18,7 @@ Shape letters: b batch, l/t tokens, d model width, v vocabulary.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Hashable, Sequence
 
 import jax
@@ -130,6 +131,13 @@ class Decoder(nnx.Module):
         if self.plan.needs_router(i)
       }
     )
+    # γ-MoD: one router shared by every MoD layer (sequence routing), after the LayerExperts.
+    self.shared_router = (
+      mod.SharedRouter(cfg.d_model, rngs=rngs)
+      if self.plan.routing == "sequence" and any(self.plan.routed(i) for i in range(cfg.n_layers))
+      else None
+    )
+    self.deterministic = False  # nnx .eval() sets it: sequence routing then uses its threshold
     lora_cfg = cfg.get("lora")
     self.lora_dropout = bool(lora_cfg and lora_cfg.rank > 0 and lora_cfg.dropout > 0)
     if lora_cfg and lora_cfg.rank > 0:  # adapters after everything else (same base init)
@@ -157,6 +165,7 @@ class Decoder(nnx.Module):
     remat: str = "none",
     ordered: bool = True,
     vision_keep: jax.Array | None = None,
+    routable: jax.Array | None = None,
   ):
     """Runs all layers; returns (final-normed hidden [b, l, d], aux per routed layer).
 
@@ -173,6 +182,8 @@ class Decoder(nnx.Module):
         uses the position mask (any order; the reference).
       vision_keep: bool [b, f, n], vision tokens a training-free method keeps (DyCoke TTM in
         streaming; ``mod_jax/compress/apply.py``); used only with ``self.compress``.
+      routable: bool [b, l] (stream order), the tokens sequence routing (γ-MoD) may skip:
+        vision and answer tokens; default the vision tokens.
     Raises:
       ValueError: an unknown ``remat`` policy.
     """
@@ -193,25 +204,47 @@ class Decoder(nnx.Module):
         self, x, seq, layout, rng=rng, drop=drop, ordered=ordered, vision_keep=vision_keep
       )
       return self.final_norm(x), aux
+    ctx = None
+    if self.shared_router is not None and layout is not None:
+      ctx = (self.shared_router.weights(), layout.is_vision if routable is None else routable)
     if self.layers[0].attn.cache is not None:  # streaming: the caches are mutated in place
-      x, aux = self._run(0, n, 1, x, seq, layout, rng, drop, ordered, "none")
+      x, aux = self._run(0, n, 1, x, seq, layout, rng, drop, ordered, "none", ctx)
       return self.final_norm(x), aux
     kinds = [
       (self.plan.keep[i] if layout is not None else None, str(i) in self.routers) for i in range(n)
     ]
+    ctx = None
+    if self.shared_router is not None and layout is not None:
+      ctx = (self.shared_router.weights(), layout.is_vision if routable is None else routable)
     runs = layer_runs(kinds) if self.scan_layers else tuple((i, 1, 1) for i in range(n))
     for start, period, reps in runs:
-      x, run_aux = self._run(start, period, reps, x, seq, layout, rng, drop, ordered, remat)
+      x, run_aux = self._run(start, period, reps, x, seq, layout, rng, drop, ordered, remat, ctx)
       aux.update(run_aux)
     return self.final_norm(x), aux
 
-  def _apply(self, i, keep, layer, router, x, seq, layout, rng, drop, ordered):
+  def _apply(self, i, keep, layer, router, x, seq, layout, rng, drop, ordered, ctx=None):
     """Decoder layer ``i`` (a Python or traced int) on x: through ``mod.routed_block`` when
-    ``keep`` (the plan's k for it) is set and there are frames; LoRA dropout key from ``drop``."""
+    ``keep`` (the plan's k for it) is set and there are frames (``mod.sequence_routed_block``
+    with the shared router and ``ctx`` = (router weights, routable flags) for γ-MoD sequence
+    routing); LoRA dropout key from ``drop``."""
     lrng = None if drop is None else jax.random.fold_in(drop, i)
     block = functools.partial(_block, layer, lrng, ordered)
     if layout is None or keep is None:
       return block(x, seq), {}
+    if self.plan.routing == "sequence":
+      weights, routable = ctx
+      length = x.shape[1]
+      capacity = max(1, min(length, math.ceil(self.plan.capacity * length - 1e-9)))
+      return mod.sequence_routed_block(
+        block,
+        x,
+        seq,
+        capacity=capacity,
+        logits_bl2=mod.shared_router_logits(weights, layer.input_norm(x)),
+        routable_bl=routable,
+        weighting=self.plan.weighting,
+        threshold=self.plan.threshold if self.deterministic else None,  # None: top-C
+      )
     return mod.routed_block(
       block,
       x,
@@ -224,7 +257,7 @@ class Decoder(nnx.Module):
       rng=lora.fold(rng, i),
     )
 
-  def _run(self, start, period, reps, x, seq, layout, rng, drop, ordered, remat):
+  def _run(self, start, period, reps, x, seq, layout, rng, drop, ordered, remat, ctx=None):
     """Layers ``start .. start + period·reps - 1``: a cycle of ``period`` layers repeated
     ``reps`` times, as one ``lax.scan`` over parameters stacked along a new leading axis when
     reps > 1 (one compiled body whatever the depth; MaxText's scanned layers). Each cycle is
@@ -244,6 +277,7 @@ class Decoder(nnx.Module):
           rng,
           drop,
           ordered,
+          ctx,
         )
         out.update({f"layer_{i}": a} if a else {})
       return x, out
@@ -273,6 +307,7 @@ class Decoder(nnx.Module):
           rng,
           drop,
           ordered,
+          ctx,
         )
         auxes.append(a)
       return x, auxes

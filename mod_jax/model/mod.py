@@ -101,6 +101,11 @@ class RoutingPlan:
   selection: str
   weighting: str
   aux_loss_weight: float = 0.0
+  routing: str = "frame"  # frame (VideoLLM-MoD) | sequence (γ-MoD, sequence_routed_block)
+  capacity: float = 1.0  # sequence routing: C = ceil(capacity · L) processed slots per row
+  # Sequence routing at inference: processed iff P(process) > threshold; None keeps the training
+  # rule (top-C over the row, not causal: only to measure the train/inference mismatch).
+  threshold: float | None = 0.5
 
   @classmethod
   def from_config(cls, model_cfg) -> RoutingPlan:
@@ -115,20 +120,27 @@ class RoutingPlan:
     ratios = _keep_schedule(mod.keep_ratio, mod.insertion, routed)
     k_of = {i: keep_count(r, model_cfg.tokens_per_frame) for i, r in zip(routed, ratios)}
     keep = tuple(k_of.get(i) for i in range(model_cfg.n_layers))
+    routing = mod.get("routing", "frame")
+    if routing == "sequence":  # one capacity over the row; at inference up to N per frame
+      keep = tuple(None if k is None else model_cfg.tokens_per_frame for k in keep)
     return cls(
       keep,
       model_cfg.tokens_per_frame,
       mod.selection,
       mod.router_weighting,
       float(mod.get("router_aux_loss_weight", 0.0)),
+      routing,
+      float(ratios[0]) if ratios else 1.0,
+      float(mod.get("threshold", 0.5)),
     )
 
   def routed(self, layer: int) -> bool:
     return self.keep[layer] is not None
 
   def needs_router(self, layer: int) -> bool:
+    """The layer has its own LayerExpert (sequence routing shares one router instead)."""
     k = self.keep[layer]
-    return k is not None and k > 0 and self.selection == "learned"
+    return k is not None and k > 0 and self.selection == "learned" and self.routing == "frame"
 
 
 def _keep_schedule(keep_ratio, insertion, routed: tuple[int, ...]) -> tuple[float, ...]:
@@ -356,6 +368,103 @@ def compact_block(
   out = jnp.where(processed[..., None], rows.scatter_rows(y_c, back, cidx), x_bld)
   overflow = jnp.sum(keep_bl, axis=1, dtype=jnp.int32) - jnp.sum(in_c, axis=1, dtype=jnp.int32)
   return out, overflow
+
+
+class SharedRouter(nnx.Module):
+  """γ-MoD's shared vision-language router (arXiv 2410.13859 §3.2; reference
+  ``llava_hr/model/language_model/llava_llama_mod.py``): one Linear(d_model → 2) used by every
+  MoD layer on that layer's input-normed hidden state; P(process) = softmax(logits)[..., 1].
+  W [d, 2], b [2]."""
+
+  def __init__(self, d_model: int, *, rngs: nnx.Rngs):
+    self.kernel = param(rngs, nnx.initializers.normal(0.02), (d_model, 2), ("embed", None))
+    self.bias = param(rngs, _zeros, (2,), (None,))
+
+  def weights(self):
+    """(W, b) as arrays, for use inside a scanned layer cycle."""
+    return self.kernel[...], self.bias[...]
+
+
+def shared_router_logits(weights, h_bld) -> jax.Array:
+  """Logits float32 [b, l, 2] of :class:`SharedRouter` ``weights`` on normed hidden ``h``."""
+  w, b = weights
+  h = h_bld.astype(jnp.float32)
+  return jnp.einsum("bld,dk->blk", h, w.astype(jnp.float32)) + b.astype(jnp.float32)
+
+
+def sequence_routed_block(
+  block: Callable,
+  x_bld,
+  seq: rows.TokenInfo,
+  *,
+  capacity: int,
+  logits_bl2: jax.Array,
+  routable_bl: jax.Array,
+  weighting: str,
+  threshold: float | None = None,
+):
+  """γ-MoD routing: top-C over the whole row, never-routed tokens forced in (masked routing).
+
+  Training (``threshold`` None): each real token's P(process) p = softmax(logits)[..., 1]; the
+  tokens that are NOT routable (system prompt, instruction and query text: masked routing
+  learning) score p + 1 and so come first, padding scores −1; the top ``capacity`` = C slots
+  (static) are processed, the rest skip the layer. If the never-routed tokens alone exceed C, the
+  ones beyond C skip the layer too and are COUNTED in ``aux["forced_overflow"]`` (never silent).
+  Sequence-level top-k is not causal, so at inference (``threshold`` set) a real token is
+  processed iff it is not routable or p > threshold — a per-token rule, causal, which a stream
+  reproduces exactly; the compact length is then L (no overflow possible).
+
+  The routed tokens' update is weighted (``weighting``): ``sigmoid`` multiplies it by p (the
+  reference multiplies the MLP output by p), ``ste`` uses forward value 1 with p's gradient,
+  ``none`` leaves it unweighted; never-routed tokens are not weighted.
+
+  Args:
+    block: ``block(x [b, c, d], seq_c) -> [b, c, d]``.
+    x_bld: [b, l, d] stream order; seq: its ``rows.TokenInfo`` (segment 0 = padding).
+    capacity: C (static), 1 <= C <= l.
+    logits_bl2: float32 [b, l, 2] router logits (:func:`shared_router_logits`).
+    routable_bl: bool [b, l]: vision and answer tokens (may skip the layer).
+    weighting: ``sigmoid`` | ``ste`` | ``none``.
+    threshold: None (training, top-C) or the inference threshold on p.
+  Returns:
+    (x [b, l, d], aux): ``router_ce_sum`` / ``router_ce_count`` (2-class CE of the logits vs
+    top-C membership over real tokens; training only), ``forced_overflow`` int32 [b],
+    ``overflow`` int32 [b] (:func:`compact_block`), ``processed_fraction`` float32 [].
+  Raises:
+    ValueError: capacity outside [1, l] or an unknown weighting.
+  """
+  b, l, _ = x_bld.shape
+  if not 1 <= capacity <= l:
+    raise ValueError(f"capacity C={capacity} must be in [1, {l}] (the row length).")
+  real = seq.segment_ids != 0
+  routable = routable_bl & real
+  prob = jax.nn.softmax(logits_bl2.astype(jnp.float32), axis=-1)[..., 1]
+  aux: dict[str, jax.Array] = {}
+  if threshold is None:
+    score = jnp.where(real, prob + jnp.where(routable, 0.0, 1.0), -1.0)
+    _, idx = jax.lax.top_k(score, capacity)
+    member = jnp.zeros((b, l), bool).at[jnp.arange(b)[:, None], idx].set(True)
+    keep, c = member & real, capacity
+    forced = real & ~routable
+    aux["forced_overflow"] = jnp.sum(forced & ~member, axis=1, dtype=jnp.int32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits_bl2, member.astype(jnp.int32))
+    aux["router_ce_sum"] = jnp.sum(jnp.where(real, ce, 0.0))
+    aux["router_ce_count"] = jnp.sum(real, dtype=jnp.float32)
+  else:
+    keep, c = real & (~routable | (prob > threshold)), l
+    aux["forced_overflow"] = jnp.zeros((b,), jnp.int32)
+  if weighting == "sigmoid":
+    gate = prob
+  elif weighting == "ste":
+    gate = (prob - jax.lax.stop_gradient(prob)) + 1.0
+  elif weighting == "none":
+    gate = None
+  else:
+    raise ValueError(f"sequence routing weighting {weighting!r}: use sigmoid, ste or none.")
+  out, aux["overflow"] = compact_block(block, x_bld, seq, keep, c, gate_bl=gate, gated_bl=routable)
+  aux["processed_fraction"] = jnp.sum(keep) / jnp.maximum(jnp.sum(real), 1)
+  aux["overflow"] = aux["overflow"] + aux["forced_overflow"]
+  return out, aux
 
 
 def _router_bce(scores_bfn: jax.Array, idx_bfk: jax.Array, valid_bfn: jax.Array):
