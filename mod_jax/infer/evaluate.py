@@ -133,7 +133,9 @@ def stream_evaluate(
 
   Returns:
     ``{"lm_ppl", "time_diff", "fluency", "lm_correctness", "samples", "turns",
-    "samples_without_turns", "late_continuations", "threshold", "fps", "seconds"}``.
+    "samples_without_turns", "late_continuations", "stream_decision_accuracy", "threshold",
+    "fps", "seconds"}``; ``stream_decision_accuracy`` is the share of labelled frame ends whose
+    teacher-forced decision (speak or stay silent, at ``threshold``) matches the data.
 
   Raises:
     RuntimeError: the eval split has no window. (and what ``load_split`` raises)
@@ -161,6 +163,7 @@ def stream_evaluate(
   )
   rng = jax.random.key(config.seed + 1)
   results = []
+  decisions = decisions_right = 0  # frame-end decisions (speak vs stay silent) and correct ones
   for rec_index, window in tqdm.tqdm(
     windows, desc="eval", disable=not progress, dynamic_ncols=True
   ):
@@ -186,8 +189,13 @@ def stream_evaluate(
       continue_after(session, batch, j, k, tokenizer.interval_id), tokenizer.interval_id, threshold
     )
     results.append(metrics.evaluate_sample(sample, eos_id=tokenizer.eos_id, late_fn=late_fn))
+    decided = np.asarray(example["frame_weights"]) > 0
+    speak = np.asarray(example["frame_targets"]) != tokenizer.interval_id
+    decisions += int(decided.sum())
+    decisions_right += int((decided & (sample.frame_speak == speak)).sum())
   summary = metrics.aggregate(results, float(d.fps))
   summary.update(
+    stream_decision_accuracy=decisions_right / max(decisions, 1),
     late_continuations=int(sum(r.late_queries for r in results)),
     threshold=float(threshold),
     fps=float(d.fps),
