@@ -128,6 +128,9 @@ def test_parse_and_check_errors():
   with pytest.raises(ValueError, match="dense layers"):
     apply.check(apply.parse("dycoke:K=0.7,P=0.7,L=2"), mod_cfg)
   apply.check(apply.parse("dycoke:K=0.7,P=0,L=2"), mod_cfg)  # TTM alone runs on MoD models
+  mod_cfg.mod.routing = "sequence"
+  with pytest.raises(ValueError, match="sequence-routed"):
+    apply.check(apply.parse("dycoke:K=0.7,P=0,L=2"), mod_cfg)
 
 
 def _run_stream(cfg, gd, params, comp, events):

@@ -125,6 +125,11 @@ def check(compression: Compression, model_cfg) -> None:
   """Raises ValueError when ``compression`` cannot run on a model of ``model_cfg``."""
   n = int(model_cfg.n_layers)
   plan = mod.RoutingPlan.from_config(model_cfg)
+  if plan.routing == "sequence" and any(plan.routed(i) for i in range(n)):
+    raise ValueError(
+      f"--compress={compression} on a γ-MoD (sequence-routed) checkpoint is not supported; "
+      f"apply FastV / DyCoke to a dense or VideoLLM-MoD checkpoint."
+    )
   if compression.method == "fastv":
     k = int(compression.k)
     if not 1 <= k < n:
