@@ -235,6 +235,33 @@ def table(records: list[dict]) -> tuple[str, dict]:
   return "\n".join(lines), out
 
 
+def plot(rows: dict, path: str) -> None:
+  """LM-PPL and stream-decision accuracy against the prefill's vision token-layers (PNG; needs
+  the ``plot`` extra). γ-MoD is placed at MoD's value: its capacity is matched to MoD's compact
+  length in training (at inference the threshold decides, data-dependent)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+  for ax, key, label in (
+    (axes[0], "lm_ppl", "held-out LM-PPL (lower is better)"),
+    (axes[1], "stream_decision_accuracy", "stream-decision accuracy"),
+  ):
+    for name, r in rows.items():
+      x = r["vision_token_layers"]
+      if name.startswith("gamma"):
+        x = analytic("videollm_mod")["vision_token_layers"]
+      ax.errorbar(x, r[key], yerr=r[key + "_sem"], fmt="o", capsize=3)
+      ax.annotate(name, (x, r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("vision token-layers of a prefill / dense")
+    ax.set_ylabel(label)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--steps", type=int, default=300)
@@ -244,12 +271,15 @@ def main():
   parser.add_argument("--eval_videos", type=int, default=96)
   parser.add_argument("--workdir", default="/tmp/mod_compare")
   parser.add_argument("--report", default="", help="re-print the table of a results.jsonl")
+  parser.add_argument("--plot", default="", help="write the quality-vs-compute plot (PNG) here")
   args = parser.parse_args()
   logging.basicConfig(level=logging.WARNING)
   if args.report:
     with open(args.report) as f:
       records = [json.loads(line) for line in f if line.strip()]
     text, rows = table(records)
+    if args.plot:
+      plot(rows, args.plot)
     print(text)
     print(json.dumps({"methods": rows, "settings": {"report": args.report}}))
     return
@@ -292,6 +322,8 @@ def main():
         f.write(json.dumps(rec) + "\n")
   records = [r for r in done if r["seed"] in seeds and r["steps"] == args.steps]
   text, rows = table(records)
+  if args.plot:
+    plot(rows, args.plot)
   print(text)
   print(json.dumps({"methods": rows, "settings": {**settings, "seeds": seeds}}))
 
