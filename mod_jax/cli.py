@@ -12,6 +12,7 @@ Commands (each is a module with an absl ``main(argv)``):
   prepare build a tfds dataset (ego4d_narration_stream | coin_stream) from downloaded data:
           mod-jax prepare --dataset NAME --manual_dir DIR --data_dir OUT [--features DIR]
   encode  pre-extract vision features once per video:  mod-jax encode --config X --videos DIR --out DIR
+  arank   γ-MoD ARank per layer + MoD insertion list:  mod-jax arank --config X --workdir DIR
 
 Configs are Python files with ``get_config(arg)`` (big_vision style); any field can be
 overridden, e.g. ``--config.train.steps=50``. ``mod-jax <command> --helpfull`` lists its flags.
@@ -35,6 +36,7 @@ COMMANDS = {
   "convert": "mod_jax.convert.main",  # mod-jax convert --from-hf DIR | --to-hf SRC --out DIR
   "prepare": "mod_jax.data.prepare_main",  # mod-jax prepare --dataset NAME --manual_dir DIR ...
   "encode": "mod_jax.data.encode_main",  # mod-jax encode --config X --videos DIR --out DIR
+  "arank": "mod_jax.compress.arank_main",  # mod-jax arank --config X --workdir CKPT [--samples N]
 }
 
 

@@ -114,6 +114,11 @@ def base_config() -> ConfigDict:
   mod.selection = "learned"  # LayerExpert router / random / uniform (strided)
   mod.router_weighting = "ste"  # x <- x + g(s) f(x): ste (forward 1) | sigmoid | score
   mod.router_aux_loss_weight = 0.0  # Mixture-of-Depths aux loss: BCE(router logit, kept), per layer
+  # frame: per-frame top-k with a LayerExpert per layer (VideoLLM-MoD); sequence: γ-MoD — one
+  # shared Linear(d -> 2) router, masked routing (only vision and answer tokens may skip), top-C
+  # over the row with C = ceil(keep_ratio * L), and at inference P(process) > threshold.
+  mod.routing = "frame"
+  mod.threshold = 0.5
 
   # ---------------------------------------------------------------- data
   d = c.data = ConfigDict()
@@ -389,6 +394,15 @@ def validate(config: ConfigDict, num_devices: int | None = None, num_slices: int
     bad = [i for i in ins if not 0 <= int(i) < m.n_layers]
     if bad:
       raise ConfigError(f"model.mod.insertion lists layers {bad} outside 0..{m.n_layers - 1}.")
+  if mod.get("routing", "frame") not in ("frame", "sequence"):
+    raise ConfigError(f"model.mod.routing={mod.routing!r}; choose frame or sequence.")
+  if mod.get("routing", "frame") == "sequence" and (
+    mod.selection != "learned" or not isinstance(mod.keep_ratio, (int, float))
+  ):
+    raise ConfigError(
+      "model.mod.routing='sequence' (γ-MoD) needs selection='learned' and one scalar keep_ratio "
+      f"(the capacity); got selection={mod.selection!r}, keep_ratio={mod.keep_ratio!r}."
+    )
   if mod.router_aux_loss_weight < 0:
     raise ConfigError(
       f"model.mod.router_aux_loss_weight={mod.router_aux_loss_weight} must be >= 0."

@@ -1,4 +1,5 @@
-"""``mod-jax eval --workdir CKPT [--threshold 0] [--output FILE]``: the four streaming metrics.
+"""``mod-jax eval --workdir CKPT [--threshold 0] [--compress SPEC] [--output FILE]``: the four
+streaming metrics.
 
 LM-PPL, TimeDiff (seconds), Fluency and LM-Correctness (docs/design.md §3, videollm-online
 ``stream_evaluate``) of the trained model in ``CKPT`` on the held-out split of its training
@@ -33,12 +34,18 @@ def run_eval(
   max_samples: int | None = None,
   step: int | None = None,
   progress: bool = True,
+  compress: str | None = None,
 ) -> dict:
-  """Evaluates the model of ``workdir``; writes and returns the metrics dict."""
+  """Evaluates the model of ``workdir``; writes and returns the metrics dict.
+
+  ``compress``: a ``--compress`` spec (``mod_jax.compress.apply.parse``). Raises ValueError for
+  a bad spec or one the model cannot run."""
+  from mod_jax.compress import apply
   from mod_jax.convert import pretrained
   from mod_jax.data import pipeline
   from mod_jax.infer.evaluate import stream_evaluate
 
+  compression = apply.parse(compress)
   config, graphdef, params, ckpt_step = pretrained.restore_params(workdir, step)
   tokenizer = pipeline.load_tokenizer(config)
   result = stream_evaluate(
@@ -49,8 +56,9 @@ def run_eval(
     threshold=threshold,
     max_samples=max_samples,
     progress=progress,
+    compression=compression,
   )
-  result = {"workdir": workdir, "step": ckpt_step, **result}
+  result = {"workdir": workdir, "step": ckpt_step, "compress": str(compression or "none"), **result}
   output = output or os.path.join(workdir, "stream_eval.json")
   with open(output, "w") as fh:
     json.dump(result, fh, indent=2)
@@ -127,6 +135,7 @@ def main(argv):
       output=f.OUTPUT.value,
       max_samples=f.MAX_SAMPLES.value,
       step=f.STEP.value,
+      compress=f.COMPRESS.value,
     )
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"mod-jax eval: error: {e}")

@@ -114,6 +114,7 @@ def stream_evaluate(
   threshold: float = 0.0,
   max_samples: int | None = None,
   progress: bool = True,
+  compression=None,
 ) -> dict:
   """LM-PPL, TimeDiff (seconds), Fluency, LM-Correctness on the eval split (docs/design.md §3).
 
@@ -125,14 +126,26 @@ def stream_evaluate(
       evaluation default; the LIVE demo uses 0.725).
     max_samples: evaluate only the first windows of the split.
     progress: show a progress bar.
+    compression: a ``mod_jax.compress.apply.Compression`` (FastV / DyCoke), or None. Not yet
+      supported: the late continuations run on the streaming engine, whose explicit-KV-cache
+      form has no FastV / DyCoke path yet (teacher-forced rows do: ``apply.attach``).
 
   Returns:
     ``{"lm_ppl", "time_diff", "fluency", "lm_correctness", "samples", "turns",
-    "samples_without_turns", "late_continuations", "threshold", "fps", "seconds"}``.
+    "samples_without_turns", "late_continuations", "stream_decision_accuracy", "threshold",
+    "fps", "seconds"}``; ``stream_decision_accuracy`` is the share of labelled frame ends whose
+    teacher-forced decision (speak or stay silent, at ``threshold``) matches the data.
 
   Raises:
     RuntimeError: the eval split has no window. (and what ``load_split`` raises)
+    ValueError: ``compression`` is given.
   """
+  if compression is not None:
+    raise ValueError(
+      f"--compress {compression}: streaming evaluation of FastV / DyCoke is not available in "
+      f"this version (the streaming engine's explicit KV caches have no compression path yet); "
+      f"their teacher-forced form is mod_jax.compress.apply.attach."
+    )
   start = time.perf_counter()
   index = pipeline.load_split(config, "eval", tokenizer)
   windows = index.windows[:max_samples] if max_samples else index.windows
@@ -149,6 +162,7 @@ def stream_evaluate(
   )
   rng = jax.random.key(config.seed + 1)
   results = []
+  decisions = decisions_right = 0  # frame-end decisions (speak vs stay silent) and correct ones
   for i, (_, window) in enumerate(
     tqdm.tqdm(windows, desc="eval", disable=not progress, dynamic_ncols=True)
   ):
@@ -172,8 +186,13 @@ def stream_evaluate(
       continue_after(session, batch, j, k, tokenizer.interval_id), tokenizer.interval_id, threshold
     )
     results.append(metrics.evaluate_sample(sample, eos_id=tokenizer.eos_id, late_fn=late_fn))
+    decided = np.asarray(example["frame_weights"]) > 0
+    speak = np.asarray(example["frame_targets"]) != tokenizer.interval_id
+    decisions += int(decided.sum())
+    decisions_right += int((decided & (sample.frame_speak == speak)).sum())
   summary = metrics.aggregate(results, float(d.fps))
   summary.update(
+    stream_decision_accuracy=decisions_right / max(decisions, 1),
     late_continuations=int(sum(r.late_queries for r in results)),
     threshold=float(threshold),
     fps=float(d.fps),

@@ -11,6 +11,13 @@ THRESHOLD = flags.DEFINE_float(
   "Speak when P(interval token) at a frame end is below this (0: argmax "
   "rule only). Default: 0.725 for stream (LIVE demo), 0.0 for eval (videollm-online).",
 )
+COMPRESS = flags.DEFINE_string(
+  "compress",
+  None,
+  "Training-free peer method applied to the checkpoint: 'fastv:K=2,R=0.5' (FastV) or "
+  "'dycoke:K=0.7,P=0.7,L=3' (DyCoke: TTM rate K, KV pruning rate P from layer L; the "
+  "KV pruning acts on streaming steps only). Default: none.",
+)
 OUTPUT = flags.DEFINE_string(
   "output",
   None,

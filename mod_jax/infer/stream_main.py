@@ -102,6 +102,7 @@ def run_stream(
   step: int | None = None,
   progress: bool = True,
   echo=print,
+  compress: str | None = None,
 ) -> dict:
   """Streams ``video`` (a source :func:`~mod_jax.data.video.iter_frames` opens) through the model
   of ``workdir``; returns the summary dict. ``max_frames`` / ``max_text``: the window (default:
@@ -114,11 +115,18 @@ def run_stream(
   import jax
   import tqdm
 
+  from mod_jax.compress import apply
   from mod_jax.convert import pretrained
   from mod_jax.data import pipeline as data_pipeline
   from mod_jax.data.video import iter_frames, probe_video
   from mod_jax.infer import streaming
 
+  compression = apply.parse(compress)
+  if compression is not None:
+    raise ValueError(
+      f"--compress {compression}: streaming with FastV / DyCoke is not available in this "
+      f"version (the explicit-KV-cache engine has no compression path yet)."
+    )
   config = pretrained.native_config(workdir)
   fps = float(config.data.fps if fps is None else fps)
   frames = iter_frames(video, fps, int(config.model.vision.image_size))
@@ -253,6 +261,7 @@ def main(argv):
       top_p=f.TOP_P.value,
       seed=f.SEED.value,
       step=f.STEP.value,
+      compress=f.COMPRESS.value,
     )
   except (VideoError, FileNotFoundError, ValueError) as e:
     sys.exit(f"mod-jax stream: error: {e}")

@@ -18,6 +18,7 @@ Shape letters: b batch, l/t tokens, d model width, v vocabulary.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -146,6 +147,13 @@ class Decoder(nnx.Module):
         if self.plan.needs_router(i)
       }
     )
+    # γ-MoD: one router shared by every MoD layer (sequence routing), after the LayerExperts.
+    self.shared_router = (
+      mod.SharedRouter(cfg.d_model, rngs=rngs)
+      if self.plan.routing == "sequence" and any(self.plan.routed(i) for i in range(cfg.n_layers))
+      else None
+    )
+    self.deterministic = False  # nnx .eval() sets it: sequence routing then uses its threshold
     lora_cfg = cfg.get("lora")
     self.lora_dropout = bool(lora_cfg and lora_cfg.rank > 0 and lora_cfg.dropout > 0)
     if lora_cfg and lora_cfg.rank > 0:  # adapters after everything else (same base init)
@@ -153,6 +161,7 @@ class Decoder(nnx.Module):
     self.dtype = jnp.dtype(cfg.dtype)
     self.scan_layers = bool(cfg.get("scan_layers", True))
     self.rules = rules
+    self.compress = None  # a training-free peer method (mod_jax.compress.apply.attach)
 
   def embed_tokens(self, tokens_bt: jax.Array) -> jax.Array:
     """int32 [b, t] -> [b, t, d] in the compute dtype."""
@@ -171,6 +180,8 @@ class Decoder(nnx.Module):
     rng: jax.Array | None = None,
     remat: str = "none",
     ordered: bool = True,
+    vision_keep: jax.Array | None = None,
+    routable: jax.Array | None = None,
   ):
     """Runs all layers; returns (final-normed hidden [b, l, d], aux per routed layer).
 
@@ -185,6 +196,10 @@ class Decoder(nnx.Module):
         layer.
       ordered: tokens are in stream order, so attention runs on the configured kernel; False
         uses the position mask (any order; the reference).
+      vision_keep: bool [b, f, n], vision tokens a training-free method keeps (DyCoke TTM in
+        streaming; ``mod_jax/compress/apply.py``); used only with ``self.compress``.
+      routable: bool [b, l] (stream order), the tokens sequence routing (γ-MoD) may skip:
+        vision and answer tokens; default the vision tokens.
     Raises:
       ValueError: an unknown ``remat`` policy.
     """
@@ -198,12 +213,22 @@ class Decoder(nnx.Module):
     aux = {}
     x = x_bld
     n = len(self.layers)
+    if self.compress is not None:  # FastV / DyCoke: layer by layer (mod_jax/compress/apply.py)
+      from mod_jax.compress import apply
+
+      x, aux = apply.run_layers(
+        self, x, seq, layout, rng=rng, drop=drop, ordered=ordered, vision_keep=vision_keep
+      )
+      return self.final_norm(x), aux
     kinds = [
       (self.plan.keep[i] if layout is not None else None, str(i) in self.routers) for i in range(n)
     ]
+    ctx = None
+    if self.shared_router is not None and layout is not None:
+      ctx = (self.shared_router.weights(), layout.is_vision if routable is None else routable)
     runs = layer_runs(kinds) if self.scan_layers else tuple((i, 1, 1) for i in range(n))
     for start, period, reps in runs:
-      x, run_aux = self._run(start, period, reps, x, seq, layout, rng, drop, ordered, remat)
+      x, run_aux = self._run(start, period, reps, x, seq, layout, rng, drop, ordered, remat, ctx)
       aux.update(run_aux)
     return self.final_norm(x), aux
 
@@ -225,10 +250,18 @@ class Decoder(nnx.Module):
     """
     if len(caches) != len(self.layers):
       raise ValueError(f"{len(caches)} KV caches for {len(self.layers)} layers.")
+    if self.compress is not None:
+      raise NotImplementedError(
+        f"streaming with --compress {self.compress} is not available: FastV / DyCoke run on "
+        f"teacher-forced rows only (the streaming port to explicit KV caches is pending)."
+      )
     inv_freq = self.layers[0].attn.inv_freq
     seq = seq._replace(rope=rope_tables(seq.positions - rope_offset, inv_freq))
     if layout is not None and layout.frame_start.shape[1] == 0:
       layout = None
+    ctx = None
+    if self.shared_router is not None and layout is not None:  # γ-MoD: vision tokens routable
+      ctx = (self.shared_router.weights(), layout.is_vision)
     x, aux, new = x_bld, {}, []
     for i, layer in enumerate(self.layers):
       written: list[Any] = []  # the block runs once, inside routed_block for a MoD layer
@@ -240,23 +273,42 @@ class Decoder(nnx.Module):
         written.append(c)
         return y
 
-      x, a = self._route(i, self.plan.keep[i], block, self.routers.get(str(i)), x, seq, layout, rng)
+      router = self.routers.get(str(i))
+      x, a = self._route(i, self.plan.keep[i], block, router, x, seq, layout, rng, ctx, layer)
       new.append(written[0])
       aux.update({f"layer_{i}": a} if a else {})
     return self.final_norm(x), aux, tuple(new)
 
-  def _apply(self, i, keep, layer, router, x, seq, layout, rng, drop, ordered):
+  def _apply(self, i, keep, layer, router, x, seq, layout, rng, drop, ordered, ctx=None):
     """Decoder layer ``i`` (a Python or traced int) on x: through ``mod.routed_block`` when
-    ``keep`` (the plan's k for it) is set and there are frames; LoRA dropout key from ``drop``."""
+    ``keep`` (the plan's k for it) is set and there are frames (``mod.sequence_routed_block``
+    with the shared router and ``ctx`` = (router weights, routable flags) for γ-MoD sequence
+    routing); LoRA dropout key from ``drop``."""
     lrng = None if drop is None else jax.random.fold_in(drop, i)
     block = functools.partial(_block, layer, lrng, ordered)
-    return self._route(i, keep, block, router, x, seq, layout, rng)
+    return self._route(i, keep, block, router, x, seq, layout, rng, ctx, layer)
 
-  def _route(self, i, keep, block, router, x, seq, layout, rng):
+  def _route(self, i, keep, block, router, x, seq, layout, rng, ctx=None, layer=None):
     """``block(x, seq)`` on all tokens, or through ``mod.routed_block`` (layer ``i`` keeps
-    ``keep`` vision tokens per frame) when ``keep`` is set and there are frames."""
+    ``keep`` vision tokens per frame) when ``keep`` is set and there are frames; γ-MoD sequence
+    routing (``mod.sequence_routed_block``) with ``ctx`` = (shared router weights, routable
+    flags) and ``layer``'s input norm."""
     if layout is None or keep is None:
       return block(x, seq), {}
+    if self.plan.routing == "sequence":
+      weights, routable = ctx
+      length = x.shape[1]
+      capacity = max(1, min(length, math.ceil(self.plan.capacity * length - 1e-9)))
+      return mod.sequence_routed_block(
+        block,
+        x,
+        seq,
+        capacity=capacity,
+        logits_bl2=mod.shared_router_logits(weights, layer.input_norm(x)),
+        routable_bl=routable,
+        weighting=self.plan.weighting,
+        threshold=self.plan.threshold if self.deterministic else None,  # None: top-C
+      )
     return mod.routed_block(
       block,
       x,
@@ -269,7 +321,7 @@ class Decoder(nnx.Module):
       rng=lora.fold(rng, i),
     )
 
-  def _run(self, start, period, reps, x, seq, layout, rng, drop, ordered, remat):
+  def _run(self, start, period, reps, x, seq, layout, rng, drop, ordered, remat, ctx=None):
     """Layers ``start .. start + period·reps - 1``: a cycle of ``period`` layers repeated
     ``reps`` times, as one ``lax.scan`` over parameters stacked along a new leading axis when
     reps > 1 (one compiled body whatever the depth; MaxText's scanned layers). Each cycle is
@@ -289,6 +341,7 @@ class Decoder(nnx.Module):
           rng,
           drop,
           ordered,
+          ctx,
         )
         out.update({f"layer_{i}": a} if a else {})
       return x, out
@@ -318,6 +371,7 @@ class Decoder(nnx.Module):
           rng,
           drop,
           ordered,
+          ctx,
         )
         auxes.append(a)
       return x, auxes

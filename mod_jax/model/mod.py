@@ -29,7 +29,8 @@ Router weighting g (Mixture-of-Depths, Raposo et al. 2024, §3.5): without it th
 not differentiable and the router receives no gradient.
   * ``ste``: forward value 1 (so r = 1 equals the dense model exactly), gradient of sigmoid(s);
   * ``sigmoid``: g = sigmoid(s);
-  * ``score``: g = s (the raw router output, as in Mixture-of-Depths).
+  * ``score``: g = s (the raw router output, as in Mixture-of-Depths);
+  * ``none``: no weighting, the block output itself (training-free selection: FastV).
 
 Selection strategies (VideoLLM-MoD Table 3): ``learned`` (LayerExpert top-k), ``random``
 (top-k of uniform noise, a fresh draw per step and layer), ``uniform`` (fixed stride within frame).
@@ -62,6 +63,7 @@ from mod_jax.model import rows
 from mod_jax.model.partitioning import param
 
 _zeros = nnx.initializers.zeros_init()
+_PRUNED = -1e9  # router score of a pruned token: never in a top-k while a kept one is left
 
 
 def keep_count(keep_ratio: float, tokens_per_frame: int) -> int:
@@ -104,6 +106,11 @@ class RoutingPlan:
   selection: str
   weighting: str
   aux_loss_weight: float = 0.0
+  routing: str = "frame"  # frame (VideoLLM-MoD) | sequence (γ-MoD, sequence_routed_block)
+  capacity: float = 1.0  # sequence routing: C = ceil(capacity · L) processed slots per row
+  # Sequence routing at inference: processed iff P(process) > threshold; None keeps the training
+  # rule (top-C over the row, not causal: only to measure the train/inference mismatch).
+  threshold: float | None = 0.5
 
   @classmethod
   def from_config(cls, model_cfg) -> RoutingPlan:
@@ -118,20 +125,27 @@ class RoutingPlan:
     ratios = _keep_schedule(mod.keep_ratio, mod.insertion, routed)
     k_of = {i: keep_count(r, model_cfg.tokens_per_frame) for i, r in zip(routed, ratios)}
     keep = tuple(k_of.get(i) for i in range(model_cfg.n_layers))
+    routing = mod.get("routing", "frame")
+    if routing == "sequence":  # one capacity over the row; at inference up to N per frame
+      keep = tuple(None if k is None else model_cfg.tokens_per_frame for k in keep)
     return cls(
       keep,
       model_cfg.tokens_per_frame,
       mod.selection,
       mod.router_weighting,
       float(mod.get("router_aux_loss_weight", 0.0)),
+      routing,
+      float(ratios[0]) if ratios else 1.0,
+      float(mod.get("threshold", 0.5)),
     )
 
   def routed(self, layer: int) -> bool:
     return self.keep[layer] is not None
 
   def needs_router(self, layer: int) -> bool:
+    """The layer has its own LayerExpert (sequence routing shares one router instead)."""
     k = self.keep[layer]
-    return k is not None and k > 0 and self.selection == "learned"
+    return k is not None and k > 0 and self.selection == "learned" and self.routing == "frame"
 
 
 def _keep_schedule(keep_ratio, insertion, routed: tuple[int, ...]) -> tuple[float, ...]:
@@ -236,7 +250,9 @@ def router_gate(scores: jax.Array, weighting: str) -> jax.Array:
     return jax.nn.sigmoid(scores)
   if weighting == "score":
     return scores
-  raise ValueError(f"unknown router weighting {weighting!r}; use ste, sigmoid or score.")
+  if weighting == "none":  # selection only (FastV): block(x) exactly, no router gradient
+    return jnp.ones_like(scores)
+  raise ValueError(f"unknown router weighting {weighting!r}; use ste, sigmoid, score or none.")
 
 
 def routed_block(
@@ -250,6 +266,7 @@ def routed_block(
   weighting: str,
   router: Callable | None = None,
   rng=None,
+  allowed=None,
 ):
   """Runs ``block`` on the text tokens and the per-frame top-k vision tokens; scatters back.
 
@@ -265,9 +282,12 @@ def routed_block(
     selection, weighting: see :func:`select` and :func:`router_gate`.
     router: ``router(x [b, l, d]) -> logits float32 [b, l]`` (``learned`` selection).
     rng: PRNG key for ``random`` selection.
+    allowed: bool [b, l] or None: vision tokens outside it are never processed (pruned before
+      this layer, e.g. by DyCoke's TTM); a frame may then process fewer than k (the compact
+      slots left over are padding, :func:`compact_block`).
   Returns:
-    (x [b, l, d], aux) where aux holds the kept indices [b, f, k] (within each frame) and
-    router statistics.
+    (x [b, l, d], aux) where aux holds the kept indices [b, f, k] (within each frame), the
+    overflow count (always 0 here: C = T + F·k holds every kept token) and router statistics.
   Raises:
     ValueError: k outside [0, N].
   """
@@ -283,6 +303,8 @@ def routed_block(
     keep = ~is_vis
   else:
     scores = router(x_bld) if router is not None else None  # [b, l]
+    if scores is not None and allowed is not None:
+      scores = jnp.where(allowed | ~is_vis, scores, _PRUNED)
     frame_slots = layout.frame_tokens()  # [b, f, n]
     scores_bfn = (
       None
@@ -294,23 +316,159 @@ def routed_block(
     kept_of_slot = jnp.take_along_axis(idx, jnp.maximum(layout.frame_of, 0)[..., None], axis=1)
     keep = ~is_vis | jnp.any(kept_of_slot == layout.offset[..., None], axis=-1)
     aux["kept_index"] = idx
+  if allowed is not None:  # tokens pruned before this layer (DyCoke TTM) are never processed
+    keep = keep & (allowed | ~is_vis)
   c = l - f * (n - k)  # = T + F·k, static
-  perm = rows.sort_permutation((~keep).astype(jnp.int32))  # kept slots first, stream order
-  cidx = perm[:, :c]
-  back = jnp.minimum(rows.inverse_permutation(perm), c)  # compact index of a slot (c: none)
-  x_c = rows.gather_rows(x_bld, cidx, back)
-  y_c = block(x_c, seq.take(cidx))
+  gate = None
+  if scores is not None and scores_bfn is not None and weighting != "none":
+    gate = router_gate(scores, weighting)
+  out, aux["overflow"] = compact_block(block, x_bld, seq, keep, c, gate_bl=gate, gated_bl=is_vis)
   if scores is not None and scores_bfn is not None:
-    vis_c = rows.take(is_vis, cidx)[..., None]
-    gate_c = rows.take(router_gate(scores, weighting), cidx)[..., None]
-    y_c = jnp.where(vis_c, x_c + (y_c - x_c) * gate_c.astype(x_c.dtype), y_c)
     s_kept = jnp.take_along_axis(scores_bfn, idx, axis=2)
     valid = rows.take(seq.segment_ids, frame_slots.reshape(b, f * n)).reshape(b, f, n) != 0
     aux["router_logits"] = scores_bfn
     aux["router_prob_kept"] = jnp.mean(jax.nn.sigmoid(s_kept))
     aux["router_prob_all"] = jnp.mean(jax.nn.sigmoid(scores_bfn))
     aux["router_bce_sum"], aux["router_bce_count"] = _router_bce(scores_bfn, idx, valid)
-  out = jnp.where(keep[..., None], rows.scatter_rows(y_c, back, cidx), x_bld)
+  return out, aux
+
+
+def compact_block(
+  block: Callable, x_bld, seq: rows.TokenInfo, keep_bl, c: int, *, gate_bl=None, gated_bl=None
+):
+  """Runs ``block`` on the slots where ``keep`` (at most ``c`` of them), scatters the result back.
+
+  The compact sequence is the kept slots in stream order (a stable sort of the keep flags), with
+  their original positions, so it keeps the kernel-friendly causal mask. When fewer than ``c``
+  slots are kept, the remaining compact slots are filled with unkept tokens marked as padding
+  (segment id 0): they are never attended to and their outputs are discarded. When more than
+  ``c`` are kept, the last ones in stream order skip the block and are COUNTED in the returned
+  overflow, never dropped silently.
+
+  Args:
+    block: ``block(x [b, c, d], seq_c) -> [b, c, d]`` (residual connections included).
+    x_bld: hidden states [b, l, d] in stream order; seq: their ``rows.TokenInfo``.
+    keep_bl: bool [b, l], the slots to process.
+    c: compact length (static), 0 < c <= l.
+    gate_bl: float32 [b, l] or None: a processed slot of ``gated_bl`` (bool [b, l]; None: all)
+      becomes ``x + g·(block(x) − x)`` (the MoD router weighting); others get ``block(x)``
+      exactly.
+  Returns:
+    (x [b, l, d], overflow int32 [b]: kept slots beyond ``c``, which skipped the block).
+  """
+  perm = rows.sort_permutation((~keep_bl).astype(jnp.int32))  # kept slots first, stream order
+  cidx = perm[:, :c]
+  inverse = rows.inverse_permutation(perm)
+  back = jnp.minimum(inverse, c)  # compact index of a slot (c: none)
+  x_c = rows.gather_rows(x_bld, cidx, back)
+  in_c = rows.take(keep_bl, cidx)
+  seq_c = seq.take(cidx)
+  seq_c = seq_c._replace(segment_ids=jnp.where(in_c, seq_c.segment_ids, 0))
+  y_c = block(x_c, seq_c)
+  if gate_bl is not None:
+    gate_c = rows.take(gate_bl, cidx)[..., None]
+    gated_c = True if gated_bl is None else rows.take(gated_bl, cidx)[..., None]
+    y_c = jnp.where(gated_c, x_c + (y_c - x_c) * gate_c.astype(x_c.dtype), y_c)
+  processed = keep_bl & (inverse < c)
+  out = jnp.where(processed[..., None], rows.scatter_rows(y_c, back, cidx), x_bld)
+  overflow = jnp.sum(keep_bl, axis=1, dtype=jnp.int32) - jnp.sum(in_c, axis=1, dtype=jnp.int32)
+  return out, overflow
+
+
+class SharedRouter(nnx.Module):
+  """γ-MoD's shared vision-language router (arXiv 2410.13859 §3.2; reference
+  ``llava_hr/model/language_model/llava_llama_mod.py``): one Linear(d_model → 2) used by every
+  MoD layer on that layer's input-normed hidden state; P(process) = softmax(logits)[..., 1].
+  W [d, 2], b [2]."""
+
+  def __init__(self, d_model: int, *, rngs: nnx.Rngs):
+    self.kernel = param(rngs, nnx.initializers.normal(0.02), (d_model, 2), ("embed", None))
+    self.bias = param(rngs, _zeros, (2,), (None,))
+
+  def weights(self):
+    """(W, b) as arrays, for use inside a scanned layer cycle."""
+    return self.kernel[...], self.bias[...]
+
+
+def shared_router_logits(weights, h_bld) -> jax.Array:
+  """Logits float32 [b, l, 2] of :class:`SharedRouter` ``weights`` on normed hidden ``h``."""
+  w, b = weights
+  h = h_bld.astype(jnp.float32)
+  return jnp.einsum("bld,dk->blk", h, w.astype(jnp.float32)) + b.astype(jnp.float32)
+
+
+def sequence_routed_block(
+  block: Callable,
+  x_bld,
+  seq: rows.TokenInfo,
+  *,
+  capacity: int,
+  logits_bl2: jax.Array,
+  routable_bl: jax.Array,
+  weighting: str,
+  threshold: float | None = None,
+):
+  """γ-MoD routing: top-C over the whole row, never-routed tokens forced in (masked routing).
+
+  Training (``threshold`` None): each real token's P(process) p = softmax(logits)[..., 1]; the
+  tokens that are NOT routable (system prompt, instruction and query text: masked routing
+  learning) score p + 1 and so come first, padding scores −1; the top ``capacity`` = C slots
+  (static) are processed, the rest skip the layer. If the never-routed tokens alone exceed C, the
+  ones beyond C skip the layer too and are COUNTED in ``aux["forced_overflow"]`` (never silent).
+  Sequence-level top-k is not causal, so at inference (``threshold`` set) a real token is
+  processed iff it is not routable or p > threshold — a per-token rule, causal, which a stream
+  reproduces exactly; the compact length is then L (no overflow possible).
+
+  The routed tokens' update is weighted (``weighting``): ``sigmoid`` multiplies it by p (the
+  reference multiplies the MLP output by p), ``ste`` uses forward value 1 with p's gradient,
+  ``none`` leaves it unweighted; never-routed tokens are not weighted.
+
+  Args:
+    block: ``block(x [b, c, d], seq_c) -> [b, c, d]``.
+    x_bld: [b, l, d] stream order; seq: its ``rows.TokenInfo`` (segment 0 = padding).
+    capacity: C (static), 1 <= C <= l.
+    logits_bl2: float32 [b, l, 2] router logits (:func:`shared_router_logits`).
+    routable_bl: bool [b, l]: vision and answer tokens (may skip the layer).
+    weighting: ``sigmoid`` | ``ste`` | ``none``.
+    threshold: None (training, top-C) or the inference threshold on p.
+  Returns:
+    (x [b, l, d], aux): ``router_ce_sum`` / ``router_ce_count`` (2-class CE of the logits vs
+    top-C membership over real tokens; training only), ``forced_overflow`` int32 [b],
+    ``overflow`` int32 [b] (:func:`compact_block`), ``processed_fraction`` float32 [].
+  Raises:
+    ValueError: capacity outside [1, l] or an unknown weighting.
+  """
+  b, l, _ = x_bld.shape
+  if not 1 <= capacity <= l:
+    raise ValueError(f"capacity C={capacity} must be in [1, {l}] (the row length).")
+  real = seq.segment_ids != 0
+  routable = routable_bl & real
+  prob = jax.nn.softmax(logits_bl2.astype(jnp.float32), axis=-1)[..., 1]
+  aux: dict[str, jax.Array] = {}
+  if threshold is None:
+    score = jnp.where(real, prob + jnp.where(routable, 0.0, 1.0), -1.0)
+    _, idx = jax.lax.top_k(score, capacity)
+    member = jnp.zeros((b, l), bool).at[jnp.arange(b)[:, None], idx].set(True)
+    keep, c = member & real, capacity
+    forced = real & ~routable
+    aux["forced_overflow"] = jnp.sum(forced & ~member, axis=1, dtype=jnp.int32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits_bl2, member.astype(jnp.int32))
+    aux["router_ce_sum"] = jnp.sum(jnp.where(real, ce, 0.0))
+    aux["router_ce_count"] = jnp.sum(real, dtype=jnp.float32)
+  else:
+    keep, c = real & (~routable | (prob > threshold)), l
+    aux["forced_overflow"] = jnp.zeros((b,), jnp.int32)
+  if weighting == "sigmoid":
+    gate = prob
+  elif weighting == "ste":
+    gate = (prob - jax.lax.stop_gradient(prob)) + 1.0
+  elif weighting == "none":
+    gate = None
+  else:
+    raise ValueError(f"sequence routing weighting {weighting!r}: use sigmoid, ste or none.")
+  out, aux["overflow"] = compact_block(block, x_bld, seq, keep, c, gate_bl=gate, gated_bl=routable)
+  aux["processed_fraction"] = jnp.sum(keep) / jnp.maximum(jnp.sum(real), 1)
+  aux["overflow"] = aux["overflow"] + aux["forced_overflow"]
   return out, aux
 
 

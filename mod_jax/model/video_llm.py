@@ -105,7 +105,22 @@ class VideoLLM(nnx.Module):
     aux), in the slot layout. ``rng``: random routing and LoRA dropout; ``remat``: the
     ``train.remat`` policy (``llm.REMAT_POLICIES``)."""
     x, seq, layout = self.embed_row(batch)
-    h, aux = self.llm(x, seq, layout, rng=rng, remat=remat)
+    routable = None
+    if self.llm.plan.routing == "sequence" and "text_weights" in batch:  # γ-MoD: answer tokens
+      text = batch["text_weights"] > 0
+      flags = jnp.concatenate(
+        [text, jnp.ones((text.shape[0], layout.order.shape[1] - text.shape[1]), bool)], 1
+      )
+      routable = layout.to_stream(flags)
+    h, aux = self.llm(
+      x,
+      seq,
+      layout,
+      rng=rng,
+      remat=remat,
+      vision_keep=batch.get("vision_keep"),
+      routable=routable,
+    )
     h_text, h_end = _at_outputs(h, layout)
     return h_text, h_end, aux
 

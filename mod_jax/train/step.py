@@ -95,7 +95,20 @@ def loss_fn(
     if router_aux_weight > 0:
       loss = loss + router_aux_weight * router_aux
       sums["loss"] = loss
+  ce = [  # γ-MoD sequence routing: 2-class router CE per layer (a per-micro-batch mean)
+    a["router_ce_sum"] / jnp.maximum(a["router_ce_count"], 1.0)
+    for a in aux.values()
+    if "router_ce_sum" in a
+  ]
+  if ce:
+    sums["router_aux_loss"] = sum(ce)
+    if router_aux_weight > 0:
+      loss = loss + router_aux_weight * sums["router_aux_loss"]
+      sums["loss"] = loss
   for name, a in aux.items():  # per micro-batch means (averaged over micro-batches)
+    if "processed_fraction" in a:
+      sums[f"router/{name}/processed"] = a["processed_fraction"]
+      sums[f"router/{name}/forced_overflow"] = jnp.sum(a["forced_overflow"]).astype(jnp.float32)
     if "kept_index" in a:  # how often the pooled (CLS-like) token 0 of a frame is kept
       sums[f"router/{name}/pooled_token_kept"] = jnp.mean(
         jnp.any(a["kept_index"] == 0, axis=-1).astype(jnp.float32)
