@@ -1,5 +1,5 @@
 """FastV and DyCoke on a tiny trained-shape model: zero rates are the dense model exactly,
-the pruned layers see the static compact length, and streaming equals the full pass."""
+the pruned layers see the static compact length."""
 
 import functools
 
@@ -10,8 +10,6 @@ from flax import nnx
 
 from configs import tiny
 from mod_jax.compress import apply
-from mod_jax.infer import streaming
-from mod_jax.model.mod import RoutingPlan
 from mod_jax.model.video_llm import VideoLLM
 from tests.test_infer_streaming import _layout, _stream
 
@@ -94,23 +92,6 @@ def test_parse_and_check_errors():
   mod_cfg.mod.routing = "sequence"
   with pytest.raises(ValueError, match="sequence-routed"):
     apply.check(apply.parse("dycoke:K=0.7,P=0,L=2"), mod_cfg)
-
-
-def _run_stream(cfg, gd, params, comp, events):
-  sizes = streaming.cache_sizes(RoutingPlan.from_config(cfg.model), 16, 48)
-  session = streaming.Session(
-    gd, params, cfg.model, sizes=sizes, compressor=apply.StreamCompressor(gd, params, comp)
-  )
-  logits = []
-  for e in events:
-    if e[0] == "prompt":
-      session.feed(e[1])
-      session.pin()
-    elif e[0] == "frame":
-      logits.append(session.feed(e[1], e[2][None])["frame_logits"][0, 0])
-    else:
-      logits += [session.feed([tok])["text_logits"][0, 0] for tok in e[1]]
-  return np.stack(logits), session
 
 
 def test_arank_maps_are_the_layers_attention_and_recommendation():

@@ -126,3 +126,24 @@ def test_tfds_build_from_features(tmp_path):
   np.testing.assert_array_equal(
     np.asarray(ex["features"], np.float32), np.asarray(whole[7:13], np.float32)
   )
+
+
+@pytest.mark.slow
+def test_stream_evaluation_from_features_equals_frames(tmp_path):
+  """The four metrics of a features-input run equal those from pixels with the same frozen tower
+  (teacher-forced pass and late continuations alike)."""
+  from mod_jax.infer.evaluate import stream_evaluate
+
+  c = _frozen_tower_config(tmp_path / "data")
+  root = pipeline.prepare_data(c)
+  encode_videos(c, root, str(tmp_path / "features"), dtype="float32", progress=False)
+  cf = c.copy_and_resolve_references()
+  cf.data.input = "features"
+  cf.data.features_dir = str(tmp_path / "features")
+  tok = pipeline.load_tokenizer(c)
+  graphdef, params = nnx.split(build_model(c.model, rngs=c.seed), nnx.Param)
+  a = stream_evaluate(c, graphdef, params, tok, progress=False)
+  b = stream_evaluate(cf, graphdef, params, tok, progress=False)
+  assert a["turns"] == b["turns"] > 0 and a["late_continuations"] == b["late_continuations"]
+  for k in ("lm_ppl", "time_diff", "fluency", "lm_correctness", "stream_decision_accuracy"):
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)

@@ -1,29 +1,23 @@
 """FastV and DyCoke inside the decoder, as configurations of the MoD machinery.
 
-``--compress fastv:K=2,R=0.5`` / ``--compress dycoke:K=0.7,P=0.7,L=3`` (``mod-jax eval`` and
-``mod-jax stream``) attach a :class:`Compression` to a trained model (:func:`attach`); the
-decoder then runs its layers through :func:`run_layers` instead of its scanned stack. Nothing
-is a copy of the routing core: every pruned layer is ``mod.routed_block`` /
-``mod.compact_block`` (select → gather → compute → scatter, static shapes, original positions).
+A :class:`Compression` (``parse("fastv:K=2,R=0.5")`` / ``parse("dycoke:K=0.7,P=0.7,L=3")``) is
+attached to a trained model (:func:`attach`); the decoder then runs its layers through
+:func:`run_layers` instead of its scanned stack, on teacher-forced rows. Nothing is a copy of
+the routing core: every pruned layer is ``mod.routed_block`` / ``mod.compact_block`` (select →
+gather → compute → scatter, static shapes, original positions).
 
 * **FastV** (``fastv.py``): in layers K..n-1 each frame keeps the ``N − floor(R·N)`` tokens its
   last vision token (the stream-decision slot, the frame's "last token") attends to most at
   layer K−1, head-averaged — the per-frame top-k of ``routed_block`` with these scores and no
-  router weighting. A frame arrives whole, so streaming gives the teacher-forced result.
-  R = 0 drops nothing and runs the dense layers (the dense model's logits exactly).
+  router weighting. R = 0 drops nothing and runs the dense layers (the dense logits exactly).
 * **DyCoke TTM** (``dycoke.py``): the causal TTM keep mask (:func:`dycoke.causal_keep`, windows
   of 4 frames from the stream's first frame, each frame's last token always kept) is computed
   on the connector outputs and every layer processes only the kept vision tokens
-  (``compact_block`` with the static bound C = T + ceil(F/4)·N + (F − ceil(F/4))·m). In
-  streaming the window's earlier frames are kept by a :class:`StreamCompressor`.
-* **DyCoke dynamic KV pruning** (P, L) acts on the streaming session's steps after the first
-  (a teacher-forced pass is one prefill, which DyCoke never prunes): after layer L−1 wrote a
-  chunk, its last token's head-averaged attention over the image entries of the cache is
-  compared with the previous step's (cosine); below 0.9 (or at the first step) the top
-  ``floor(n_img · (1 − P))`` image entries are selected (:func:`_kv_select`). Layers L..n−1 then
-  attend to every text entry, the chunk's own entries and the selected image entries only;
-  the other image entries stay in the cache (hidden for the step by a zero segment id and
-  restored after it), so they can come back at the next re-selection.
+  (``compact_block`` with the static bound C = T + ceil(F/4)·N + (F − ceil(F/4))·m).
+* **Not yet here:** the streaming engine's path (``mod-jax stream`` / ``eval --compress``) and
+  DyCoke's dynamic KV pruning (P, L), which acts only on streaming decode steps. They were built
+  on the previous mutable streaming cache (commit d8415da) and await a port to the explicit KV
+  caches of ``Decoder.cached``; ``P`` and ``L`` are parsed and checked meanwhile.
 
 Evaluation rows hold one sample (``mod_jax.infer.evaluate``), so frame f of a row is frame f of
 its stream; TTM assumes that.
@@ -189,19 +183,13 @@ def query_attention(layer, x_bld, seq: rows.TokenInfo, q_idx_bm):
   """Head-averaged attention of the tokens at slots ``q_idx`` [b, m] in ``layer`` (input
   ``x_bld``): (probs float32 [b, m, s], key positions [b, s], key segment ids [b, s]).
 
-  The keys are every key those tokens attend to in the layer — the row itself, or the layer's
-  KV cache after this chunk was written — under the layer's own mask, so a full pass and
-  streaming see the same distribution.
+  The keys are every key those tokens attend to in the row, under the layer's own mask.
   """
   attn = layer.attn
   b, m = q_idx_bm.shape
   q, k, _ = attn.qkv(layer.input_norm(x_bld), seq.positions, None, seq.rope)
   q_sel = rows.take(q, q_idx_bm)  # [b, m, heads, hd]
-  if getattr(attn, "cache", None) is not None:
-    keys = attn.cache.k[...]
-    k_pos, k_seg = attn.cache.positions[...], attn.cache.segment_ids[...]
-  else:
-    keys, k_pos, k_seg = k, seq.positions, seq.segment_ids
+  keys, k_pos, k_seg = k, seq.positions, seq.segment_ids
   heads, hd = q_sel.shape[2], q_sel.shape[3]
   kh = keys.shape[2]
   qg = q_sel.reshape(b, m, kh, heads // kh, hd).astype(jnp.float32)
@@ -237,8 +225,8 @@ def run_layers(dec, x, seq: rows.TokenInfo, layout, *, rng, drop, ordered, visio
   Args:
     dec: the ``Decoder``; x [b, l, d] stream order; seq, layout: as ``Decoder.__call__``.
     rng, drop: routing and LoRA-dropout keys; ordered: kernel attention allowed.
-    vision_keep: bool [b, f, n] TTM flags supplied by a :class:`StreamCompressor` (streaming),
-      or None to compute them from this row (a whole stream from its first frame).
+    vision_keep: bool [b, f, n] TTM flags supplied by the caller, or None to compute them from
+      this row (a whole stream from its first frame).
   Returns:
     (x [b, l, d], aux {"layer_i": ...} incl. the ``overflow`` counts of pruned layers).
   """
@@ -255,20 +243,11 @@ def run_layers(dec, x, seq: rows.TokenInfo, layout, *, rng, drop, ordered, visio
     allowed = ttm_keep(x, layout, comp.k) if vision_keep is None else to_stream(vision_keep, layout)
   scores = None
   kept = fastv.kept_count(plan.tokens_per_frame, comp.r) if comp.method == "fastv" else 0
-  state = getattr(dec, "dycoke_state", None)
-  kv = state is not None and getattr(dec.layers[0].attn, "cache", None) is not None
-  current = None  # this chunk's cache slots (DyCoke KV pruning)
   for i, layer in enumerate(dec.layers):
     lrng = None if drop is None else jax.random.fold_in(drop, i)
     block = functools.partial(_block, layer, lrng, ordered)
     x_in = x
     a = {}
-    pruned = None
-    if kv and i >= comp.l and current is not None:  # hide unselected earlier image entries
-      cache = layer.attn.cache
-      saved = cache.segment_ids[...]
-      pruned = state.is_vision[...] & ~state.selected[...] & ~current & (saved != 0)
-      cache.segment_ids[...] = jnp.where(pruned, 0, saved)
     if not has_frames:
       x = block(x, seq)
     elif comp.method == "fastv" and i >= comp.k and kept < plan.tokens_per_frame:
@@ -303,12 +282,6 @@ def run_layers(dec, x, seq: rows.TokenInfo, layout, *, rng, drop, ordered, visio
       a = {"overflow": overflow}
     else:
       x = block(x, seq)
-    if pruned is not None:  # the full cache is kept: pruned entries can come back
-      layer.attn.cache.segment_ids[...] = jnp.where(
-        pruned, saved, layer.attn.cache.segment_ids[...]
-      )
-    if kv and i == comp.l - 1:
-      current = _kv_select(state, layer, x_in, seq, layout if has_frames else None, comp.p)
     if has_frames and comp.method == "fastv" and i == comp.k - 1 and kept < plan.tokens_per_frame:
       scores = frame_end_attention(layer, x_in, seq, layout)
     if a:
@@ -316,145 +289,8 @@ def run_layers(dec, x, seq: rows.TokenInfo, layout, *, rng, drop, ordered, visio
   return x, aux
 
 
-class DyCokeState(nnx.Module):
-  """DyCoke's dynamic KV pruning state of a streaming session, in the slot space of the caches
-  of layers L−1..n−1 (dense layers of equal size, :func:`check`). ``nnx.Cache`` variables, so
-  they travel with the KV caches through the session's jitted step.
-
-  is_vision: bool [b, S], the slot holds an image entry; selected: bool [b, S], an image entry
-  layers >= L attend to; ref: float32 [b, S], the last token's head-averaged attention over
-  image entries at layer L−1 in the previous step; has_ref: bool [], a selection exists;
-  reselections: int32 [], how many times the selection was renewed (cosine < 0.9).
-  """
-
-  def __init__(self, batch: int, size: int):
-    self.is_vision = nnx.Cache(jnp.zeros((batch, size), bool))
-    self.selected = nnx.Cache(jnp.zeros((batch, size), bool))
-    self.ref = nnx.Cache(jnp.zeros((batch, size), jnp.float32))
-    self.has_ref = nnx.Cache(jnp.zeros((), bool))
-    self.reselections = nnx.Cache(jnp.zeros((), jnp.int32))
-
-
-SIMILARITY_THRESHOLD = 0.9  # DyCoke: re-select when the attention's cosine drops below this
-
-
-def attach_state(model, batch: int, sizes) -> None:
-  """Gives ``model.llm`` a :class:`DyCokeState` when its compression prunes the KV cache (the
-  streaming session calls this after attaching the caches)."""
-  comp = model.llm.compress
-  if comp is not None and comp.method == "dycoke" and comp.p > 0:
-    model.llm.dycoke_state = DyCokeState(batch, int(sizes[comp.l - 1]))
-
-
-def _kv_select(state: DyCokeState, layer, x_bld, seq: rows.TokenInfo, layout, p: float):
-  """After layer L−1 wrote this chunk: marks the chunk's slots, takes the attention of its last
-  token over the image entries, and re-selects the top (1 − P) when the cosine with the previous
-  step's attention is below 0.9 (or no selection exists). Returns bool [b, S]: this chunk's
-  slots (never pruned in their own step)."""
-  b, t = seq.positions.shape
-  cache = layer.attn.cache
-  k_pos, k_seg = cache.positions[...], cache.segment_ids[...]
-  is_vis_t = layout.is_vision if layout is not None else jnp.zeros((b, t), bool)
-  live_t = seq.segment_ids != 0
-  match = (k_pos[:, :, None] == seq.positions[:, None, :]) & live_t[:, None, :]
-  match = match & (k_seg != 0)[:, :, None]
-  hit = jnp.any(match, axis=-1)
-  img = jnp.where(hit, jnp.any(match & is_vis_t[:, None, :], axis=-1), state.is_vision[...])
-  img = img & (k_seg != 0)
-  last = jnp.argmax(jnp.where(live_t, seq.positions, -1), axis=1)[:, None]  # [b, 1]
-  probs = query_attention(layer, x_bld, seq, last)[0][:, 0]  # [b, S]
-  vec = jnp.where(img, probs, 0.0)
-  ref = jnp.where(hit, 0.0, state.ref[...])  # entries new in this step had no attention before
-  cos = jnp.sum(vec * ref, 1) / jnp.maximum(
-    jnp.linalg.norm(vec, axis=1) * jnp.linalg.norm(ref, axis=1), 1e-8
-  )
-  renew = (~state.has_ref[...]) | (cos < SIMILARITY_THRESHOLD)  # [b]
-  n_keep = jnp.floor(jnp.sum(img, 1) * (1.0 - p) + 1e-6).astype(jnp.int32)
-  order = jnp.argsort(jnp.argsort(-jnp.where(img, vec, -1.0), axis=1), axis=1)  # rank per slot
-  fresh = img & (order < n_keep[:, None])
-  state.selected[...] = jnp.where(renew[:, None], fresh, state.selected[...] & img)
-  state.is_vision[...] = img
-  state.ref[...] = vec  # the reference updates its stored attention at every step
-  state.has_ref[...] = jnp.ones((), bool)
-  state.reselections[...] = state.reselections[...] + jnp.any(renew).astype(jnp.int32)
-  return hit
-
-
 def _block(layer, rng, ordered: bool, x_bld, seq: rows.TokenInfo) -> jax.Array:
   return layer(x_bld, seq.positions, seq.segment_ids, rng, rope=seq.rope, ordered=ordered)
 
 
 # ---------------------------------------------------------------------------- streaming
-class StreamCompressor:
-  """Host-side TTM state of a streaming session: the current window's earlier frames.
-
-  :meth:`prepare` adds ``vision_keep`` bool [b, f, N] to a chunk (the causal TTM flags of its
-  frames, continuing the stream's frame count); the decoder then processes only those tokens.
-  Streams of a batch advance in lockstep (one frame count).
-  """
-
-  def __init__(self, graphdef, params, compression: Compression):
-    self.compression = compression
-    self._graphdef, self._params = graphdef, params
-    self.reset()
-
-  def reset(self) -> None:
-    self.frames_seen = 0
-    self._window = None  # [b, frames_seen % 4, N, d]
-
-  def active(self) -> bool:
-    return self.compression.method == "dycoke"
-
-  def prepare(self, batch: dict) -> dict:
-    """``batch`` with ``vision_keep`` for its frames (unchanged for FastV or text chunks)."""
-    f = batch["frame_positions"].shape[1]
-    if not self.active() or f == 0:
-      return batch
-    emb = _embed(self._params, batch, graphdef=self._graphdef)  # [b, f, N, d]
-    lead = self.frames_seen % dycoke.WINDOW  # only the window offset matters
-    context = self._window if lead else None
-    if f == 1:  # the live case: one compiled program for every window offset
-      b, _, n, d = emb.shape
-      padded = jnp.zeros((b, dycoke.WINDOW - 1, n, d), emb.dtype)
-      if context is not None:
-        padded = padded.at[:, :lead].set(context)
-      keep = _frame_keep(emb, padded, jnp.int32(lead), k=self.compression.k)
-    else:
-      keep = _stream_keep(emb, context, k=self.compression.k, lead=lead)
-    real = int(np.max(np.sum(np.asarray(batch["frame_segment_ids"]) != 0, axis=1)))
-    self.frames_seen += real
-    hist = emb[:, :real] if context is None else jnp.concatenate([context, emb[:, :real]], axis=1)
-    tail = self.frames_seen % dycoke.WINDOW
-    self._window = hist[:, hist.shape[1] - tail :] if tail else None
-    return {**batch, "vision_keep": keep}
-
-
-@functools.partial(jax.jit, static_argnames=("k",))
-def _frame_keep(emb, window, lead, *, k: float):
-  """:func:`dycoke.causal_keep` of one frame [b, 1, N, d] at window offset ``lead`` (traced),
-  after the window's earlier frames ``window`` [b, 3, N, d] (the first ``lead`` are real)."""
-  n = emb.shape[2]
-  ref = jnp.take(window, jnp.array([0, 0, 0, 2])[lead], axis=1)  # offsets 1, 2 -> 0; 3 -> 2
-  keep_n = max(dycoke.keep_per_frame(k, n), 1)
-
-  def one(e, r):
-    sim = dycoke._cosine(r, e).at[n - 1].set(-jnp.inf)
-    return dycoke._least_similar(sim, keep_n)
-
-  pruned = jax.vmap(one)(emb[:, 0], ref)
-  return jnp.where(lead == 0, True, pruned)[:, None]
-
-
-@functools.partial(jax.jit, static_argnames=("k", "lead"))
-def _stream_keep(emb, context, *, k: float, lead: int):
-  """Causal TTM flags [b, f, N] of a chunk whose first frame is at window offset ``lead``."""
-  one = lambda e, c: dycoke.causal_keep(e, k, start=lead, keep_last=True, context=c)
-  return jax.vmap(one, in_axes=(0, None if context is None else 0))(emb, context)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _embed(params, batch, *, graphdef):
-  model = nnx.merge(graphdef, params)
-  if "features" in batch:
-    return model.embed_features(batch["features"])
-  return model.embed_frames(batch["frames"], batch["frame_segment_ids"] != 0)

@@ -39,7 +39,8 @@ def _teacher_forced(params, batch, rng, *, graphdef):
 
 
 def _padded(example: dict, t_cap: int, f_cap: int, pad_id: int) -> dict:
-  """One sample in the fixed [1, T_cap] / [1, F_cap] layout (segment 0 = padding)."""
+  """One sample in the fixed [1, T_cap] / [1, F_cap] layout (segment 0 = padding), with its
+  ``frames`` or, for a run trained from pre-extracted features (``data.input``), ``features``."""
   nt, nf = len(example["text_tokens"]), len(example["frame_positions"])
   if nt > t_cap or nf > f_cap:
     raise ValueError(f"sample has {nt} text slots / {nf} frames; caps are {t_cap} / {f_cap}.")
@@ -55,7 +56,7 @@ def _padded(example: dict, t_cap: int, f_cap: int, pad_id: int) -> dict:
     "text_positions": pad(example["text_positions"], t_cap),
     "text_targets": pad(example["text_targets"], t_cap),
     "text_segment_ids": pad(np.ones(nt, np.int32), t_cap),
-    "frames": pad(example["frames"], f_cap),
+    **{k: pad(example[k], f_cap) for k in ("frames", "features") if k in example},
     "frame_positions": pad(example["frame_positions"], f_cap),
     "frame_segment_ids": pad(np.ones(nf, np.int32), f_cap),
   }
@@ -74,7 +75,8 @@ def continue_after(
 
   Args:
     session: a batch-1 session with room for the sample and ``m`` more frames (it is reset).
-    batch: the sample, ``[1, ...]`` slot layout with ``text_*``, ``frames``, ``frame_*`` fields.
+    batch: the sample, ``[1, ...]`` slot layout with ``text_*``, ``frames`` (or ``features``)
+      and ``frame_*`` fields.
     frame_index: last frame kept; m: frames to feed (``frame_index + m`` < frames in ``batch``).
     interval_id: the interval token.
 
@@ -84,24 +86,30 @@ def continue_after(
   n = session.tokens_per_frame
   p_end = int(batch["frame_positions"][0, frame_index]) + n - 1
   text_seg = batch["text_segment_ids"] * (batch["text_positions"] <= p_end)
-  frame_seg = batch["frame_segment_ids"] * (np.arange(batch["frames"].shape[1]) <= frame_index)
+  features = batch.get("features")  # pre-extracted vision input instead of pixels
+  frames = batch.get("frames")
+  frame_seg = batch["frame_segment_ids"] * (
+    np.arange(batch["frame_positions"].shape[1]) <= frame_index
+  )
   session.reset()
   session.feed_layout(
     batch["text_tokens"],
     batch["text_positions"],
     text_seg,
-    batch["frames"],
+    frames,
     batch["frame_positions"],
     frame_seg,
     next_position=p_end + 1,
     what="eval prefix",
+    features_bfnd=features,
   )
-  probs = [
-    session.feed([interval_id], batch["frames"][0, j : j + 1], what="late frame")["frame_probs"][
-      0, 0
-    ]
-    for j in range(frame_index + 1, frame_index + 1 + m)
-  ]
+  probs = []
+  for j in range(frame_index + 1, frame_index + 1 + m):
+    if features is not None:
+      out = session.feed([interval_id], features=features[:, j : j + 1], what="late frame")
+    else:
+      out = session.feed([interval_id], frames[0, j : j + 1], what="late frame")
+    probs.append(out["frame_probs"][0, 0])
   return np.stack(probs)
 
 

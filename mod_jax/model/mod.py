@@ -105,7 +105,6 @@ class RoutingPlan:
   tokens_per_frame: int
   selection: str
   weighting: str
-  aux_loss_weight: float = 0.0
   routing: str = "frame"  # frame (VideoLLM-MoD) | sequence (γ-MoD, sequence_routed_block)
   capacity: float = 1.0  # sequence routing: C = ceil(capacity · L) processed slots per row
   # Sequence routing at inference: processed iff P(process) > threshold; None keeps the training
@@ -133,7 +132,6 @@ class RoutingPlan:
       model_cfg.tokens_per_frame,
       mod.selection,
       mod.router_weighting,
-      float(mod.get("router_aux_loss_weight", 0.0)),
       routing,
       float(ratios[0]) if ratios else 1.0,
       float(mod.get("threshold", 0.5)),

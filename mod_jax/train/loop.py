@@ -286,6 +286,20 @@ def train_and_evaluate(
   productive = 0.0  # seconds in train steps (goodput's numerator)
   last_time, last_step, overhead = time.perf_counter(), start, 0.0
   eval_every = int(t.get("eval_every", 0) or 0)
+  max_eval_batches = t.eval_batches if t.eval_batches > 0 else None
+
+  def run_eval(params):
+    return evaluate(
+      config,
+      params,
+      graphdef,
+      mesh,
+      tokenizer,
+      eval_fn=eval_fn,
+      index=data,
+      max_batches=max_eval_batches,
+    )
+
   profiling = False
   preempted = False
 
@@ -354,16 +368,7 @@ def train_and_evaluate(
           log.info("checkpoint saved at step %d", done)
         if eval_every and done % eval_every == 0 and done < t.steps:
           t0 = time.perf_counter()
-          results = evaluate(
-            config,
-            state.params,
-            graphdef,
-            mesh,
-            tokenizer,
-            eval_fn=eval_fn,
-            index=data,
-            max_batches=t.eval_batches if t.eval_batches > 0 else None,
-          )
+          results = run_eval(state.params)
           evals.append({"step": done, **results})
           if writer is not None:
             for k, v in results.items():
@@ -397,16 +402,7 @@ def train_and_evaluate(
     return {"state": state, "graphdef": graphdef, "stopped_at": last_saved, "preempted": preempted}
 
   # ------------------------------------------------------------------ Evaluate
-  results = evaluate(
-    config,
-    state.params,
-    graphdef,
-    mesh,
-    tokenizer,
-    eval_fn=eval_fn,
-    index=data,
-    max_batches=t.eval_batches if t.eval_batches > 0 else None,
-  )
+  results = run_eval(state.params)
   summary = {
     "steps": t.steps,
     "resumed_from": restored,
