@@ -37,9 +37,14 @@ def logical_to_spec(names: LogicalNames, rules: Rules) -> PartitionSpec:
   A mesh axis shards at most one dimension: a later name whose mesh axes are already used gets
   the rest of its axes, or None.
 
+  No rules at all (an unsharded model, built with ``rules=None``) replicate every dimension.
+
   Raises:
-    ValueError: a name has no rule (a typo would otherwise replicate the dimension silently).
+    ValueError: a name has no rule in a non-empty table (a typo would otherwise replicate the
+      dimension silently).
   """
+  if not rules:
+    return PartitionSpec(*(None for _ in names))
   table = dict((k, tuple(v) if isinstance(v, list) else v) for k, v in rules)
   unknown = [n for n in names if n is not None and n not in table]
   if unknown:
