@@ -223,9 +223,7 @@ class Decoder(nnx.Module):
     kinds = [
       (self.plan.keep[i] if layout is not None else None, str(i) in self.routers) for i in range(n)
     ]
-    ctx = None
-    if self.shared_router is not None and layout is not None:
-      ctx = (self.shared_router.weights(), layout.is_vision if routable is None else routable)
+    ctx = self._sequence_routing(layout, routable)
     runs = layer_runs(kinds) if self.scan_layers else tuple((i, 1, 1) for i in range(n))
     for start, period, reps in runs:
       x, run_aux = self._run(start, period, reps, x, seq, layout, rng, drop, ordered, remat, ctx)
@@ -259,9 +257,7 @@ class Decoder(nnx.Module):
     seq = seq._replace(rope=rope_tables(seq.positions - rope_offset, inv_freq))
     if layout is not None and layout.frame_start.shape[1] == 0:
       layout = None
-    ctx = None
-    if self.shared_router is not None and layout is not None:  # γ-MoD: vision tokens routable
-      ctx = (self.shared_router.weights(), layout.is_vision)
+    ctx = self._sequence_routing(layout)  # γ-MoD at inference: vision tokens routable
     x, aux, new = x_bld, {}, []
     for i, layer in enumerate(self.layers):
       written: list[Any] = []  # the block runs once, inside routed_block for a MoD layer
@@ -278,6 +274,13 @@ class Decoder(nnx.Module):
       new.append(written[0])
       aux.update({f"layer_{i}": a} if a else {})
     return self.final_norm(x), aux, tuple(new)
+
+  def _sequence_routing(self, layout, routable=None):
+    """γ-MoD's (shared router weights, routable flags [b, l]) or None (per-frame routing, or no
+    frames); ``routable`` defaults to the vision tokens."""
+    if self.shared_router is None or layout is None:
+      return None
+    return self.shared_router.weights(), layout.is_vision if routable is None else routable
 
   def _apply(self, i, keep, layer, router, x, seq, layout, rng, drop, ordered, ctx=None):
     """Decoder layer ``i`` (a Python or traced int) on x: through ``mod.routed_block`` when
