@@ -39,6 +39,7 @@ from flax import nnx
 
 from mod_jax.analysis import flops
 from mod_jax.config import validate
+from mod_jax.data import pipeline
 from mod_jax.model.factory import build_model
 from mod_jax.train.state import TrainState
 
@@ -81,9 +82,7 @@ def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
     "text_segment_ids": np.ones((b, t_cap), np.int32),
     "text_targets": rng.integers(1, m.vocab_size, (b, t_cap), dtype=np.int32),
     "text_weights": np.ones((b, t_cap), np.float32),
-    "frames": rng.integers(
-      0, 256, (b, f_cap, m.vision.image_size, m.vision.image_size, 3), dtype=np.uint8
-    ),
+    **vision_input(config, rng),
     "frame_positions": row(frame_pos),
     "frame_segment_ids": np.ones((b, f_cap), np.int32),
     "frame_targets": rng.integers(1, m.vocab_size, (b, f_cap), dtype=np.int32),
@@ -91,10 +90,21 @@ def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
   }
 
 
+def vision_input(config, rng) -> dict[str, np.ndarray]:
+  """Random ``frames`` (uint8 pixels) or ``features`` (bf16 tower output), per ``data.input``."""
+  out = {}
+  for key, (shape, dtype) in pipeline.batch_spec(config, config.train.batch_size).items():
+    if key == "frames":
+      out[key] = rng.integers(0, 256, shape, dtype=np.uint8)
+    elif key == "features":
+      out[key] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+  return out
+
+
 class Side:
   """One model: its train state, compiled step and XLA analysis."""
 
-  def __init__(self, config, batch):
+  def __init__(self, config, batch, *, xla_flops: bool = True):
     # Eager init (one device): jitting the init of 32 layers costs minutes of XLA compile on CPU.
     _, graphdef, tx = flops.abstract_train_state(config)
     self.state = TrainState.create(
@@ -105,7 +115,10 @@ class Side:
       .lower(self.state, batch)
       .compile()
     )
-    self.xla = flops.xla_step_analysis(config, self.step)  # FLOPs of the unrolled program
+    # FLOPs of the unrolled program (compiled separately) or only the step's memory.
+    self.xla = (
+      flops.xla_step_analysis(config, self.step) if xla_flops else flops.xla_analysis(self.step)
+    )
     self.analytic = flops.analytic_flops(config)["total"]
     self.times: list[float] = []
 

