@@ -94,10 +94,11 @@ def test_context_attention_matches_unsharded_xla(implementation, shape):
   _check_attention(implementation, shape, _attention_case(2, 64, 4, 2, 8), block_size=8)
 
 
-@pytest.mark.slow
-def test_context_splash_matches_unsharded_xla():
-  """Splash (Pallas interpret mode) with its mask info split over 2 query shards."""
-  _check_attention("splash", (1, 1, 1, 2), _attention_case(1, 256, 2, 1, 8, seed=1), 128)
+@pytest.mark.parametrize("t", [256, 200])
+def test_context_splash_matches_unsharded_xla(t):
+  """Splash (Pallas interpret mode) with its mask info split over 2 query shards; t = 200
+  pads each device's 100 queries (and keys, before the gather) to one 128 block."""
+  _check_attention("splash", (1, 1, 1, 2), _attention_case(1, t, 2, 1, 8, seed=1), 128)
 
 
 def test_context_attention_errors():
@@ -164,6 +165,18 @@ def test_context_train_step_matches_single_device(variant, shape, attention):
     if "['vision']" in name and "['k']['bias']" in name:
       continue  # softmax cancels a key bias: its true gradient is 0 (see test_train.py)
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_training_from_the_pipeline_refuses_a_context_axis(tmp_path):
+  """The packer does not cut samples into context chunks: a clear error, before any data."""
+  from mod_jax.train.loop import train_and_evaluate
+
+  c = tiny.get_config()
+  c.mesh.shape = (2, 1, 1, 4)
+  c.data.dir = str(tmp_path / "data")
+  with pytest.raises(ConfigError, match="does not pack rows into 4 context chunks"):
+    train_and_evaluate(c, str(tmp_path / "run"), progress=False)
+  assert not (tmp_path / "data").exists()
 
 
 def test_context_config_errors():
