@@ -37,6 +37,18 @@ chip on 64 chips (``mod-jax compile --config configs/videollm_mod_llama3_8b.py -
 v5:4x4x4``); on 8 devices add ``--config.train.grad_accum_steps=8`` (1 row per device x 8
 micro-batches, the reference recipe).
 
+Context axis (docs/design.md §6): ``--config.mesh.shape='(1,64,1,4)'`` (data, fsdp, tensor,
+context) splits every row over 4 chips by whole frames (300 frames + 1024 text slots each; MoD's
+per-frame top-k stays on one chip, attention all-gathers K/V along ``context``), e.g. for a
+v5e-256 (16 GiB per chip):
+
+  mod-jax compile --config configs/videollm_mod_llama3_8b.py --topology v5e:16x16 \\
+      --config.mesh.shape='(1,64,1,4)'
+
+``data.max_frames`` and ``data.max_text`` must be multiples of the context size, and the rows
+must be context-chunked (``mod_jax/model/rows.py``): the data pipeline does not pack them so
+yet, so ``mod-jax train`` refuses a context axis > 1 for now.
+
 Arg: comma-separated ``llm=DIR``, ``vision=DIR`` and optionally ``dense`` (full computation) and
 ``online`` (frames in, the tower runs in the step).
 """
@@ -114,5 +126,5 @@ def get_config(arg: str | None = None):
   t.grad_accum_steps = 1  # 64 rows = one per chip on 64 chips; 8 on 8 devices
   t.ce_chunk = 512
 
-  c.mesh.shape = (1, -1, 1)  # FSDP over all devices; add a tensor axis for long rows
+  c.mesh.shape = (1, -1, 1, 1)  # (data, fsdp, tensor, context): FSDP over all devices
   return c

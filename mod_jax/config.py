@@ -24,7 +24,7 @@ ConfigDict = ml_collections.ConfigDict
 # Logical axis names -> mesh axes (MaxText style: one table, physical axes appear nowhere else).
 DEFAULT_LOGICAL_AXIS_RULES = (
   ("batch", ("data", "fsdp")),
-  ("length", None),
+  ("length", "context"),  # a row's slots: whole frames per shard (docs/design.md §6)
   ("embed", "fsdp"),
   ("heads", "tensor"),
   ("kv_heads", "tensor"),
@@ -174,8 +174,11 @@ def base_config() -> ConfigDict:
 
   # ---------------------------------------------------------------- mesh
   mesh = c.mesh = ConfigDict()
-  mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 absorbs the remaining devices
-  mesh.axes = ("data", "fsdp", "tensor")
+  # (data, fsdp, tensor, context); one -1 absorbs the remaining devices. Trailing axes of size 1
+  # may be left out: (-1, 1, 1) is (-1, 1, 1, 1). ``context`` splits every row into that many
+  # chunks of whole frames, one per device (docs/design.md §6, mod_jax/model/rows.py).
+  mesh.shape = (-1, 1, 1, 1)
+  mesh.axes = ("data", "fsdp", "tensor", "context")
   mesh.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
   # Multi-slice (devices in several TPU slices): slices per mesh axis, over DCN; mesh.shape is the
   # global shape and each axis holds shape / dcn_shape devices per slice (ICI). None = all slices
@@ -224,6 +227,22 @@ class ConfigError(ValueError):
   """An impossible or inconsistent configuration, detected before anything is built."""
 
 
+def full_mesh_shape(shape: Sequence[int], axes: Sequence[str]) -> tuple[int, ...]:
+  """``mesh.shape`` with one entry per mesh axis: left-out trailing axes have size 1 (so the
+  three-entry (data, fsdp, tensor) shapes of earlier configs keep their meaning).
+
+  Raises:
+    ConfigError: more entries than ``mesh.axes``.
+  """
+  shape = tuple(int(s) for s in shape)
+  if len(shape) > len(axes):
+    raise ConfigError(
+      f"mesh.shape={shape} has more entries than mesh.axes={tuple(axes)}; give one size per "
+      f"axis (trailing axes of size 1 may be left out)."
+    )
+  return shape + (1,) * (len(axes) - len(shape))
+
+
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
   """Fills a single -1 in ``shape`` so the product equals ``num_devices``.
 
@@ -268,6 +287,8 @@ def split_mesh_shape(
     if dcn_shape is None
     else tuple(int(s) for s in dcn_shape)
   )
+  if len(dcn) < len(shape):  # trailing axes left out, as in mesh.shape: one slice each
+    dcn = dcn + (1,) * (len(shape) - len(dcn))
   if len(dcn) != len(shape) or min(dcn) < 1 or math.prod(dcn) != num_slices:
     raise ConfigError(
       f"mesh.dcn_shape={dcn_shape} must give one size >= 1 per mesh axis "
@@ -323,6 +344,45 @@ def _validate_precision_and_memory(config: ConfigDict) -> None:
     )
   if d.input not in ("frames", "features"):
     raise ConfigError(f"data.input={d.input!r}; choose 'frames' or 'features'.")
+
+
+def _validate_context(config: ConfigDict, context: int) -> None:
+  """Checks a ``context`` mesh axis of size ``context`` (docs/design.md §6): each row is split
+  into ``context`` chunks of ``max_text / context`` text slots and ``max_frames / context`` whole
+  frames, one chunk per device, so MoD's per-frame top-k and compaction stay on one device.
+
+  Raises:
+    ConfigError: the caps are not divisible by the axis, ``length`` does not map to it, or a
+      feature that needs the whole row on one device is on (γ-MoD sequence routing, cuDNN
+      attention).
+  """
+  if context <= 1:
+    return
+  m, d = config.model, config.data
+  for name, value in (("data.max_text", d.max_text), ("data.max_frames", d.max_frames)):
+    if value % context:
+      raise ConfigError(
+        f"{name}={value} is not divisible by the context axis size {context} "
+        f"(mesh.shape={tuple(config.mesh.shape)}): each device holds 1/{context} of every "
+        f"row's text slots and whole frames. Use a multiple of {context} or a smaller axis."
+      )
+  rules = dict((k, v) for k, v in config.mesh.logical_axis_rules)
+  length = rules.get("length")
+  if "context" not in ((length,) if isinstance(length, str) else tuple(length or ())):
+    raise ConfigError(
+      f"the context mesh axis has size {context} but mesh.logical_axis_rules map 'length' to "
+      f"{length!r}; map it to 'context' (the default table does) or set the axis size to 1."
+    )
+  if m.mod.get("routing", "frame") == "sequence":
+    raise ConfigError(
+      "model.mod.routing='sequence' (γ-MoD) takes a top-C over the whole row, which a context "
+      f"axis of size {context} splits over devices; use routing='frame' or context size 1."
+    )
+  if m.attention == "cudnn":
+    raise ConfigError(
+      f"model.attention='cudnn' cannot run with a context axis of size {context} (its causal "
+      f"mask has no query offset); use 'blockwise', 'xla' or 'splash'."
+    )
 
 
 def validate_for_training(config: ConfigDict) -> None:
@@ -428,9 +488,10 @@ def validate(config: ConfigDict, num_devices: int | None = None, num_slices: int
   if t.warmup_steps >= t.steps:
     raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be < train.steps={t.steps}.")
   if num_devices is not None:
-    shape = resolve_mesh_shape(config.mesh.shape, num_devices)
+    shape = full_mesh_shape(resolve_mesh_shape(config.mesh.shape, num_devices), config.mesh.axes)
     split_mesh_shape(shape, config.mesh.get("dcn_shape"), num_slices)
     axes = dict(zip(config.mesh.axes, shape))
+    _validate_context(config, axes.get("context", 1))
     batch_shards = axes.get("data", 1) * axes.get("fsdp", 1)
     micro = t.batch_size // t.grad_accum_steps
     if micro % batch_shards:

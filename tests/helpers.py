@@ -87,3 +87,50 @@ def frame_scores_router(scores_bfn, layout):
   text = jnp.zeros((b, layout.num_text), jnp.float32)
   flat = layout.to_stream(jnp.concatenate([text, scores.reshape(b, f * n)], axis=1))
   return lambda x: flat
+
+
+def chunked_batch(config, batch_size: int, chunks: int, seed: int = 0):
+  """A random batch whose rows are ``chunks`` context chunks (``mod_jax/model/rows.py``).
+
+  Chunk r holds text slots r·T/R.. and frames r·F/R... Sample 1 starts in chunk 0 with a
+  3-token prompt and runs into the last chunk (so it spans every chunk boundary), where sample
+  2 starts (prompt) after that chunk's first frame. Every frame is followed by one interval
+  token; each chunk's unused text slots are padding, and chunk 0's last frame slot is a padding
+  frame. Positions continue across a sample's chunks.
+  """
+  rng = np.random.default_rng(seed)
+  m, d = config.model, config.data
+  n = m.tokens_per_frame
+  tc, fc = d.max_text // chunks, d.max_frames // chunks
+  assert fc >= 2 and tc >= 3 + fc + 3
+  keys = ("tokens", "positions", "segment_ids", "targets", "weights")
+  text = {k: np.zeros((batch_size, d.max_text)) for k in keys}
+  frame = {k: np.zeros((batch_size, d.max_frames)) for k in keys[1:]}
+  for row in range(batch_size):
+    seg, pos = 0, 0
+    for r in range(chunks):
+      ti, fi = r * tc, r * fc
+      for j in range(fc):
+        if r == 0 and j == fc - 1:
+          break  # a padding frame
+        if (r, j) in ((0, 0), (chunks - 1, 1)):  # a sample starts: 3-token prompt
+          seg, pos = seg + 1, 0
+          for _ in range(3):
+            text["positions"][row, ti], text["segment_ids"][row, ti] = pos, seg
+            ti, pos = ti + 1, pos + 1
+        frame["positions"][row, fi], frame["segment_ids"][row, fi] = pos, seg
+        fi, pos = fi + 1, pos + n
+        text["positions"][row, ti], text["segment_ids"][row, ti] = pos, seg
+        ti, pos = ti + 1, pos + 1
+  real_t, real_f = text["segment_ids"] > 0, frame["segment_ids"] > 0
+  text["tokens"] = np.where(real_t, rng.integers(1, m.vocab_size, real_t.shape), 0)
+  text["targets"] = np.where(real_t, rng.integers(1, m.vocab_size, real_t.shape), 0)
+  text["weights"] = real_t.astype(np.float32)
+  frame["targets"] = np.where(real_f, rng.integers(1, m.vocab_size, real_f.shape), 0)
+  frame["weights"] = real_f.astype(np.float32)
+  out = {f"text_{k}": v for k, v in text.items()}
+  out.update({f"frame_{k}": v for k, v in frame.items()})
+  out = {k: v.astype(np.float32 if "weights" in k else np.int32) for k, v in out.items()}
+  size = m.vision.image_size
+  out["frames"] = rng.integers(0, 256, (batch_size, d.max_frames, size, size, 3), dtype=np.uint8)
+  return out

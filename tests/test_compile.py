@@ -191,9 +191,9 @@ def test_hybrid_mesh_over_two_slices(dcn_shape, spanning_axis):
   c.mesh.shape = (4, 2, 1)
   c.mesh.dcn_shape = dcn_shape
   mesh = sharding.make_mesh(c, devices)
-  assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1, "context": 1}
   slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
-  for axis in range(3):
+  for axis in range(slices.ndim):
     spans = np.any(np.ptp(slices, axis=axis) > 0)  # does moving along `axis` change slice?
     assert spans == (axis == spanning_axis), (axis, slices)
   assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)

@@ -26,6 +26,15 @@ Implementations (:data:`IMPLEMENTATIONS`; ``"auto"`` picks one per backend,
   boolean ``[b, 1, t, s]`` mask (cuDNN turns it into an additive bias: O(L²) memory for the mask
   alone) plus ``is_causal``. GPU only, bf16/fp16 only.
 
+Context parallelism (all-gather KV; docs/design.md §6). When ``rules`` map the ``length``
+logical axis to mesh axes of size R > 1 (the ``context`` axis), each device holds 1/R of the row's
+slots (queries, keys and values of one contiguous chunk of the ordered row). The call then runs
+in a ``shard_map``: each device keeps its queries, all-gathers K, V and the key segment ids along
+``context`` (the gradient is the matching reduce-scatter) and masks with GLOBAL slot indices
+(query i of device r is slot r·t/R + i). ``xla``, ``blockwise`` and ``splash`` (with its mask
+info split over ``q_seq_shards``) support it; ``cudnn`` does not (no query offset). The work is
+not balanced: device r attends to r + 1 chunks of keys (causal blocks above are skipped).
+
 Shape letters: b batch, t query tokens, s key tokens, n query heads, k KV heads, g = n / k query
 heads per KV head, h head dim.
 """
@@ -41,7 +50,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from mod_jax.model.blockwise_attention import blockwise_attention
-from mod_jax.model.partitioning import Rules, logical_to_spec
+from mod_jax.model.partitioning import Rules, logical_to_spec, mesh_axes_of, on_mesh
 
 IMPLEMENTATIONS = ("xla", "blockwise", "splash", "cudnn")
 _AUTO = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn", "cpu": "blockwise"}
@@ -82,6 +91,7 @@ def attend(
   backend: str | None = None,
   rules: Rules | None = None,
   head_names: tuple[str, str] = ("heads", "kv_heads"),
+  length_name: str | None = "length",
 ) -> jax.Array:
   """Scaled dot-product attention with GQA, causal and packed-segment masks. [b, t, n, h].
 
@@ -102,7 +112,10 @@ def attend(
       names of the q and k/v head dims. Used by ``splash`` only, and only under a mesh
       (``jax.set_mesh``): a Pallas kernel cannot be partitioned by XLA, so it runs in a
       ``shard_map`` over the batch and head axes (:func:`_per_shard`). The other paths are plain
-      XLA and are partitioned like the rest of the model.
+      XLA and are partitioned like the rest of the model, except under a context axis.
+    length_name: logical name of the t / s dims; when ``rules`` map it to mesh axes of size
+      R > 1, the sequence is split over them (module docstring: all-gather KV). None: whole
+      sequences per device (the vision tower's per-frame attention).
 
   Returns:
     ``[b, t, n, h]`` in q's dtype; scale 1/sqrt(h); matmuls accumulate and the softmax runs in
@@ -110,8 +123,8 @@ def attend(
 
   Raises:
     ValueError: unknown implementation, inconsistent shapes, one segment-id array without the
-      other, causal with t != s, block_size < 1, cudnn off GPU or with a float32 input, splash
-      under rules that shard the ``length`` axis.
+      other, causal with t != s, block_size < 1, cudnn off GPU or with a float32 input; under a
+      context axis: cudnn, non-causal attention, or t not divisible by the axis size.
   """
   backend = backend or jax.default_backend()
   implementation = resolve_implementation(implementation, backend)
@@ -120,6 +133,11 @@ def attend(
     q_segment_ids_bt = jnp.asarray(q_segment_ids_bt, jnp.int32)
     kv_segment_ids_bs = jnp.asarray(kv_segment_ids_bs, jnp.int32)
   args = (q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs)
+  context = mesh_axes_of(length_name, rules) if length_name else ()
+  if context:
+    return _context_parallel(
+      implementation, args, rules, head_names, length_name, context, block_size, backend, causal
+    )
   if implementation == "xla":
     return xla_attention(*args, causal=causal)
   if implementation == "blockwise":
@@ -160,38 +178,52 @@ def _check(q, k, v, q_seg, kv_seg, causal, block_size):
     raise ValueError(f"block_size={block_size} must be >= 1.")
 
 
-def _per_shard(fn, args, rules, head_names):
-  """Runs ``fn(q, k, v, q_seg, kv_seg)`` in a ``shard_map`` over the context mesh (if any).
+def _mesh_size(mesh, axes) -> int:
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return math.prod(mesh.shape[a] for a in axes)
 
-  Batch and head dims keep the shardings their logical names map to; a dim whose size the mesh
-  axes do not divide, or head dims whose q and k/v shardings differ (GQA groups would be split),
-  are replicated instead. The sequence must not be sharded (each shard needs whole rows).
+
+def _specs(args, rules, head_names, length_name, mesh):
+  """(batch, heads, kv_heads) mesh axes for a ``shard_map`` of attention: those of the logical
+  names, or None (replicated) where the mesh axes do not divide the dim, or where the q and k/v
+  head shardings differ (GQA groups would be split)."""
+  q, k = args[0], args[1]
+  names = lambda heads: on_mesh(
+    logical_to_spec(("batch", length_name, heads, "head_dim"), rules), mesh
+  )
+  q_names, kv_names = names(head_names[0]), names(head_names[1])
+  if q_names[3] is not None:
+    raise ValueError(
+      f"attention kernels need whole heads per device, but the rules shard 'head_dim' as "
+      f"{q_names[3]!r}; map it to None."
+    )
+  batch = q_names[0] if q.shape[0] % _mesh_size(mesh, q_names[0]) == 0 else None
+  heads, kv_heads = q_names[2], kv_names[2]
+  if (
+    heads != kv_heads
+    or q.shape[2] % _mesh_size(mesh, heads)
+    or k.shape[2] % _mesh_size(mesh, kv_heads)
+  ):
+    heads = kv_heads = None
+  return batch, heads, kv_heads
+
+
+def _per_shard(fn, args, rules, head_names):
+  """Runs ``fn(q, k, v, q_seg, kv_seg)`` in a ``shard_map`` over the mesh (if any).
+
+  Batch and head dims keep the shardings their logical names map to (:func:`_specs`); the
+  sequence is whole on every device (a context-sharded sequence goes through
+  :func:`_context_parallel` instead).
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return fn(*args)
   rules = rules or ()  # no rules under a mesh (e.g. a batch-1 streaming step): replicated
-  q, k, _, q_seg, _ = args
-  q_names = logical_to_spec(("batch", "length", head_names[0], "head_dim"), rules)
-  kv_names = logical_to_spec(("batch", "length", head_names[1], "head_dim"), rules)
-  if q_names[1] is not None or q_names[3] is not None:
-    raise ValueError(
-      f"splash attention needs whole rows and heads per device, but the rules "
-      f"shard 'length'/'head_dim' as {q_names}; map them to None."
-    )
-
-  def size(axes):
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return math.prod(mesh.shape[a] for a in axes)
-
-  batch = q_names[0] if q.shape[0] % size(q_names[0]) == 0 else None
-  heads, kv_heads = q_names[2], kv_names[2]
-  if heads != kv_heads or q.shape[2] % size(heads) or k.shape[2] % size(kv_heads):
-    heads = kv_heads = None
+  batch, heads, kv_heads = _specs(args, rules, head_names, None, mesh)
   q_spec = PartitionSpec(batch, None, heads, None)
   kv_spec = PartitionSpec(batch, None, kv_heads, None)
   seg_spec = PartitionSpec(batch, None)
-  if q_seg is None:
+  if args[3] is None:
     mapped = jax.shard_map(
       lambda q, k, v: fn(q, k, v, None, None),
       mesh=mesh,
@@ -210,11 +242,93 @@ def _per_shard(fn, args, rules, head_names):
   return mapped(*args)
 
 
-def segment_mask(q_segment_ids_bt, kv_segment_ids_bs, t: int, s: int, causal: bool):
-  """The module's mask, bool broadcastable to ``[b, t, s]`` (None when nothing is masked)."""
+def _context_parallel(
+  implementation, args, rules, head_names, length_name, context, block_size, backend, causal
+):
+  """All-gather-KV attention over the ``context`` mesh axes (module docstring).
+
+  In a ``shard_map`` over the whole mesh (batch and heads as :func:`_specs`, the sequence split
+  over ``context``), each device gathers K, V and the key segment ids of the whole row
+  (``lax.all_gather``, whose transpose reduce-scatters dK and dV) and runs the kernel on its own
+  queries with the causal mask offset by its first query's global slot.
+
+  Raises:
+    ValueError: cudnn, non-causal attention, or a length not divisible by the axis size.
+  """
+  q, k, v, q_seg, kv_seg = args
+  mesh = jax.sharding.get_abstract_mesh()
+  r = _mesh_size(mesh, context)
+  if implementation == "cudnn":
+    raise ValueError(
+      f"implementation='cudnn' cannot run with the sequence split over {context} (size {r}): "
+      f"its causal mask has no query offset; use 'blockwise', 'xla' or 'splash'."
+    )
+  if not causal or q.shape[1] % r:
+    raise ValueError(
+      f"context-parallel attention needs causal self-attention over a length divisible by the "
+      f"context size {r}; got causal={causal}, t={q.shape[1]}. Map {length_name!r} to None "
+      f"for this call (length_name=None)."
+    )
+  if q_seg is None:  # one segment: the causal mask alone
+    q_seg = kv_seg = jnp.ones(q.shape[:2], jnp.int32)
+  batch, heads, kv_heads = _specs(args, rules, head_names, length_name, mesh)
+  ctx = context[0] if len(context) == 1 else context
+  q_spec = PartitionSpec(batch, ctx, heads, None)
+  kv_spec = PartitionSpec(batch, ctx, kv_heads, None)
+  seg_spec = PartitionSpec(batch, ctx)
+  gather = lambda x: jax.lax.all_gather(x, context, axis=1, tiled=True)
+
+  if implementation == "splash":
+    t_local = q.shape[1] // r
+    bq, t_pad = _splash_blocks(t_local, block_size)
+    n_local = q.shape[2] // _mesh_size(mesh, heads)
+    kernel = _splash_kernel(n_local, (r * t_pad, r * t_pad), bq, bq, True, backend != "tpu", r)
+    kernel_spec = kernel.manual_sharding_spec(
+      jax.sharding.NamedSharding(mesh, PartitionSpec(None, ctx))
+    )
+
+    def local_splash(kernel, q, k, v, q_seg, kv_seg):
+      pad = lambda x: _pad_axis1(x, t_pad)
+      k, v, kv_seg = gather(pad(k)), gather(pad(v)), gather(pad(kv_seg))
+      out = _run_splash(kernel, pad(q), k, v, pad(q_seg), kv_seg)
+      return out[:, :t_local]
+
+    mapped = jax.shard_map(
+      local_splash,
+      mesh=mesh,
+      in_specs=(kernel_spec, q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+      out_specs=q_spec,
+      check_vma=False,
+    )
+    return mapped(kernel, q, k, v, q_seg, kv_seg)
+
+  def local(q, k, v, q_seg, kv_seg):
+    offset = jax.lax.axis_index(context) * q.shape[1]
+    k, v, kv_seg = gather(k), gather(v), gather(kv_seg)
+    if implementation == "xla":
+      return xla_attention(q, k, v, q_seg, kv_seg, causal=True, q_offset=offset)
+    return blockwise_attention(
+      q, k, v, q_seg, kv_seg, causal=True, block_size=block_size, q_offset=offset
+    )
+
+  mapped_local = jax.shard_map(
+    local,
+    mesh=mesh,
+    in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+    out_specs=q_spec,
+    check_vma=False,
+  )
+  return mapped_local(q, k, v, q_seg, kv_seg)
+
+
+def segment_mask(
+  q_segment_ids_bt, kv_segment_ids_bs, t: int, s: int, causal: bool, q_offset: jax.Array | int = 0
+):
+  """The module's mask, bool broadcastable to ``[b, t, s]`` (None when nothing is masked).
+  ``q_offset``: the global slot of query 0 (context parallelism; int32 [] or an int)."""
   mask = None
   if causal:
-    mask = (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None])[None]
+    mask = (jnp.arange(s)[None, :] <= q_offset + jnp.arange(t)[:, None])[None]
   if q_segment_ids_bt is not None:
     same = (q_segment_ids_bt[:, :, None] == kv_segment_ids_bs[:, None, :]) & (
       kv_segment_ids_bs[:, None, :] != 0
@@ -224,14 +338,22 @@ def segment_mask(q_segment_ids_bt, kv_segment_ids_bs, t: int, s: int, causal: bo
 
 
 def xla_attention(
-  q_btnh, k_bskh, v_bskh, q_segment_ids_bt=None, kv_segment_ids_bs=None, *, causal: bool
+  q_btnh,
+  k_bskh,
+  v_bskh,
+  q_segment_ids_bt=None,
+  kv_segment_ids_bs=None,
+  *,
+  causal: bool,
+  q_offset: jax.Array | int = 0,
 ) -> jax.Array:
   """Reference: full ``[b, k, g, t, s]`` float32 scores; masked rows become uniform, not NaN.
 
   Same contract as :func:`attend` (which checks the arguments). Memory O(b·n·t·s).
+  ``q_offset``: global slot of query 0 (context parallelism: the causal mask is j <= q_offset + i).
   """
   t, s = q_btnh.shape[1], k_bskh.shape[1]
-  mask = segment_mask(q_segment_ids_bt, kv_segment_ids_bs, t, s, causal)
+  mask = segment_mask(q_segment_ids_bt, kv_segment_ids_bs, t, s, causal, q_offset)
   return masked_attention(q_btnh, k_bskh, v_bskh, mask)
 
 
@@ -291,28 +413,33 @@ def splash_attention(
   (``CausalMask``/``FullMask``: blocks above the diagonal are skipped); only segment ids are data.
   ``interpret=True`` runs the kernel in Pallas interpret mode (any backend, slow).
   """
-  # Imported here: Pallas' TPU ops are only needed on this path.
-  from jax.experimental.pallas.ops.tpu import splash_attention as splash
-
   b, t, n, h = q_btnh.shape
   s = k_bskh.shape[1]
   bq, t_pad = _splash_blocks(t, block_size)
   bk, s_pad = _splash_blocks(s, block_size)
-  q = (q_btnh.astype(jnp.float32) / math.sqrt(h)).astype(q_btnh.dtype)
-  q_bnth = _pad_axis1(q, t_pad).transpose(0, 2, 1, 3)
-  k_bksh = _pad_axis1(k_bskh, s_pad).transpose(0, 2, 1, 3)
-  v_bksh = _pad_axis1(v_bskh, s_pad).transpose(0, 2, 1, 3)
-
   if q_segment_ids_bt is None and not causal and s_pad != s:
     q_segment_ids_bt = jnp.ones((b, t), jnp.int32)
     kv_segment_ids_bs = jnp.ones((b, s), jnp.int32)
-  segments = None
-  if q_segment_ids_bt is not None:
-    segments = splash.SegmentIds(
-      q=_pad_axis1(q_segment_ids_bt, t_pad), kv=_pad_axis1(kv_segment_ids_bs, s_pad)
-    )
+  kernel = _splash_kernel(n, (t_pad, s_pad), bq, bk, causal, interpret)
+  pad = _pad_axis1
+  q_seg = None if q_segment_ids_bt is None else pad(q_segment_ids_bt, t_pad)
+  kv_seg = None if kv_segment_ids_bs is None else pad(kv_segment_ids_bs, s_pad)
+  out = _run_splash(
+    kernel, pad(q_btnh, t_pad), pad(k_bskh, s_pad), pad(v_bskh, s_pad), q_seg, kv_seg
+  )
+  return out[:, :t]
 
-  head_mask = splash.CausalMask((t_pad, s_pad)) if causal else splash.FullMask((t_pad, s_pad))
+
+def _splash_kernel(
+  n: int, shape: tuple[int, int], bq: int, bk: int, causal: bool, interpret: bool, q_shards=1
+):
+  """A splash MHA kernel for ``n`` heads over a padded (query, key) ``shape``: causal or full
+  mask (static: blocks above the diagonal are skipped), blocks of ``bq`` x ``bk``;
+  ``q_shards`` > 1 splits its mask info over that many query shards (context parallelism)."""
+  # Imported here: Pallas' TPU ops are only needed on this path.
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+  head_mask = splash.CausalMask(shape) if causal else splash.FullMask(shape)
   sizes = splash.BlockSizes(
     block_q=bq,
     block_kv=bk,
@@ -323,17 +450,30 @@ def splash_attention(
     block_q_dq=bq,
     block_kv_dq=bk,
   )
-  kernel = splash.make_splash_mha(
+  return splash.make_splash_mha(
     splash.MultiHeadMask([head_mask] * n),
     block_sizes=sizes,
     head_shards=1,
-    q_seq_shards=1,
+    q_seq_shards=q_shards,
     interpret=interpret,
   )
+
+
+def _run_splash(kernel, q_btnh, k_bskh, v_bskh, q_seg_bt, kv_seg_bs):
+  """Runs a splash ``kernel`` on padded inputs (vmapped over the batch); q is pre-scaled by
+  1/sqrt(h) in float32 (splash applies no scale). Returns [b, t_pad, n, h] in q's dtype."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+  h = q_btnh.shape[-1]
+  q = (q_btnh.astype(jnp.float32) / math.sqrt(h)).astype(q_btnh.dtype)
+  segments = None if q_seg_bt is None else splash.SegmentIds(q=q_seg_bt, kv=kv_seg_bs)
   out_bnth = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, segment_ids=seg))(
-    q_bnth, k_bksh, v_bksh, segments
+    q.transpose(0, 2, 1, 3),
+    k_bskh.transpose(0, 2, 1, 3),
+    v_bskh.transpose(0, 2, 1, 3),
+    segments,
   )
-  return out_bnth.transpose(0, 2, 1, 3)[:, :t].astype(q_btnh.dtype)
+  return out_bnth.transpose(0, 2, 1, 3).astype(q_btnh.dtype)
 
 
 def cudnn_attention(

@@ -91,13 +91,16 @@ def blockwise_attention(
   *,
   causal: bool,
   block_size: int = 512,
+  q_offset: jax.Array | int = 0,
 ) -> jax.Array:
   """Flash attention (values and gradients) without an L×L tensor. Returns [b, t, n, h], q's dtype.
 
   q ``[b, t, n, h]``, k/v ``[b, s, k, h]`` (n % k == 0), any float dtype; matmuls accumulate and the
   softmax runs in float32; scale 1/sqrt(h). Segment ids int32 ``[b, t]`` / ``[b, s]`` or both None.
   ``block_size`` (tokens) bounds both block dims (a shorter sequence is a single block). Argument
-  checking is :func:`mod_jax.model.attention_ops.attend`'s; call that.
+  checking is :func:`mod_jax.model.attention_ops.attend`'s; call that. ``q_offset`` (int32 [] or
+  an int): global slot of query 0 when the keys are the whole row and the queries one context
+  chunk of it (causal mask j <= q_offset + i; key blocks past the chunk's last query skipped).
   """
   b, t, n, h = q_btnh.shape
   s, kh = k_bskh.shape[1], k_bskh.shape[2]
@@ -113,7 +116,8 @@ def blockwise_attention(
     causal=causal,
     has_segments=q_segment_ids_bt is not None,
   )
-  return _flash(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, tiling)
+  offset = jnp.asarray(q_offset, jnp.int32)
+  return _flash(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, offset, tiling)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,10 +160,10 @@ def _seg_blocks(seg_bt, blocks: int, size: int):
   return seg.reshape(seg.shape[0], blocks, size).transpose(1, 0, 2)
 
 
-def _tile_mask(i, j, q_seg_bq, kv_seg_bk, c: _Tiling):
+def _tile_mask(i, j, q_seg_bq, kv_seg_bk, c: _Tiling, q_offset=0):
   """bool mask broadcastable to [b, k, g, bq, bk] for query block i and key block j, or None."""
   mask = None
-  q_idx = i * c.bq + jnp.arange(c.bq, dtype=jnp.int32)
+  q_idx = q_offset + i * c.bq + jnp.arange(c.bq, dtype=jnp.int32)
   k_idx = j * c.bk + jnp.arange(c.bk, dtype=jnp.int32)
   if c.causal:
     mask = k_idx[None, :] <= q_idx[:, None]
@@ -175,11 +179,11 @@ def _tile_mask(i, j, q_seg_bq, kv_seg_bk, c: _Tiling):
   return mask
 
 
-def _key_blocks_for(i, c: _Tiling):
+def _key_blocks_for(i, c: _Tiling, q_offset=0):
   """Number of key blocks query block i visits: all, or (causal) up to its last query."""
   if not c.causal:
     return c.nk
-  return jnp.minimum(c.nk, ((i + 1) * c.bq - 1) // c.bk + 1)
+  return jnp.minimum(c.nk, (q_offset + (i + 1) * c.bq - 1) // c.bk + 1)
 
 
 def _scores(q_i, k_j, c: _Tiling):
@@ -191,7 +195,7 @@ def _scores(q_i, k_j, c: _Tiling):
 # Forward and backward.
 
 
-def _forward(q_btnh, k_bskh, v_bskh, q_seg_bt, kv_seg_bs, c: _Tiling):
+def _forward(q_btnh, k_bskh, v_bskh, q_seg_bt, kv_seg_bs, q_offset, c: _Tiling):
   """Returns out [b, t, n, h] (q's dtype) and lse float32 [nq, b, k, g, bq] (0 for empty rows)."""
   qb, kb, vb = _q_blocks(q_btnh, c), _kv_blocks(k_bskh, c), _kv_blocks(v_bskh, c)
   q_seg, kv_seg = _seg_blocks(q_seg_bt, c.nq, c.bq), _seg_blocks(kv_seg_bs, c.nk, c.bk)
@@ -203,7 +207,7 @@ def _forward(q_btnh, k_bskh, v_bskh, q_seg_bt, kv_seg_bs, c: _Tiling):
       m, l, acc = carry
       k_j, v_j = kb[j], vb[j]
       s = _scores(q_i, k_j, c)
-      mask = _tile_mask(i, j, q_seg_i, None if kv_seg is None else kv_seg[j], c)
+      mask = _tile_mask(i, j, q_seg_i, None if kv_seg is None else kv_seg[j], c, q_offset)
       if mask is not None:
         s = jnp.where(mask, s, _MASK_VALUE)
       m_new = jnp.maximum(m, s.max(axis=-1))
@@ -221,7 +225,7 @@ def _forward(q_btnh, k_bskh, v_bskh, q_seg_bt, kv_seg_bs, c: _Tiling):
       jnp.zeros(shape, _F32),
       jnp.zeros((*shape, c.h), _F32),
     )
-    m, l, acc = jax.lax.fori_loop(0, _key_blocks_for(i, c), kv_block, init)
+    m, l, acc = jax.lax.fori_loop(0, _key_blocks_for(i, c, q_offset), kv_block, init)
     seen = l > 0
     l_safe = jnp.where(seen, l, 1.0)
     out = (acc / l_safe[..., None]).astype(q_btnh.dtype)
@@ -232,7 +236,9 @@ def _forward(q_btnh, k_bskh, v_bskh, q_seg_bt, kv_seg_bs, c: _Tiling):
   return _q_unblock(out, c), lse
 
 
-def _backward(q_btnh, k_bskh, v_bskh, q_seg_bt, kv_seg_bs, out_btnh, lse, dout_btnh, c: _Tiling):
+def _backward(
+  q_btnh, k_bskh, v_bskh, q_seg_bt, kv_seg_bs, q_offset, out_btnh, lse, dout_btnh, c: _Tiling
+):
   """FlashAttention-2 backward: returns dq, dk, dv in the inputs' shapes and dtypes."""
   qb, kb, vb = _q_blocks(q_btnh, c), _kv_blocks(k_bskh, c), _kv_blocks(v_bskh, c)
   dob = _q_blocks(dout_btnh.astype(q_btnh.dtype), c)
@@ -247,7 +253,7 @@ def _backward(q_btnh, k_bskh, v_bskh, q_seg_bt, kv_seg_bs, out_btnh, lse, dout_b
       dq_i, dk_acc, dv_acc = inner
       k_j, v_j = kb[j], vb[j]
       p = jnp.exp(_scores(q_i, k_j, c) - lse_i[..., None])
-      mask = _tile_mask(i, j, q_seg_i, None if kv_seg is None else kv_seg[j], c)
+      mask = _tile_mask(i, j, q_seg_i, None if kv_seg is None else kv_seg[j], c, q_offset)
       if mask is not None:
         p = jnp.where(mask, p, 0.0)
       dv_j = jnp.einsum(
@@ -264,7 +270,9 @@ def _backward(q_btnh, k_bskh, v_bskh, q_seg_bt, kv_seg_bs, out_btnh, lse, dout_b
       return dq_i, dk_acc, dv_acc
 
     dq_i = jnp.zeros((c.b, c.k, c.g, c.bq, c.h), _F32)
-    dq_i, dk_acc, dv_acc = jax.lax.fori_loop(0, _key_blocks_for(i, c), kv_block, (dq_i, *carry))
+    dq_i, dk_acc, dv_acc = jax.lax.fori_loop(
+      0, _key_blocks_for(i, c, q_offset), kv_block, (dq_i, *carry)
+    )
     return (dk_acc, dv_acc), (dq_i * c.scale).astype(q_i.dtype)
 
   acc = jnp.zeros((c.nk, c.b, c.k, c.bk, c.h), _F32)
@@ -275,20 +283,20 @@ def _backward(q_btnh, k_bskh, v_bskh, q_seg_bt, kv_seg_bs, out_btnh, lse, dout_b
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, q_seg, kv_seg, c: _Tiling):
-  return _forward(q, k, v, q_seg, kv_seg, c)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(q, k, v, q_seg, kv_seg, q_offset, c: _Tiling):
+  return _forward(q, k, v, q_seg, kv_seg, q_offset, c)[0]
 
 
-def _flash_fwd(q, k, v, q_seg, kv_seg, c: _Tiling):
-  out, lse = _forward(q, k, v, q_seg, kv_seg, c)
-  return out, (q, k, v, q_seg, kv_seg, out, lse)
+def _flash_fwd(q, k, v, q_seg, kv_seg, q_offset, c: _Tiling):
+  out, lse = _forward(q, k, v, q_seg, kv_seg, q_offset, c)
+  return out, (q, k, v, q_seg, kv_seg, q_offset, out, lse)
 
 
 def _flash_bwd(c: _Tiling, residuals, dout):
-  q, k, v, q_seg, kv_seg, out, lse = residuals
-  dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, out, lse, dout, c)
-  return dq, dk, dv, None, None
+  q, k, v, q_seg, kv_seg, q_offset, out, lse = residuals
+  dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, q_offset, out, lse, dout, c)
+  return dq, dk, dv, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

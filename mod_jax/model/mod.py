@@ -288,7 +288,35 @@ def routed_block(
     overflow count (always 0 here: C = T + F·k holds every kept token) and router statistics.
   Raises:
     ValueError: k outside [0, N].
+
+  Context chunks (``layout.chunks`` = R > 1, ``mod_jax/model/rows.py``): the row is folded into
+  its R chunks and everything above runs per chunk (each chunk's compact sequence is its
+  T/R + (F/R)·k kept slots, on the chunk's device); only ``block`` sees the whole compact row,
+  the chunks' compact sequences in order (still stream order), C = T + F·k.
   """
+  if layout.chunks > 1:
+    r = layout.chunks
+
+    def block_of_chunks(x_c, seq_c):
+      return rows.fold(block(rows.unfold(x_c, r), rows.unfold(seq_c, r)), r)
+
+    out, chunk_aux = routed_block(
+      block_of_chunks,
+      rows.fold(x_bld, r),
+      rows.fold(seq, r),
+      layout.unchunked(),
+      k=k,
+      selection=selection,
+      weighting=weighting,
+      router=router,
+      rng=rng,
+      allowed=None if allowed is None else rows.fold(allowed, r),
+    )
+    for name in ("kept_index", "router_logits"):
+      if name in chunk_aux:
+        chunk_aux[name] = rows.unfold(chunk_aux[name], r)
+    chunk_aux["overflow"] = chunk_aux["overflow"].reshape(-1, r).sum(axis=1)
+    return rows.unfold(out, r), chunk_aux
   b, l, _ = x_bld.shape
   n = layout.tokens_per_frame
   f = layout.frame_start.shape[1]

@@ -64,6 +64,30 @@ def logical_to_spec(names: LogicalNames, rules: Rules) -> PartitionSpec:
   return PartitionSpec(*out)
 
 
+def on_mesh(spec: PartitionSpec, mesh) -> PartitionSpec:
+  """``spec`` without the mesh axes that ``mesh`` does not have (an axis a mesh leaves out has
+  size 1, e.g. ``context`` on a (data, fsdp, tensor) mesh)."""
+  names = set(mesh.axis_names)
+
+  def keep(axes):
+    flat = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    flat = tuple(a for a in flat if a in names)
+    return None if not flat else flat[0] if len(flat) == 1 else flat
+
+  return PartitionSpec(*(keep(a) for a in spec))
+
+
+def mesh_axes_of(name: str, rules: Rules | None) -> tuple[str, ...]:
+  """The mesh axes logical axis ``name`` maps to under ``rules`` that the current (abstract)
+  mesh has with size > 1; () without rules, without a mesh, or when it is not sharded."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty:
+    return ()
+  axes = dict((k, v) for k, v in rules).get(name)
+  flat = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return tuple(a for a in flat if a in mesh.axis_names and mesh.shape[a] > 1)
+
+
 def shard(x: jax.Array, names: LogicalNames, rules: Rules | None) -> jax.Array:
   """Constrains activation ``x`` to the sharding of its logical ``names``; no-op without a mesh.
 
@@ -73,6 +97,7 @@ def shard(x: jax.Array, names: LogicalNames, rules: Rules | None) -> jax.Array:
   if not rules:
     return x
   spec = logical_to_spec(names, rules)
-  if jax.sharding.get_abstract_mesh().empty:
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
     return x
-  return jax.lax.with_sharding_constraint(x, spec)
+  return jax.lax.with_sharding_constraint(x, on_mesh(spec, mesh))

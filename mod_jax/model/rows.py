@@ -26,6 +26,20 @@ Row gathers are written as a pair of gathers that are each other's transpose
 (:func:`gather_rows` / :func:`scatter_rows`), so neither the forward nor the backward pass
 contains an XLA scatter (slow on CPU, serialising on TPU); both are exact (a copy of rows).
 
+**Context chunks** (a ``context`` mesh axis of size R, docs/design.md §6). A row is then R
+chunks: chunk r is text slots ``r·T/R .. (r+1)·T/R − 1`` and frames ``r·F/R .. (r+1)·F/R − 1`` of
+the slot layout, and every token of chunk r comes before (in stream order) every token of chunk
+r + 1 of the same sample (a sample may span chunks; padding sits at the end of each chunk). The
+model puts each chunk in stream order on its own (:func:`fold` the row into R rows of length
+L/R, :func:`stream_layout` on those, :func:`unfold`), so the ordered row is the concatenation
+of the ordered chunks: still in stream order, the same mask holds on global slot indices, a
+frame never straddles two chunks, and chunk r lives whole on context device r. Everything
+per-row (the stream permutation, MoD's per-frame top-k and compaction, the loss) runs on the
+folded rows, device-local; only attention sees the whole row (K/V all-gathered along
+``context``, ``mod_jax/model/attention_ops.py``). With the slot layout this costs nothing: a
+contiguous split of the *ordered* row would cut frames at data-dependent places, a split of
+the slot layout by chunks never does.
+
 Shape letters: b batch, l ordered slots, m gathered slots, d feature width, f frames, n N.
 """
 
@@ -36,6 +50,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from mod_jax.model.partitioning import Rules, logical_to_spec, mesh_axes_of
 
 
 def take(x_bl, idx_bm):
@@ -133,6 +150,8 @@ class StreamLayout:
     offset: [b, l] index of each ordered vision slot within its frame (0 for text).
     num_text: T, text slots per row (static).
     tokens_per_frame: N (static).
+    chunks: R, context chunks per row (static, module docstring); with R > 1 every field is of
+      the folded rows ([b·R, l/R] etc.) and ``num_text`` is T/R.
   """
 
   order: jax.Array
@@ -142,6 +161,7 @@ class StreamLayout:
   offset: jax.Array
   num_text: int
   tokens_per_frame: int
+  chunks: int = 1
 
   @property
   def is_vision(self) -> jax.Array:
@@ -154,6 +174,10 @@ class StreamLayout:
       return take(x_bl, self.order)
     return gather_rows(x_bl, self.order, self.inverse)
 
+  def unchunked(self) -> StreamLayout:
+    """The same layout read as ``b·R`` independent rows (chunks = 1)."""
+    return dataclasses.replace(self, chunks=1)
+
   def frame_tokens(self) -> jax.Array:
     """Ordered slots of every vision token, int32 [b, f, n]."""
     return self.frame_start[..., None] + jnp.arange(self.tokens_per_frame, dtype=jnp.int32)
@@ -162,12 +186,61 @@ class StreamLayout:
 jax.tree_util.register_dataclass(
   StreamLayout,
   data_fields=["order", "inverse", "frame_start", "frame_of", "offset"],
-  meta_fields=["num_text", "tokens_per_frame"],
+  meta_fields=["num_text", "tokens_per_frame", "chunks"],
 )
 
 
+def context_chunks(rules: Rules | None) -> int:
+  """R: the size of the mesh axes the ``length`` logical axis maps to in the current mesh (1
+  without rules or mesh, e.g. an unsharded model or the batch-1 streaming step)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  r = 1
+  for a in mesh_axes_of("length", rules):
+    r *= mesh.shape[a]
+  return r
+
+
+def _rows_spec(rules: Rules | None, ndim: int):
+  """PartitionSpec of folded rows [b·R, ...]: the batch axes, then the length axes, on dim 0."""
+  batch = logical_to_spec(("batch",), rules or ())[0]
+  flat = (batch,) if isinstance(batch, str) else tuple(batch or ())
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = tuple(a for a in flat if a in mesh.axis_names) + mesh_axes_of("length", rules)
+  return PartitionSpec(axes, *([None] * (ndim - 1)))
+
+
+def fold(tree, chunks: int, rules: Rules | None = None):
+  """Every array [b, L, ...] of ``tree`` → [b·R, L/R, ...] (R = ``chunks``): row b's chunk r
+  becomes row b·R + r. Under a mesh with ``rules``, the folded rows are constrained to the batch
+  axes then the context axes, so each device keeps exactly its own chunks (no data moves)."""
+  if chunks == 1:
+    return tree
+
+  def one(x):
+    y = x.reshape(x.shape[0] * chunks, x.shape[1] // chunks, *x.shape[2:])
+    if rules and not jax.sharding.get_abstract_mesh().empty:
+      y = jax.lax.with_sharding_constraint(y, _rows_spec(rules, y.ndim))
+    return y
+
+  return jax.tree.map(one, tree)
+
+
+def unfold(tree, chunks: int):
+  """Inverse of :func:`fold`: arrays [b·R, L/R, ...] → [b, L, ...]."""
+  if chunks == 1:
+    return tree
+  return jax.tree.map(
+    lambda x: x.reshape(x.shape[0] // chunks, x.shape[1] * chunks, *x.shape[2:]), tree
+  )
+
+
 def stream_layout(
-  positions_bl: jax.Array, segment_ids_bl: jax.Array, *, num_text: int, tokens_per_frame: int
+  positions_bl: jax.Array,
+  segment_ids_bl: jax.Array,
+  *,
+  num_text: int,
+  tokens_per_frame: int,
+  chunks: int = 1,
 ) -> StreamLayout:
   """The stream-order permutation of layout rows (module docstring).
 
@@ -175,6 +248,8 @@ def stream_layout(
     positions_bl, segment_ids_bl: int32 [b, l] of the layout row (``num_text`` text slots, then
       frames of ``tokens_per_frame`` slots); positions are unique within a sample.
     num_text: T; tokens_per_frame: N (static).
+    chunks: R when the rows are folded context chunks (module docstring): recorded in the
+      result; the rows given are then the folded ones (num_text = T/R).
   Returns:
     The :class:`StreamLayout`. Real slots are sorted by (segment id, position); padding slots
     (segment 0) follow in layout order, which keeps padding frames contiguous too.
@@ -197,4 +272,4 @@ def stream_layout(
   frame_of = jnp.where(vis, (order - num_text) // n, -1)
   offset = jnp.where(vis, (order - num_text) % n, 0)
   frame_start = inverse[:, num_text::n][:, :f] if f else jnp.zeros((b, 0), jnp.int32)
-  return StreamLayout(order, inverse, frame_start, frame_of, offset, num_text, n)
+  return StreamLayout(order, inverse, frame_start, frame_of, offset, num_text, n, chunks)

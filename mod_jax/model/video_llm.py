@@ -69,11 +69,16 @@ class VideoLLM(nnx.Module):
   def embed_row(self, batch):
     """Embeds a batch and puts each row in stream order.
 
+    With a ``context`` mesh axis of size R (``rows.context_chunks``), each row's R chunks are
+    put in stream order separately (``mod_jax/model/rows.py``), each on its own device.
+
     Args:
       batch: the slot-layout fields (module docstring), with ``frames`` or ``features``.
     Returns:
       (x [b, L, d] in stream order, ``rows.TokenInfo`` of those slots, ``rows.StreamLayout``),
-      L = T + F·N.
+      L = T + F·N; the layout is of the folded rows [b·R, L/R] when R > 1.
+    Raises:
+      ValueError: T or F is not divisible by R.
     """
     n = self.tokens_per_frame
     text = self.llm.embed_tokens(batch["text_tokens"])
@@ -85,14 +90,25 @@ class VideoLLM(nnx.Module):
       vis = self.embed_features(batch["features"])
     else:
       vis = self.embed_frames(batch["frames"], batch["frame_segment_ids"] != 0)
-    x = jnp.concatenate([text, vis.reshape(b, f * n, d)], axis=1)
+    r = rows.context_chunks(self.rules)
+    if t % r or f % r:
+      raise ValueError(
+        f"a row of {t} text slots and {f} frames does not split into {r} context chunks "
+        f"(the context mesh axis); both must be multiples of {r}."
+      )
     v_pos, v_seg = frame_token_layout(batch["frame_positions"], batch["frame_segment_ids"], n)
-    positions = jnp.concatenate([batch["text_positions"], v_pos], axis=1)
-    segments = jnp.concatenate([batch["text_segment_ids"], v_seg], axis=1)
-    layout = rows.stream_layout(positions, segments, num_text=t, tokens_per_frame=n)
-    x = shard(layout.to_stream(x), ("batch", "length", "embed"), self.rules)
-    seq = rows.TokenInfo(layout.to_stream(positions), layout.to_stream(segments))
-    return x, seq, layout
+    fold = lambda *xs: rows.fold(xs, r, self.rules)
+    text, t_pos, t_seg = fold(text, batch["text_positions"], batch["text_segment_ids"])
+    vis, v_pos, v_seg = fold(vis.reshape(b, f * n, d), v_pos, v_seg)
+    x = jnp.concatenate([text, vis], axis=1)
+    positions = jnp.concatenate([t_pos, v_pos], axis=1)
+    segments = jnp.concatenate([t_seg, v_seg], axis=1)
+    layout = rows.stream_layout(positions, segments, num_text=t // r, tokens_per_frame=n, chunks=r)
+    x, positions, segments = rows.unfold(
+      (layout.to_stream(x), layout.to_stream(positions), layout.to_stream(segments)), r
+    )
+    x = shard(x, ("batch", "length", "embed"), self.rules)
+    return x, rows.TokenInfo(positions, segments), layout
 
   def text_logits(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None) -> jax.Array:
     """The text-only causal LM: int32 token ids [b, t] → logits f32 [b, t, V].
@@ -105,6 +121,11 @@ class VideoLLM(nnx.Module):
     aux), in the slot layout. ``rng``: random routing and LoRA dropout; ``remat``: the
     ``train.remat`` policy (``llm.REMAT_POLICIES``)."""
     x, seq, layout = self.embed_row(batch)
+    if layout.chunks > 1 and self.llm.compress is not None:
+      raise ValueError(
+        f"FastV / DyCoke rank tokens over the whole row; they cannot run with a context mesh "
+        f"axis of size {layout.chunks}."
+      )
     routable = None
     if self.llm.plan.routing == "sequence" and "text_weights" in batch:  # γ-MoD: answer tokens
       text = batch["text_weights"] > 0
@@ -121,7 +142,7 @@ class VideoLLM(nnx.Module):
       vision_keep=batch.get("vision_keep"),
       routable=routable,
     )
-    h_text, h_end = _at_outputs(h, layout)
+    h_text, h_end = _at_outputs(h, layout, self.rules)
     return h_text, h_end, aux
 
   def stream_step(self, batch, caches, *, rope_offset=0, rng: jax.Array | None = None):
@@ -161,9 +182,13 @@ class VideoLLM(nnx.Module):
     return self.llm.logits(h_text, rng), self.llm.logits(h_end, frame_rng), aux
 
 
-def _at_outputs(h_bld: jax.Array, layout: rows.StreamLayout):
+def _at_outputs(h_bld: jax.Array, layout: rows.StreamLayout, rules=None):
   """Hidden states [b, L, d] in stream order -> (at the text slots [b, T, d], at each frame's
-  last vision token [b, F, d]), in the slot layout."""
+  last vision token [b, F, d]), in the slot layout (per context chunk when the layout is of
+  folded rows, ``rows.fold``)."""
+  if layout.chunks > 1:
+    h_text, h_end = _at_outputs(rows.fold(h_bld, layout.chunks, rules), layout.unchunked())
+    return rows.unfold((h_text, h_end), layout.chunks)
   t, n = layout.num_text, layout.tokens_per_frame
   f = layout.frame_start.shape[1]
   # Ordered slots of the text slots and of each frame's last vision token (layout order).

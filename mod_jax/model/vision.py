@@ -63,6 +63,7 @@ class VisionAttention(nnx.Module):
       backend=self.platform,
       rules=self.rules,
       head_names=("vision_heads", "vision_heads"),
+      length_name=None,  # per-frame patches: whole on every device
     )
     return self.o(o.reshape(*o.shape[:2], -1))
 

@@ -1,6 +1,6 @@
 """Device mesh, logical → physical shardings, and sharded creation of the train state.
 
-Mesh axes ``data``, ``fsdp``, ``tensor`` (docs/design.md §6); the only place physical axes are named is
+Mesh axes ``data``, ``fsdp``, ``tensor``, ``context`` (docs/design.md §6); the only place physical axes are named is
 ``config.mesh.logical_axis_rules``. The mesh uses ``AxisType.Auto`` so logical constraints are
 propagated by GSPMD (``jax.make_mesh`` defaults to Explicit axes now).
 """
@@ -16,7 +16,7 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from mod_jax.config import resolve_mesh_shape, split_mesh_shape
+from mod_jax.config import ConfigError, full_mesh_shape, resolve_mesh_shape, split_mesh_shape
 from mod_jax.model.factory import build_model
 from mod_jax.model.partitioning import logical_to_spec
 from mod_jax.train.state import TrainState, make_optimizer
@@ -24,7 +24,7 @@ from mod_jax.train.step import train_step, train_step_options
 
 
 def make_mesh(config, devices=None) -> Mesh:
-  """Builds the (data, fsdp, tensor) mesh over ``devices`` (default: all global devices).
+  """Builds the (data, fsdp, tensor, context) mesh over ``devices`` (default: all global devices).
 
   Devices of several TPU slices (distinct ``slice_index``) get a hybrid mesh: within a slice the
   axes follow the ICI shape ``mesh.shape / mesh.dcn_shape``, across slices (DCN) the axes named
@@ -36,7 +36,7 @@ def make_mesh(config, devices=None) -> Mesh:
       the number of slices.
   """
   devices = jax.devices() if devices is None else list(devices)
-  shape = resolve_mesh_shape(config.mesh.shape, len(devices))
+  shape = full_mesh_shape(resolve_mesh_shape(config.mesh.shape, len(devices)), config.mesh.axes)
   axes = tuple(config.mesh.axes)
   axis_types = (AxisType.Auto,) * len(axes)
   num_slices = len({getattr(d, "slice_index", 0) for d in devices})
@@ -45,6 +45,26 @@ def make_mesh(config, devices=None) -> Mesh:
     grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
     return Mesh(grid, axes, axis_types=axis_types)
   return jax.make_mesh(shape, axes, axis_types=axis_types, devices=devices)
+
+
+def check_pipeline_rows(mesh: Mesh) -> None:
+  """Refuses a ``context`` axis > 1 for rows from the data pipeline.
+
+  The model needs context-chunked rows (``mod_jax/model/rows.py``: chunk r = text slots
+  r·T/R.. and frames r·F/R.., in stream order chunk after chunk), and the pipeline's first-fit
+  packer does not cut samples into chunks yet. The train step itself, ``mod-jax compile`` and
+  batches built chunk by chunk support the axis.
+
+  Raises:
+    ConfigError: the mesh's ``context`` axis is larger than 1.
+  """
+  context = dict(mesh.shape).get("context", 1)
+  if context > 1:
+    raise ConfigError(
+      f"mesh context axis of size {context}: the data pipeline does not pack rows into "
+      f"{context} context chunks yet (the model and `mod-jax compile` support it). Train with "
+      f"a context axis of size 1 (e.g. --config.mesh.shape='(1,-1,1,1)')."
+    )
 
 
 def rules_of(config):
@@ -66,8 +86,12 @@ def param_shardings(params, mesh: Mesh, rules):
 
 
 def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
-  """Batch arrays are split along their leading axis over the ``batch`` logical axis."""
-  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
+  """Batch arrays ``[B, T]`` / ``[B, F, ...]`` are split along their rows over the ``batch``
+  logical axis and along their slots (text slots, frames) over ``length``: with a context axis
+  of size R, device r holds text slots ``r·T/R ..`` and frames ``r·F/R ..`` of each row, the
+  chunk the model keeps on it (``mod_jax/model/rows.py``)."""
+  names = ("batch",) + (("length",) if ndim > 1 else ()) + (None,) * max(0, ndim - 2)
+  return NamedSharding(mesh, logical_to_spec(names, rules))
 
 
 def abstract_train_state(config, mesh: Mesh):

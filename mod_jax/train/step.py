@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mod_jax.model import rows
 from mod_jax.train.state import TrainState, trainable_labels
 
 
@@ -34,15 +35,23 @@ def forward_losses(model, batch, rng, *, remat: str = "none", ce_chunk: int = 51
   """Per-slot CE and argmax at text and frame-end slots; returns (dict of [b, T] / [b, F]
   arrays, the model aux)."""
   h_text, h_end, aux = model.hidden(batch, rng=rng, remat=remat)
+  # With a context axis of size R each device computes the loss of its own chunk of every row
+  # (its T/R text slots and F/R frame ends; mod_jax/model/rows.py): fold, then unfold the CE.
+  r = rows.context_chunks(model.rules)
+  fold = lambda *xs: rows.fold(xs, r, model.rules)
+  h_text, h_end, t_tg, f_tg = fold(h_text, h_end, batch["text_targets"], batch["frame_targets"])
   t = h_text.shape[1]
   h = jnp.concatenate([h_text, h_end], axis=1)
-  targets = jnp.concatenate([batch["text_targets"], batch["frame_targets"]], axis=1)
+  targets = jnp.concatenate([t_tg, f_tg], axis=1)
   ce, pred = model.llm.cross_entropy(h, targets, rng, chunk=ce_chunk)
+  text_ce, frame_ce, text_pred, frame_pred = rows.unfold(
+    (ce[:, :t], ce[:, t:], pred[:, :t], pred[:, t:]), r
+  )
   return dict(
-    text_ce=ce[:, :t],
-    frame_ce=ce[:, t:],
-    text_pred=pred[:, :t],
-    frame_pred=pred[:, t:],
+    text_ce=text_ce,
+    frame_ce=frame_ce,
+    text_pred=text_pred,
+    frame_pred=frame_pred,
     text_w=batch["text_weights"].astype(jnp.float32),
     frame_w=batch["frame_weights"].astype(jnp.float32),
   ), aux

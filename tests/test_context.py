@@ -1,0 +1,213 @@
+"""The context mesh axis (docs/design.md §6) against unsharded oracles.
+
+Attention with the sequence split over ``context`` (all-gather KV) equals the XLA path on one
+device, in values and gradients; the whole train step (loss, metrics and updated parameters)
+with context = 2 or 4 equals the single-device step on the same rows, for MoD and dense. The
+rows are context-chunked (``tests.helpers.chunked_batch``: a sample spans every chunk boundary,
+another starts in the last chunk, padding in the middle of the row); the single-device model
+does not fold anything, so it is an independent oracle of the chunked computation.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, Mesh
+
+from configs import tiny
+from mod_jax.config import DEFAULT_LOGICAL_AXIS_RULES, ConfigError, full_mesh_shape, validate
+from mod_jax.model.attention_ops import attend
+from mod_jax.train import sharding
+from mod_jax.train.step import train_step
+from tests.helpers import chunked_batch
+
+AXES = ("data", "fsdp", "tensor", "context")
+
+
+def _mesh(shape):
+  n = int(np.prod(shape))
+  devices = np.asarray(jax.devices()[:n]).reshape(shape)
+  return Mesh(devices, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def _segments(b, t, seed):
+  """Packed rows in stream order with padding inside and at the end (segment 0)."""
+  rng = np.random.default_rng(seed)
+  out = np.zeros((b, t), np.int32)
+  for row in range(b):
+    i, seg = 0, 0
+    while i < t:
+      n = int(rng.integers(3, t // 2))
+      seg += 1
+      out[row, i : i + n] = seg if rng.random() > 0.2 else 0
+      i += n
+  return out
+
+
+def _attention_case(b, t, n, kh, h, seed=0):
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(b, t, kh, h)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(b, t, kh, h)), jnp.float32)
+  ct = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+  return q, k, v, jnp.asarray(_segments(b, t, seed)), ct
+
+
+def _value_and_grad(implementation, block_size, rules):
+  def loss(q, k, v, seg, ct):
+    out = attend(
+      q,
+      k,
+      v,
+      seg,
+      seg,
+      causal=True,
+      implementation=implementation,
+      block_size=block_size,
+      rules=rules,
+    )
+    return jnp.sum(out * ct * (seg != 0)[:, :, None, None]), out
+
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+def _check_attention(implementation, shape, case, block_size):
+  q, k, v, seg, ct = case
+  (_, ref), ref_grads = _value_and_grad("xla", 512, None)(q, k, v, seg, ct)
+  with jax.set_mesh(_mesh(shape)):
+    fn = _value_and_grad(implementation, block_size, DEFAULT_LOGICAL_AXIS_RULES)
+    text = fn.lower(q, k, v, seg, ct).compile().as_text()
+    (_, out), grads = fn(q, k, v, seg, ct)
+  assert "all-gather" in text  # K/V really are gathered along the context axis
+  valid = np.asarray(seg) != 0
+  np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], atol=1e-5, rtol=0)
+  for name, g, r in zip("qkv", grads, ref_grads):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5, rtol=0, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("implementation", ["xla", "blockwise"])
+@pytest.mark.parametrize("shape", [(1, 1, 2, 4), (2, 1, 1, 2)])
+def test_context_attention_matches_unsharded_xla(implementation, shape):
+  """GQA, packed segments with padding; blocks of 8 so the blockwise path skips blocks."""
+  _check_attention(implementation, shape, _attention_case(2, 64, 4, 2, 8), block_size=8)
+
+
+@pytest.mark.parametrize("t", [256, 200])
+def test_context_splash_matches_unsharded_xla(t):
+  """Splash (Pallas interpret mode) with its mask info split over 2 query shards; t = 200
+  pads each device's 100 queries (and keys, before the gather) to one 128 block."""
+  _check_attention("splash", (1, 1, 1, 2), _attention_case(1, t, 2, 1, 8, seed=1), 128)
+
+
+def test_context_attention_errors():
+  q, k, v, seg, _ = _attention_case(1, 30, 2, 2, 8)
+  with jax.set_mesh(_mesh((1, 1, 1, 4))):
+    with pytest.raises(ValueError, match="divisible by the context size 4"):
+      attend(q, k, v, seg, seg, causal=True, implementation="xla", rules=DEFAULT_LOGICAL_AXIS_RULES)
+    q4, k4, v4, seg4, _ = _attention_case(1, 32, 2, 2, 8)
+    with pytest.raises(ValueError, match="causal=False"):
+      attend(q4, k4, v4, causal=False, implementation="xla", rules=DEFAULT_LOGICAL_AXIS_RULES)
+    with pytest.raises(ValueError, match="'cudnn' cannot run with the sequence split"):
+      attend(
+        q4, k4, v4, seg4, seg4, causal=True, implementation="cudnn", backend="gpu",
+        rules=DEFAULT_LOGICAL_AXIS_RULES,
+      )  # fmt: skip
+
+
+def _run_step(config, devices, batch):
+  mesh = sharding.make_mesh(config, devices=devices)
+  rules = sharding.rules_of(config)
+  state, graphdef, tx, shardings = sharding.create_train_state(config, mesh)
+  fn = jax.jit(
+    functools.partial(
+      train_step, graphdef=graphdef, tx=tx, stream_loss_weight=1.0, base_rng=jax.random.key(0)
+    ),
+    in_shardings=(shardings, None),
+    out_shardings=(shardings, None),
+  )
+  with jax.set_mesh(mesh):
+    global_batch = sharding.host_to_global(batch, mesh, rules)
+    state, metrics = fn(state, global_batch)
+  return jax.device_get(state.params), jax.device_get(metrics), global_batch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  "variant,shape,attention",
+  [("", (2, 1, 1, 4), "blockwise"), ("dense", (2, 1, 1, 4), "xla"), ("", (1, 2, 2, 2), "xla")],
+)
+def test_context_train_step_matches_single_device(variant, shape, attention):
+  """Loss, metrics and every updated parameter equal the 1-device step (fp32, 1e-5)."""
+  configs = []
+  for mesh_shape in ((1, 1, 1, 1), shape):
+    c = tiny.get_config(variant)
+    c.mesh.shape = mesh_shape
+    c.model.attention = attention
+    c.model.attention_block_size = 16
+    configs.append(c)
+  validate(configs[1], 8)
+  batch = chunked_batch(configs[0], 4, chunks=shape[3], seed=3)
+  p1, m1, _ = _run_step(configs[0], jax.devices()[:1], batch)
+  p8, m8, global_batch = _run_step(configs[1], jax.devices(), batch)
+  # Each device holds its chunk: text slots and frames split over the context axis.
+  spec = global_batch["text_tokens"].sharding.spec
+  assert spec[1] == "context", spec
+  for name in ("loss", "lm_loss", "stream_loss", "stream_accuracy", "grad_norm"):
+    np.testing.assert_allclose(m1[name], m8[name], rtol=1e-5, atol=1e-6, err_msg=name)
+  if not variant:
+    assert any(k.startswith("router/") for k in m8)
+  for (path, a), (_, b) in zip(
+    jax.tree_util.tree_flatten_with_path(p1)[0], jax.tree_util.tree_flatten_with_path(p8)[0]
+  ):
+    name = jax.tree_util.keystr(path)
+    if "['vision']" in name and "['k']['bias']" in name:
+      continue  # softmax cancels a key bias: its true gradient is 0 (see test_train.py)
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_training_from_the_pipeline_refuses_a_context_axis(tmp_path):
+  """The packer does not cut samples into context chunks: a clear error, before any data."""
+  from mod_jax.train.loop import train_and_evaluate
+
+  c = tiny.get_config()
+  c.mesh.shape = (2, 1, 1, 4)
+  c.data.dir = str(tmp_path / "data")
+  with pytest.raises(ConfigError, match="does not pack rows into 4 context chunks"):
+    train_and_evaluate(c, str(tmp_path / "run"), progress=False)
+  assert not (tmp_path / "data").exists()
+
+
+def test_context_config_errors():
+  c = tiny.get_config()
+  c.mesh.shape = (1, 1, 1, 8)
+  with pytest.raises(ConfigError, match="data.max_frames=8 is not divisible|max_text"):
+    c.data.max_text = 60
+    validate(c, 8)
+  c = tiny.get_config()
+  c.mesh.shape = (2, 1, 1, 4)
+  c.data.max_frames = 6
+  with pytest.raises(ConfigError, match="data.max_frames=6 is not divisible by the context"):
+    validate(c, 8)
+  c = tiny.get_config()
+  c.mesh.shape = (2, 1, 1, 4)
+  c.model.attention = "cudnn"
+  with pytest.raises(ConfigError, match="'cudnn' cannot run with a context axis of size 4"):
+    validate(c, 8)
+  c = tiny.get_config()
+  c.mesh.shape = (2, 1, 1, 4)
+  c.mesh.logical_axis_rules = tuple(
+    (k, None if k == "length" else v) for k, v in DEFAULT_LOGICAL_AXIS_RULES
+  )
+  with pytest.raises(ConfigError, match="map 'length' to None"):
+    validate(c, 8)
+  c = tiny.get_config()
+  c.mesh.shape = (4, 1, 1, 2)
+  c.model.mod.routing = "sequence"
+  with pytest.raises(ConfigError, match="γ-MoD"):
+    validate(c, 8)
+  # Earlier three-entry shapes mean (data, fsdp, tensor) with context 1.
+  assert full_mesh_shape((2, 2, 2), AXES) == (2, 2, 2, 1)
+  with pytest.raises(ConfigError, match="more entries than mesh.axes"):
+    full_mesh_shape((1, 1, 1, 1, 1), AXES)
