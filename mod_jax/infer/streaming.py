@@ -322,6 +322,12 @@ class Session:
     self.plan = model.llm.plan
     self.sizes = cache_sizes(self.plan, max_frames, max_text)
     self._empty = jax.eval_shape(lambda: empty_caches(model, batch, self.sizes))
+    self.compression = model.llm.compress  # FastV / DyCoke (mod_jax.compress.apply.attach)
+    self._empty_state = None
+    if self.compression is not None:
+      from mod_jax.compress import apply
+
+      self._empty_state = jax.eval_shape(lambda: apply.empty_state(model, batch, self.sizes))
     self._graphdef, self._params = graphdef, params
     self.model_cfg = model_cfg
     self.batch = batch
@@ -349,9 +355,18 @@ class Session:
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), self._empty)
     return jax.device_put(zeros, jax.devices()[0])
 
+  def _zero_state(self):
+    """A new stream's compression state (``mod_jax.compress.apply.StreamState``) or None."""
+    if self._empty_state is None:
+      return None
+    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), self._empty_state)
+    return jax.device_put(zeros, jax.devices()[0])
+
   def reset(self) -> None:
-    """Empties the caches and the ledger; the next chunk starts at position 0."""
+    """Empties the caches (and a compression's state) and the ledger; the next chunk starts at
+    position 0."""
     self.caches = self._zero_caches()
+    self.state = self._zero_state()
     self.ledger = CacheLedger(self.window, self.on_full, ("text entries", "frames"))
     self.position = 0
     self.pinned_end = 0  # first position after the pinned prefix
@@ -421,9 +436,10 @@ class Session:
       batch["frames"] = jnp.asarray(frames_bfhwc, jnp.uint8)
     rng = jax.random.fold_in(self._rng, self._calls)
     self._calls += 1
-    out, self.caches = _step(
+    out, self.caches, self.state = _step(
       self._params,
       self.caches,
+      self.state,
       batch,
       jnp.int32(window),
       jnp.int32(offset),
@@ -552,6 +568,7 @@ class Session:
         _step(
           self._params,
           caches,
+          self._zero_state(),
           batch,
           jnp.int32(0),
           jnp.int32(0),
@@ -564,11 +581,12 @@ class Session:
 
 # Module-level jits (graphdef static): sessions of one model and cache shape share compilations.
 @functools.partial(
-  jax.jit, static_argnames=("graphdef", "sampler", "vocab_size"), donate_argnums=(1,)
+  jax.jit, static_argnames=("graphdef", "sampler", "vocab_size"), donate_argnums=(1, 2)
 )
 def _step(
   params,
   caches,
+  state,
   batch,
   window,
   rope_offset,
@@ -579,12 +597,13 @@ def _step(
   sampler: Sampler,
   vocab_size: int,
 ):
-  """Evicts positions < ``window``, feeds the chunk, samples after text slot ``last_text`` [b]."""
+  """Evicts positions < ``window``, feeds the chunk, samples after text slot ``last_text`` [b].
+  ``state``: a compression's per-stream state (None without one), returned updated."""
   model = nnx.merge(graphdef, params)
   model.eval()  # inference: no LoRA dropout (the rng is for sampling and random routing)
   caches = tuple(c.evict_before(window) for c in caches)
-  text_logits, frame_logits, caches = model.stream_step(
-    batch, caches, rope_offset=rope_offset, rng=rng
+  text_logits, frame_logits, caches, state = model.stream_step(
+    batch, caches, rope_offset=rope_offset, rng=rng, state=state
   )
   b, t, v = text_logits.shape
   last = (
@@ -601,7 +620,7 @@ def _step(
     ),
     "overwritten": sum(c.overwritten for c in caches),
   }
-  return out, caches
+  return out, caches, state
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
