@@ -14,10 +14,18 @@ gather → compute → scatter, static shapes, original positions).
   of 4 frames from the stream's first frame, each frame's last token always kept) is computed
   on the connector outputs and every layer processes only the kept vision tokens
   (``compact_block`` with the static bound C = T + ceil(F/4)·N + (F − ceil(F/4))·m).
-* **Not yet here:** the streaming engine's path (``mod-jax stream`` / ``eval --compress``) and
-  DyCoke's dynamic KV pruning (P, L), which acts only on streaming decode steps. They were built
-  on the previous mutable streaming cache (commit d8415da) and await a port to the explicit KV
-  caches of ``Decoder.cached``; ``P`` and ``L`` are parsed and checked meanwhile.
+* **Streaming** (``mod-jax stream`` / ``eval --compress``): ``Decoder.cached`` runs the same
+  loop (:func:`run_layers` with ``caches``) on each chunk, every layer's block writing its
+  explicit ``KVCache``; a :class:`StreamState` pytree travels beside the caches: the TTM window
+  (the current 4-frame window's connector outputs, so a live frame is pruned against its
+  reference frame), and DyCoke's **dynamic KV pruning** (P, L; :func:`kv_select`): after layer
+  L−1 the chunk's last token's head-averaged attention over the image entries is compared with
+  the previous step's (cosine < 0.9 re-selects the top floor(n_img·(1−P))), and layers >= L
+  attend, for this step only, to a masked view of their caches (``Attention.cached(visible=)``)
+  that hides the unselected earlier image entries; the cache keeps them, so they come back at a
+  later re-selection. A teacher-forced pass is one prefill, which DyCoke never prunes: P acts
+  on streaming steps only. FastV's scores in a stream come from the frame end's attention over
+  layer K−1's cache, so streaming equals the full pass for FastV and TTM.
 
 Evaluation rows hold one sample (``mod_jax.infer.evaluate``), so frame f of a row is frame f of
 its stream; TTM assumes that.

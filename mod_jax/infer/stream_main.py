@@ -138,7 +138,6 @@ def run_stream(
     total = int(round(info.duration * fps)) or None
   config, graphdef, params, ckpt_step = pretrained.restore_params(workdir, step)
   tokenizer = data_pipeline.load_tokenizer(config)
-  graphdef = apply.attach(graphdef, params, compression, config.model)  # None: unchanged
   engine = streaming.StreamEngine.create(
     graphdef,
     params,
@@ -153,6 +152,7 @@ def run_stream(
     fps=fps,
     threshold=threshold,
     max_new_tokens=max_new_tokens,
+    compression=compression,
   )
   start = time.perf_counter()
   engine.warmup(encoded=pipeline)  # compile before the clock of the live stream starts

@@ -278,6 +278,10 @@ class Session:
   the logits at the text slots and frame ends, the next token sampled after the last real text
   slot, and P(interval) at the frame ends. Each (t, f) shape compiles once; :meth:`feed` pads text
   to ``text_buckets``, so a stream needs one shape per bucket and one per frame chunk.
+
+  A model with a training-free method attached (``mod_jax.compress.apply.attach``: FastV,
+  DyCoke) also carries its per-stream :attr:`state` (``apply.StreamState``: DyCoke's TTM window
+  and KV selection) through the step beside the caches, and resets it with them.
   """
 
   def __init__(
@@ -752,6 +756,7 @@ class StreamEngine:
     seed: int = 0,
     fps: float | None = None,
     system_prompt: str | None = None,
+    compression=None,
     **kwargs,
   ) -> StreamEngine:
     """An engine with its own session.
@@ -769,10 +774,13 @@ class StreamEngine:
       text_buckets: padded text chunk lengths (compiled once each).
       sampler: greedy or temperature/top-p decoding. seed: its PRNG seed.
       fps, system_prompt: override the config's.
+      compression: a ``mod_jax.compress.apply.Compression`` (FastV / DyCoke) run on the model
+        (``apply.attach``), or None.
       **kwargs: ``threshold``, ``max_new_tokens``.
 
     Raises:
-      ValueError: a tokenizer with more ids than the model's vocabulary, or bad settings.
+      ValueError: a tokenizer with more ids than the model's vocabulary, bad settings, or a
+        ``compression`` the model cannot run (``apply.check``).
       CacheFull: the system prompt does not leave room in the window (at :meth:`reset`).
     """
     if tokenizer.vocab_size > config.model.vocab_size:
@@ -781,6 +789,10 @@ class StreamEngine:
         f"only {config.model.vocab_size}; it is not this model's tokenizer."
       )
     prompt = config.data.system_prompt if system_prompt is None else system_prompt
+    if compression is not None:
+      from mod_jax.compress import apply
+
+      graphdef = apply.attach(graphdef, params, compression, config.model)
     session = Session(
       graphdef,
       params,
