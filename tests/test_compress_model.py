@@ -1,6 +1,8 @@
-"""FastV and DyCoke on a tiny trained-shape model: zero rates are the dense model exactly,
-the pruned layers see the static compact length."""
+"""FastV and DyCoke on a tiny trained-shape model: zero rates are the dense model exactly, the
+pruned layers see the static compact length, streaming (explicit KV caches) equals the full pass,
+and DyCoke's dynamic KV pruning hides, keeps and brings back cache entries."""
 
+import copy
 import functools
 
 import jax
@@ -9,9 +11,10 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from mod_jax.compress import apply
+from mod_jax.compress import apply, dycoke
+from mod_jax.infer import evaluate, streaming
 from mod_jax.model.video_llm import VideoLLM
-from tests.test_infer_streaming import _layout, _stream
+from tests.test_infer_streaming import WINDOW, _layout, _stream
 
 ATOL = 1e-4
 
@@ -121,3 +124,207 @@ def test_arank_maps_are_the_layers_attention_and_recommendation():
   assert np.asarray(probs)[0, :, 8, :8].max() == 0  # no attention across samples
   assert arank_main.recommend([5.0, 1.0, 3.0, 1.0]) == {"lowest": [1, 3], "reference": []}
   assert arank_main.recommend([9.0] * 8)["reference"] == [3, 4, 5, 6]
+
+
+def _session(cfg, gd, params, **kw):
+  return streaming.Session(gd, params, cfg.model, **{**WINDOW, **kw})
+
+
+def _run_stream(session, events):
+  """Feeds ``events`` as the LIVE engine does (prompt pinned, [opening + frame] chunks, response
+  tokens one by one); returns (frame-end logits [F, V], text logits [T, V]) in stream order."""
+  text, frame = [], []
+  for e in events:
+    if e[0] == "prompt":
+      out = session.feed(e[1])
+      session.pin()
+    elif e[0] == "frame":
+      out = session.feed(e[1], e[2][None])
+      frame.append(out["frame_logits"][0, 0])
+    else:
+      for tok in e[1]:
+        text.append(session.feed([tok])["text_logits"][0, 0])
+      continue
+    text.extend(out["text_logits"][0])
+  return np.stack(frame), np.stack(text)
+
+
+@pytest.mark.parametrize("spec", ["dycoke:K=0.7,P=0,L=2", "fastv:K=2,R=0.5"])
+def test_streaming_equals_teacher_forced(spec):
+  """Frame by frame through the streaming engine (TTM windows carried in the stream state,
+  FastV scores from the layer's KV cache) gives the full pass's logits."""
+  cfg, graphdef, params = _dense()
+  comp = apply.parse(spec)
+  gd = apply.attach(graphdef, params, comp, cfg.model)
+  events = _stream(cfg, frames=6)
+  batch = _layout(events, cfg.model.tokens_per_frame)
+  text_full, frame_full, _ = jax.device_get(_full(params, batch, gd))
+  session = _session(cfg, gd, params)
+  frame_inc, text_inc = _run_stream(session, events)
+  np.testing.assert_allclose(frame_inc, frame_full[0], atol=ATOL, rtol=0)
+  np.testing.assert_allclose(text_inc, text_full[0], atol=ATOL, rtol=0)
+  np.testing.assert_array_equal(  # the same stream decisions
+    frame_inc.argmax(-1), frame_full[0].argmax(-1)
+  )
+  live = [int((np.asarray(c.segment_ids) != 0).sum()) for c in session.caches]
+  t, n = batch["text_tokens"].shape[1], cfg.model.tokens_per_frame
+  if comp.method == "dycoke":  # TTM really pruned: 6 frames keep 10 + 3 + 3 + 3 + 10 + 3
+    assert live == [t + dycoke.causal_keep_counts(0.7, n, 6, keep_last=True)] * 4 == [t + 32] * 4
+  else:  # FastV: layers >= K cache 5 of each frame's 10 tokens
+    assert live == [t + 6 * n] * 2 + [t + 6 * 5] * 2
+
+
+@pytest.mark.parametrize("spec", ["fastv:K=2,R=0", "dycoke:K=0,P=0,L=2"])
+def test_zero_rates_stream_exactly_as_dense(spec):
+  """R = 0 / K = 0, P = 0: the compressed streaming engine gives the dense engine's logits bit for
+  bit (both run the same cached layers; nothing is pruned or hidden)."""
+  cfg, graphdef, params = _dense(scan_layers=False)
+  events = _stream(cfg, frames=6)
+  dense = _run_stream(_session(cfg, graphdef, params), events)
+  gd = apply.attach(graphdef, params, apply.parse(spec), cfg.model)
+  got = _run_stream(_session(cfg, gd, params), events)
+  for a, b in zip(got, dense):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_dycoke_tiny_p_streams_as_ttm():
+  """P -> 0 with KV pruning switched on (the selection runs and keeps every image entry) gives
+  the TTM-only logits (up to the float32 rounding of a differently compiled step: the mask gains
+  an all-True visibility term)."""
+  cfg, graphdef, params = _dense()
+  events = _stream(cfg, frames=6)
+  ttm = apply.parse("dycoke:K=0.7,P=0,L=2")
+  base = _run_stream(_session(cfg, apply.attach(graphdef, params, ttm, cfg.model), params), events)
+  on = apply.Compression("dycoke", 0.7, p=1e-12, l=2)  # floor(n·(1 − 1e-12)) = n: all selected
+  session = _session(cfg, apply.attach(graphdef, params, on, cfg.model), params)
+  got = _run_stream(session, events)
+  for a, b in zip(got, base):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+  st = session.state
+  assert int(np.asarray(st.selected).sum()) == int(np.asarray(st.is_vision).sum()) > 0
+
+
+def test_dycoke_kv_pruning_step_is_a_masked_view_of_the_kept_cache():
+  """P = 0.7: a frame step attends, in layers >= L, to the selected floor(0.3·n_img) earlier image
+  entries plus its own entries — exactly a plain TTM step on a copy of the cache whose other
+  earlier image entries are emptied in those layers only — and the cache keeps every entry
+  (slot for slot the TTM-only run's)."""
+  cfg, graphdef, params = _dense()
+  events = _stream(cfg, frames=6)
+  comp = apply.parse("dycoke:K=0.7,P=0.7,L=2")
+  session = _session(cfg, apply.attach(graphdef, params, comp, cfg.model), params)
+  ttm = apply.attach(graphdef, params, apply.parse("dycoke:K=0.7,P=0,L=2"), cfg.model)
+  frames = [e for e in events if e[0] == "frame"]
+  session.feed(events[0][1])
+  session.pin()
+  for e in frames[:2]:
+    session.feed(e[1], e[2][None])
+  caches, state = jax.device_get((session.caches, session.state))
+  saved = (copy.deepcopy(session.ledger), session.position, session.pinned_end)
+  out = session.feed(frames[2][1], frames[2][2][None])
+  after = jax.device_get(session.state)
+  assert int(state.is_vision.sum()) == 10 + 3  # frame 0 whole, frame 1 TTM-pruned to 3
+  assert int(after.is_vision.sum()) == 10 + 3 + 3
+  assert int(after.selected.sum()) == int(np.floor(16 * 0.3 + 1e-6)) == 4
+  earlier = np.asarray(caches[1].segment_ids) != 0
+  hidden = after.is_vision & ~after.selected & earlier
+  assert hidden.sum() > 0
+
+  def plain_step(hide):
+    other = _session(cfg, ttm, params)
+    other.caches = jax.device_put(
+      tuple(
+        c._replace(segment_ids=np.where(hide, 0, c.segment_ids)) if i >= comp.l else c
+        for i, c in enumerate(caches)
+      )
+    )
+    other.state = other.state._replace(
+      window=jax.device_put(state.window), frames_seen=jax.device_put(state.frames_seen)
+    )
+    other.ledger, other.position, other.pinned_end = copy.deepcopy(saved)
+    return other.feed(frames[2][1], frames[2][2][None])
+
+  want = plain_step(hidden)
+  np.testing.assert_allclose(out["frame_logits"], want["frame_logits"], atol=ATOL, rtol=0)
+  unpruned = plain_step(np.zeros_like(hidden))
+  assert np.abs(unpruned["frame_logits"] - out["frame_logits"]).max() > 1e-5  # hiding mattered
+  # The full cache is kept: the same live slots as the TTM-only run's after all the events.
+  _run_stream(session, events[events.index(frames[2]) + 1 :])
+  ttm_session = _session(cfg, ttm, params)
+  _run_stream(ttm_session, events)
+  for a, b in zip(session.caches, ttm_session.caches):
+    np.testing.assert_array_equal(np.asarray(a.segment_ids), np.asarray(b.segment_ids))
+    np.testing.assert_array_equal(np.asarray(a.positions), np.asarray(b.positions))
+  assert int(np.asarray(session.state.reselections)[0]) >= 1
+
+
+def test_pruned_entries_come_back_after_reselection():
+  """Hand-built attention over 6 image slots, P = 2/3 (keep 2): a shift of attention (cosine <
+  0.9) re-selects, hiding the old pair; a shift back brings it back; a small change (cosine >=
+  0.9) keeps the selection."""
+  state = apply.StreamState(
+    window=np.zeros((1, 1, 1, 1), np.float32),
+    frames_seen=np.zeros((1,), np.int32),
+    is_vision=np.zeros((1, 6), bool),
+    selected=np.zeros((1, 6), bool),
+    ref=np.zeros((1, 6), np.float32),
+    has_ref=np.zeros((1,), bool),
+    reselections=np.zeros((1,), np.int32),
+  )
+  img, none = np.ones((1, 6), bool), np.zeros((1, 6), bool)
+  steps = [
+    ([0.40, 0.30, 0.10, 0.10, 0.05, 0.05], [1, 1, 0, 0, 0, 0], 1),  # first step: select
+    ([0.35, 0.30, 0.15, 0.10, 0.05, 0.05], [1, 1, 0, 0, 0, 0], 1),  # cos 0.99: keep
+    ([0.05, 0.05, 0.10, 0.10, 0.40, 0.30], [0, 0, 0, 0, 1, 1], 2),  # cos 0.28: re-select
+    ([0.40, 0.30, 0.10, 0.10, 0.05, 0.05], [1, 1, 0, 0, 0, 0], 3),  # back again
+  ]
+  for probs, want, count in steps:
+    visible, state = apply.reselect(state, np.array([probs], np.float32), img, none, 2 / 3)
+    np.testing.assert_array_equal(np.asarray(visible)[0], np.array(want, bool))
+    assert int(state.reselections[0]) == count
+  # A step's own image entries are visible, and join the selection until the next re-selection.
+  img, cur = np.array([[1, 1, 1, 1, 1, 1, 1]], bool), np.array([[0, 0, 0, 0, 0, 0, 1]], bool)
+  state = state._replace(
+    **{
+      k: np.pad(np.asarray(getattr(state, k)), ((0, 0), (0, 1)))
+      for k in ("is_vision", "selected", "ref")
+    }
+  )
+  probs = np.array([steps[-1][0] + [0.0]], np.float32)
+  visible, state = apply.reselect(state, probs, img, cur, 2 / 3)
+  np.testing.assert_array_equal(np.asarray(visible)[0], [1, 1, 0, 0, 0, 0, 1])
+  visible, state = apply.reselect(state, probs, img, np.zeros_like(cur), 2 / 3)
+  np.testing.assert_array_equal(np.asarray(visible)[0], [1, 1, 0, 0, 0, 0, 1])
+  assert int(state.reselections[0]) == 3
+
+
+@pytest.mark.parametrize("spec", ["dycoke:K=0.7,P=0,L=2", "fastv:K=2,R=0.5"])
+def test_eval_late_continuation_equals_full_pass(spec):
+  """``mod-jax eval --compress``'s late continuation: the sample up to frame 2 as one padded
+  chunk (its later frames are padding: TTM counts only the real ones), then frames 3..5 one by
+  one, gives the frame-end distributions of the compressed full pass over the continued stream."""
+  cfg, graphdef, params = _dense()
+  n = cfg.model.tokens_per_frame
+  gd = apply.attach(graphdef, params, apply.parse(spec), cfg.model)
+  batch = _layout(_stream(cfg, seed=1, frames=6), n)
+  cut, m = 3, 3
+  probs = evaluate.continue_after(_session(cfg, gd, params), batch, cut - 1, m, interval_id=7)
+  p_end = int(batch["frame_positions"][0, cut - 1]) + n - 1
+  keep = batch["text_positions"][0] <= p_end
+  tt, tp = list(batch["text_tokens"][0][keep]), list(batch["text_positions"][0][keep])
+  fp, pos = list(batch["frame_positions"][0][:cut]), p_end + 1
+  for _ in range(m):
+    tt.append(7)
+    tp.append(pos)
+    fp.append(pos + 1)
+    pos += 1 + n
+  oracle = {
+    "text_tokens": np.array([tt], np.int32),
+    "text_positions": np.array([tp], np.int32),
+    "text_segment_ids": np.ones((1, len(tt)), np.int32),
+    "frames": batch["frames"],
+    "frame_positions": np.array([fp], np.int32),
+    "frame_segment_ids": np.ones((1, cut + m), np.int32),
+  }
+  _, frame_oracle, _ = jax.device_get(_full(params, oracle, gd))
+  np.testing.assert_allclose(probs, jax.nn.softmax(frame_oracle[0, cut:]), atol=1e-5, rtol=0)

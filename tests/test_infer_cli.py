@@ -31,11 +31,9 @@ WORDS = ["narrate", "what", "happens", "a", "red", "circle", "the", "square", "m
 pytestmark = pytest.mark.slow  # trains a tiny checkpoint, then runs the CLIs on it
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  """A tiny model saved as mod-jax train saves it, with a word tokenizer and a 1-video eval split
-  (3 s; narrations after frames 2 and 5 at 2 fps)."""
-  root = tmp_path_factory.mktemp("infer_cli")
+def _save_tiny(root, variant=""):
+  """A tiny model (``configs/tiny.py:variant``) saved as mod-jax train saves it, with a word
+  tokenizer and a 1-video eval split (3 s; narrations after frames 2 and 5 at 2 fps)."""
   tok = build_word_tokenizer(WORDS, root / "tokenizer.json")
   split = root / "data" / "eval"
   split.mkdir(parents=True)
@@ -53,7 +51,7 @@ def workdir(tmp_path_factory):
       }
     )
   )
-  c = tiny.get_config()
+  c = tiny.get_config(variant)
   c.mesh.shape = (1, 1, 1)
   c.data.source, c.data.dir = "folder", str(root / "data")
   c.data.tokenizer = str(root / "tokenizer.json")
@@ -68,6 +66,13 @@ def workdir(tmp_path_factory):
   labels = trainable_labels(state.params, c.model)
   checkpoint.save(mngr, 3, state, labels, None, checkpoint.base_reference(c))
   mngr.wait_until_finished()
+  return wd, state
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """The tiny MoD model (:func:`_save_tiny`)."""
+  wd, state = _save_tiny(tmp_path_factory.mktemp("infer_cli"))
   _SAVED["params"] = jax.device_get(state.params)
   return wd
 
@@ -309,3 +314,37 @@ def test_serve_page_in_headless_chromium(workdir):
   assert 'id="lines"' in dom, proc.stderr[-2000:]
   assert '<li class="turn assistant">[0.00s] Assistant:' in dom
   assert "done: 20 frames" in dom
+
+
+def test_eval_and_stream_with_compress_on_a_dense_checkpoint(tmp_path):
+  """``mod-jax eval --compress fastv:...`` and ``mod-jax stream --compress dycoke:...`` (KV
+  pruning on) run end to end on a dense checkpoint and name the method in their JSON; a bad spec
+  and a method the checkpoint cannot run fail with a clear message."""
+  (tmp_path / "dense").mkdir()
+  wd, _ = _save_tiny(tmp_path / "dense", "dense")
+  cli = [sys.executable, "-m", "mod_jax.cli"]
+  run = lambda *args: subprocess.run(
+    [*cli, *args], capture_output=True, text=True, timeout=600, cwd=os.getcwd()
+  )
+  out = tmp_path / "eval.json"
+  proc = run("eval", f"--workdir={wd}", "--compress=fastv:K=2,R=0.5", f"--output={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["compress"] == "fastv:K=2,R=0.5" and (result["samples"], result["turns"]) == (1, 2)
+  assert result["lm_ppl"] > 1.0 and 0.0 <= result["stream_decision_accuracy"] <= 1.0
+  proc = run(
+    "stream",
+    f"--workdir={wd}",
+    f"--video={BIKES}",
+    f"--output={tmp_path / 'bikes.jsonl'}",
+    "--max_new_tokens=2",
+    "--compress=dycoke:K=0.7,P=0.7,L=2",
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert summary["compress"] == "dycoke:K=0.7,P=0.7,L=2" and summary["frames"] == 20
+  assert summary["compiles_after_warmup"] == 0
+  proc = run("eval", f"--workdir={wd}", "--compress=dycoke:Q=1")
+  assert proc.returncode != 0 and "bad setting 'Q=1'" in proc.stderr
+  proc = run("eval", f"--workdir={wd}", "--compress=fastv:K=4,R=0.5")
+  assert proc.returncode != 0 and "FastV K=4 must be in [1, 3]" in proc.stderr

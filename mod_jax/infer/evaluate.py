@@ -134,9 +134,10 @@ def stream_evaluate(
       evaluation default; the LIVE demo uses 0.725).
     max_samples: evaluate only the first windows of the split.
     progress: show a progress bar.
-    compression: a ``mod_jax.compress.apply.Compression`` (FastV / DyCoke), or None. Not yet
-      supported: the late continuations run on the streaming engine, whose explicit-KV-cache
-      form has no FastV / DyCoke path yet (teacher-forced rows do: ``apply.attach``).
+    compression: a ``mod_jax.compress.apply.Compression`` (FastV / DyCoke) applied to the model
+      in the teacher-forced pass and in the late continuations on the streaming engine (where
+      DyCoke's dynamic KV pruning acts: a teacher-forced pass is one prefill, which DyCoke never
+      prunes), or None.
 
   Returns:
     ``{"lm_ppl", "time_diff", "fluency", "lm_correctness", "samples", "turns",
@@ -146,14 +147,12 @@ def stream_evaluate(
 
   Raises:
     RuntimeError: the eval split has no window. (and what ``load_split`` raises)
-    ValueError: ``compression`` is given.
+    ValueError: ``compression`` cannot run on this model (``mod_jax.compress.apply.check``).
   """
   if compression is not None:
-    raise ValueError(
-      f"--compress {compression}: streaming evaluation of FastV / DyCoke is not available in "
-      f"this version (the streaming engine's explicit KV caches have no compression path yet); "
-      f"their teacher-forced form is mod_jax.compress.apply.attach."
-    )
+    from mod_jax.compress import apply
+
+    graphdef = apply.attach(graphdef, params, compression, config.model)
   start = time.perf_counter()
   index = pipeline.load_split(config, "eval", tokenizer)
   windows = index.windows[:max_samples] if max_samples else index.windows

@@ -11,7 +11,9 @@ prompt; ``--on_full=stop`` ends the stream there with a message (exit status 0, 
 ``"stopped": "<reason>"`` in the summary). ``--realtime`` paces to the source clock, skips the
 frames the model cannot keep up with, and reports the lag and the skipped frames. ``--pipeline``
 encodes frame t+1 (vision tower) in a worker thread while the decoder handles frame t; the summary
-reports the real-time factor (processing seconds per second of video).
+reports the real-time factor (processing seconds per second of video). ``--compress
+fastv:K=2,R=0.5`` / ``dycoke:K=0.7,P=0.7,L=3`` runs a training-free peer method on the checkpoint
+(``mod_jax.compress.apply``; the summary names it in ``"compress"``).
 """
 
 from __future__ import annotations
@@ -108,9 +110,12 @@ def run_stream(
   of ``workdir``; returns the summary dict. ``max_frames`` / ``max_text``: the window (default:
   the training config's ``data.max_frames`` / ``data.max_text``).
 
+  ``compress``: a ``--compress`` spec (``mod_jax.compress.apply.parse``) or None.
+
   Raises:
     VideoError: the video cannot be opened (checked before the model is loaded) or decoded.
     FileNotFoundError: ``workdir`` has no config.json / checkpoint.
+    ValueError: a bad ``compress`` spec, or one the checkpoint cannot run.
   """
   import jax
   import tqdm
@@ -121,12 +126,7 @@ def run_stream(
   from mod_jax.data.video import iter_frames, probe_video
   from mod_jax.infer import streaming
 
-  compression = apply.parse(compress)
-  if compression is not None:
-    raise ValueError(
-      f"--compress {compression}: streaming with FastV / DyCoke is not available in this "
-      f"version (the explicit-KV-cache engine has no compression path yet)."
-    )
+  compression = apply.parse(compress)  # a bad spec fails before the video and the model load
   config = pretrained.native_config(workdir)
   fps = float(config.data.fps if fps is None else fps)
   frames = iter_frames(video, fps, int(config.model.vision.image_size))
@@ -152,6 +152,7 @@ def run_stream(
     fps=fps,
     threshold=threshold,
     max_new_tokens=max_new_tokens,
+    compression=compression,
   )
   start = time.perf_counter()
   engine.warmup(encoded=pipeline)  # compile before the clock of the live stream starts
@@ -223,6 +224,7 @@ def run_stream(
     "trained_max_position": session.trained_max_position,
     "stopped": stopped,
     "step": ckpt_step,
+    "compress": str(compression or "none"),
   }
   if pacer is not None:
     summary.update(pacer.report())

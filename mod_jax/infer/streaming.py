@@ -278,6 +278,10 @@ class Session:
   the logits at the text slots and frame ends, the next token sampled after the last real text
   slot, and P(interval) at the frame ends. Each (t, f) shape compiles once; :meth:`feed` pads text
   to ``text_buckets``, so a stream needs one shape per bucket and one per frame chunk.
+
+  A model with a training-free method attached (``mod_jax.compress.apply.attach``: FastV,
+  DyCoke) also carries its per-stream :attr:`state` (``apply.StreamState``: DyCoke's TTM window
+  and KV selection) through the step beside the caches, and resets it with them.
   """
 
   def __init__(
@@ -322,6 +326,12 @@ class Session:
     self.plan = model.llm.plan
     self.sizes = cache_sizes(self.plan, max_frames, max_text)
     self._empty = jax.eval_shape(lambda: empty_caches(model, batch, self.sizes))
+    self.compression = model.llm.compress  # FastV / DyCoke (mod_jax.compress.apply.attach)
+    self._empty_state = None
+    if self.compression is not None:
+      from mod_jax.compress import apply
+
+      self._empty_state = jax.eval_shape(lambda: apply.empty_state(model, batch, self.sizes))
     self._graphdef, self._params = graphdef, params
     self.model_cfg = model_cfg
     self.batch = batch
@@ -349,9 +359,18 @@ class Session:
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), self._empty)
     return jax.device_put(zeros, jax.devices()[0])
 
+  def _zero_state(self):
+    """A new stream's compression state (``mod_jax.compress.apply.StreamState``) or None."""
+    if self._empty_state is None:
+      return None
+    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), self._empty_state)
+    return jax.device_put(zeros, jax.devices()[0])
+
   def reset(self) -> None:
-    """Empties the caches and the ledger; the next chunk starts at position 0."""
+    """Empties the caches (and a compression's state) and the ledger; the next chunk starts at
+    position 0."""
     self.caches = self._zero_caches()
+    self.state = self._zero_state()
     self.ledger = CacheLedger(self.window, self.on_full, ("text entries", "frames"))
     self.position = 0
     self.pinned_end = 0  # first position after the pinned prefix
@@ -421,9 +440,10 @@ class Session:
       batch["frames"] = jnp.asarray(frames_bfhwc, jnp.uint8)
     rng = jax.random.fold_in(self._rng, self._calls)
     self._calls += 1
-    out, self.caches = _step(
+    out, self.caches, self.state = _step(
       self._params,
       self.caches,
+      self.state,
       batch,
       jnp.int32(window),
       jnp.int32(offset),
@@ -552,6 +572,7 @@ class Session:
         _step(
           self._params,
           caches,
+          self._zero_state(),
           batch,
           jnp.int32(0),
           jnp.int32(0),
@@ -564,11 +585,12 @@ class Session:
 
 # Module-level jits (graphdef static): sessions of one model and cache shape share compilations.
 @functools.partial(
-  jax.jit, static_argnames=("graphdef", "sampler", "vocab_size"), donate_argnums=(1,)
+  jax.jit, static_argnames=("graphdef", "sampler", "vocab_size"), donate_argnums=(1, 2)
 )
 def _step(
   params,
   caches,
+  state,
   batch,
   window,
   rope_offset,
@@ -579,12 +601,13 @@ def _step(
   sampler: Sampler,
   vocab_size: int,
 ):
-  """Evicts positions < ``window``, feeds the chunk, samples after text slot ``last_text`` [b]."""
+  """Evicts positions < ``window``, feeds the chunk, samples after text slot ``last_text`` [b].
+  ``state``: a compression's per-stream state (None without one), returned updated."""
   model = nnx.merge(graphdef, params)
   model.eval()  # inference: no LoRA dropout (the rng is for sampling and random routing)
   caches = tuple(c.evict_before(window) for c in caches)
-  text_logits, frame_logits, caches = model.stream_step(
-    batch, caches, rope_offset=rope_offset, rng=rng
+  text_logits, frame_logits, caches, state = model.stream_step(
+    batch, caches, rope_offset=rope_offset, rng=rng, state=state
   )
   b, t, v = text_logits.shape
   last = (
@@ -601,7 +624,7 @@ def _step(
     ),
     "overwritten": sum(c.overwritten for c in caches),
   }
-  return out, caches
+  return out, caches, state
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -733,6 +756,7 @@ class StreamEngine:
     seed: int = 0,
     fps: float | None = None,
     system_prompt: str | None = None,
+    compression=None,
     **kwargs,
   ) -> StreamEngine:
     """An engine with its own session.
@@ -750,10 +774,13 @@ class StreamEngine:
       text_buckets: padded text chunk lengths (compiled once each).
       sampler: greedy or temperature/top-p decoding. seed: its PRNG seed.
       fps, system_prompt: override the config's.
+      compression: a ``mod_jax.compress.apply.Compression`` (FastV / DyCoke) run on the model
+        (``apply.attach``), or None.
       **kwargs: ``threshold``, ``max_new_tokens``.
 
     Raises:
-      ValueError: a tokenizer with more ids than the model's vocabulary, or bad settings.
+      ValueError: a tokenizer with more ids than the model's vocabulary, bad settings, or a
+        ``compression`` the model cannot run (``apply.check``).
       CacheFull: the system prompt does not leave room in the window (at :meth:`reset`).
     """
     if tokenizer.vocab_size > config.model.vocab_size:
@@ -762,6 +789,10 @@ class StreamEngine:
         f"only {config.model.vocab_size}; it is not this model's tokenizer."
       )
     prompt = config.data.system_prompt if system_prompt is None else system_prompt
+    if compression is not None:
+      from mod_jax.compress import apply
+
+      graphdef = apply.attach(graphdef, params, compression, config.model)
     session = Session(
       graphdef,
       params,

@@ -225,6 +225,7 @@ class Attention(nnx.Module):
     *,
     rope_offset=0,
     rope: Rope | None = None,
+    visible: jax.Array | None = None,
   ) -> tuple[jax.Array, KVCache]:
     """Attention of new tokens over a KV cache (streaming inference); returns (y, new cache).
 
@@ -241,6 +242,9 @@ class Attention(nnx.Module):
       rope_offset: int32 [] subtracted from the positions of the queries and of the unpinned
         cache entries before rotation (0: absolute positions).
       rope: the queries' tables at ``positions - rope_offset``; computed here if None.
+      visible: bool [b, size] or None: the cache slots the queries may attend to after the write
+        (a per-step view: DyCoke's dynamic KV pruning hides unselected image entries, which stay
+        in the cache; ``mod_jax/compress/apply.py``); None: every live entry.
     """
     q, k, v = self.projections(x_btd)
     if rope is None:
@@ -249,6 +253,8 @@ class Attention(nnx.Module):
     cache = cache.write(k, v, positions_bt, segment_ids_bt)
     keys = apply_rope(cache.k, rope_tables(cache.rope_positions(rope_offset), self.inv_freq))
     mask = attention_mask(positions_bt, segment_ids_bt, cache.positions, cache.segment_ids)
+    if visible is not None:
+      mask = mask & visible[:, None, :]
     o = attention_ops.masked_attention(q, keys, cache.v, mask)
     return self.out(o), cache
 

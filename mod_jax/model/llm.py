@@ -105,9 +105,11 @@ class DecoderLayer(nnx.Module):
     x = x + self.mlp(self.post_attn_norm(x), lora.fold(rng, 1)).astype(x.dtype)
     return shard(x, ("batch", "length", "embed"), self.rules)
 
-  def cached(self, x_bld, positions_bl, segment_ids_bl, cache, *, rope=None, rope_offset=0):
-    """The block over new tokens with this layer's KV cache (``Attention.cached``); returns
-    (x [b, l, d], the updated cache)."""
+  def cached(
+    self, x_bld, positions_bl, segment_ids_bl, cache, *, rope=None, rope_offset=0, visible=None
+  ):
+    """The block over new tokens with this layer's KV cache (``Attention.cached``, ``visible``
+    included); returns (x [b, l, d], the updated cache)."""
     a, cache = self.attn.cached(
       self.input_norm(x_bld),
       positions_bl,
@@ -115,6 +117,7 @@ class DecoderLayer(nnx.Module):
       cache,
       rope=rope,
       rope_offset=rope_offset,
+      visible=visible,
     )
     x = x_bld + a.astype(x_bld.dtype)
     x = x + self.mlp(self.post_attn_norm(x)).astype(x.dtype)
@@ -216,7 +219,7 @@ class Decoder(nnx.Module):
     if self.compress is not None:  # FastV / DyCoke: layer by layer (mod_jax/compress/apply.py)
       from mod_jax.compress import apply
 
-      x, aux = apply.run_layers(
+      x, aux, _, _ = apply.run_layers(
         self, x, seq, layout, rng=rng, drop=drop, ordered=ordered, vision_keep=vision_keep
       )
       return self.final_norm(x), aux
@@ -230,7 +233,9 @@ class Decoder(nnx.Module):
       aux.update(run_aux)
     return self.final_norm(x), aux
 
-  def cached(self, x_bld, seq: rows.TokenInfo, layout, caches, *, rope_offset=0, rng=None):
+  def cached(
+    self, x_bld, seq: rows.TokenInfo, layout, caches, *, rope_offset=0, rng=None, state=None
+  ):
     """Streaming: all layers over new tokens with their KV caches (``Attention.cached``).
 
     Args:
@@ -241,22 +246,42 @@ class Decoder(nnx.Module):
       caches: one ``attention.KVCache`` per layer.
       rope_offset: int32 [], the re-basing of the stream's positions (``KVCache.rope_positions``).
       rng: routing key (``random`` selection).
+      state: with ``self.compress`` (FastV / DyCoke), the method's per-stream state
+        (``mod_jax.compress.apply.StreamState``, from ``apply.empty_state``); else None.
     Returns:
-      (final-normed hidden [b, l, d], aux per routed layer, tuple of the updated caches).
+      (final-normed hidden [b, l, d], aux per routed layer, tuple of the updated caches, the
+      updated ``state``: None without ``self.compress``).
     Raises:
-      ValueError: ``len(caches)`` is not the number of layers.
+      ValueError: ``len(caches)`` is not the number of layers, or ``state`` is missing for a
+        compressed model.
     """
     if len(caches) != len(self.layers):
       raise ValueError(f"{len(caches)} KV caches for {len(self.layers)} layers.")
-    if self.compress is not None:
-      raise NotImplementedError(
-        f"streaming with --compress {self.compress} is not available: FastV / DyCoke run on "
-        f"teacher-forced rows only (the streaming port to explicit KV caches is pending)."
-      )
     inv_freq = self.layers[0].attn.inv_freq
     seq = seq._replace(rope=rope_tables(seq.positions - rope_offset, inv_freq))
     if layout is not None and layout.frame_start.shape[1] == 0:
       layout = None
+    if self.compress is not None:  # FastV / DyCoke: layer by layer (mod_jax/compress/apply.py)
+      from mod_jax.compress import apply
+
+      if state is None:
+        raise ValueError(
+          f"streaming with --compress {self.compress} needs its state: "
+          f"mod_jax.compress.apply.empty_state(model, batch, sizes)."
+        )
+      x, aux, caches, state = apply.run_layers(
+        self,
+        x_bld,
+        seq,
+        layout,
+        rng=rng,
+        drop=None,
+        ordered=False,
+        caches=caches,
+        state=state,
+        rope_offset=rope_offset,
+      )
+      return self.final_norm(x), aux, caches, state
     ctx = self._sequence_routing(layout)  # γ-MoD at inference: vision tokens routable
     x, aux, new = x_bld, {}, []
     for i, layer in enumerate(self.layers):
@@ -273,7 +298,7 @@ class Decoder(nnx.Module):
       x, a = self._route(i, self.plan.keep[i], block, router, x, seq, layout, rng, ctx, layer)
       new.append(written[0])
       aux.update({f"layer_{i}": a} if a else {})
-    return self.final_norm(x), aux, tuple(new)
+    return self.final_norm(x), aux, tuple(new), None
 
   def _sequence_routing(self, layout, routable=None):
     """γ-MoD's (shared router weights, routable flags [b, l]) or None (per-frame routing, or no

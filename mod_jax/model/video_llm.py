@@ -145,7 +145,7 @@ class VideoLLM(nnx.Module):
     h_text, h_end = _at_outputs(h, layout, self.rules)
     return h_text, h_end, aux
 
-  def stream_step(self, batch, caches, *, rope_offset=0, rng: jax.Array | None = None):
+  def stream_step(self, batch, caches, *, rope_offset=0, rng: jax.Array | None = None, state=None):
     """Streaming inference: one chunk of a stream over the decoder's KV caches.
 
     Args:
@@ -154,14 +154,17 @@ class VideoLLM(nnx.Module):
       caches: one ``attention.KVCache`` per decoder layer.
       rope_offset: int32 [], the stream's re-basing (``attention.Attention.cached``).
       rng: ``random`` selection key.
+      state: a training-free method's per-stream state (``Decoder.cached``), or None.
     Returns:
       (text_logits f32 [b, T, V], frame_logits f32 [b, F, V] at each frame's last vision token,
-      tuple of the updated caches).
+      tuple of the updated caches, the updated ``state``).
     """
     x, seq, layout = self.embed_row(batch)
-    h, _, caches = self.llm.cached(x, seq, layout, caches, rope_offset=rope_offset, rng=rng)
+    h, _, caches, state = self.llm.cached(
+      x, seq, layout, caches, rope_offset=rope_offset, rng=rng, state=state
+    )
     h_text, h_end = _at_outputs(h, layout)
-    return self.llm.logits(h_text), self.llm.logits(h_end), caches
+    return self.llm.logits(h_text), self.llm.logits(h_end), caches, state
 
   def __call__(self, batch: dict, *, rng: jax.Array | None = None):
     """Returns (text_logits f32 [b, T, V], frame_logits f32 [b, F, V], aux dict).
