@@ -174,7 +174,9 @@ def test_streaming_equals_teacher_forced(spec):
     assert live == [t + 6 * n] * 2 + [t + 6 * 5] * 2
 
 
-@pytest.mark.parametrize("spec", ["fastv:K=2,R=0", "dycoke:K=0,P=0,L=2"])
+@pytest.mark.parametrize(
+  "spec", [pytest.param("fastv:K=2,R=0", marks=pytest.mark.slow), "dycoke:K=0,P=0,L=2"]
+)
 def test_zero_rates_stream_exactly_as_dense(spec):
   """R = 0 / K = 0, P = 0: the compressed streaming engine gives the dense engine's logits bit for
   bit (both run the same cached layers; nothing is pruned or hidden)."""
@@ -204,6 +206,7 @@ def test_dycoke_tiny_p_streams_as_ttm():
   assert int(np.asarray(st.selected).sum()) == int(np.asarray(st.is_vision).sum()) > 0
 
 
+@pytest.mark.slow  # ~28 s on the shared 2-core CPU (three compiled steps)
 def test_dycoke_kv_pruning_step_is_a_masked_view_of_the_kept_cache():
   """P = 0.7: a frame step attends, in layers >= L, to the selected floor(0.3·n_img) earlier image
   entries plus its own entries — exactly a plain TTM step on a copy of the cache whose other
