@@ -168,7 +168,7 @@ def base_config() -> ConfigDict:
   t.max_checkpoints = 2
   t.eval_batches = 8
   t.eval_every = 0  # steps between held-out evaluations during training (0: only at the end)
-  t.remat = "none"  # none | full | save_dots | save_qkv_proj (per scanned layer cycle)
+  t.remat = "none"  # a key of mod_jax.model.llm.REMAT_POLICIES (per scanned layer cycle)
   t.grad_accum_steps = 1  # micro-batches per step (batch_size / grad_accum_steps rows each)
   t.ce_chunk = 512  # slots per LM-head + cross-entropy chunk (bounds the logits)
 
@@ -304,7 +304,14 @@ def split_mesh_shape(
 
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "blockwise", "splash", "cudnn")
-REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv_proj")
+REMAT_POLICIES = (
+  "none",
+  "full",
+  "save_dots",
+  "save_qkv_proj",
+  "save_dot_except_mlpwi",
+  "save_proj",
+)
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 

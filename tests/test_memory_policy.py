@@ -10,6 +10,8 @@ import pytest
 from flax import nnx
 
 from configs import tiny
+from mod_jax import config
+from mod_jax.model import llm, mod
 from mod_jax.model.video_llm import VideoLLM
 from mod_jax.train.state import TrainState
 from mod_jax.train.step import loss_fn, micro_batches, train_step
@@ -53,11 +55,71 @@ def test_scanned_layers_equal_unrolled(insertion):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("remat", ["full", "save_dots", "save_qkv_proj"])
+@pytest.mark.parametrize("remat", ["full", "save_dots", "save_qkv_proj", "save_dot_except_mlpwi"])
 def test_remat_changes_nothing(remat):
   _, model, batch = _setup()
   # Recomputation reorders fp32 sums: gradients of size ~1 agree to ~1 ulp-scale error.
   _assert_trees_close(_grads(model, batch, remat=remat), _grads(model, batch), 1e-6, 1e-5)
+
+
+def test_config_lists_every_remat_policy():
+  assert set(config.REMAT_POLICIES) == set(llm.REMAT_POLICIES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["", "dense"])
+def test_save_proj_remat_changes_nothing_with_lora(variant):
+  """``save_proj`` (every projection output saved) on the MoD and the dense tiny model with LoRA
+  adapters (dropout on, so the recomputed masks must match): loss and gradients equal remat=none."""
+  lora = dict(rank=4, alpha=8.0, dropout=0.1, targets=("q", "k", "v", "o", "gate", "up", "down"))
+  _, model, batch = _setup(variant, lora=lora)
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def value_and_grad(remat):
+    f = lambda p: loss_fn(
+      p, graphdef, batch, jax.random.key(0), stream_loss_weight=1.0, remat=remat
+    )
+    return jax.jit(jax.value_and_grad(lambda p: f(p)[0]))(params)
+
+  (loss, grads), (loss_ref, grads_ref) = value_and_grad("save_proj"), value_and_grad("none")
+  np.testing.assert_allclose(float(loss), float(loss_ref), atol=1e-6, rtol=0)
+  assert any(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(grads_ref))
+  _assert_trees_close(grads, grads_ref, 1e-6, 1e-5)
+
+
+def test_save_proj_saves_only_the_computed_tokens(capsys):
+  """What ``save_proj`` keeps for the backward pass of the scanned (dense, MoD) cycle: the
+  cycle's input (the residual stream, [reps, b, L, d]) and the eight named projection outputs of
+  each layer at the length that layer computes: L in the dense layer, the compact C = T + F·k in
+  the MoD layer. Nothing else scales with the sequence, so the saved bytes shrink with MoD."""
+  c, model, batch = _setup()
+  graphdef, params = nnx.split(model, nnx.Param)
+  f = lambda p: loss_fn(
+    p, graphdef, batch, jax.random.key(0), stream_loss_weight=1.0, remat="save_proj"
+  )[0]
+  jax.ad_checkpoint.print_saved_residuals(f, params)
+  t, fr = c.data.max_text, c.data.max_frames
+  n = c.model.tokens_per_frame
+  k = mod.keep_count(c.model.mod.keep_ratio, n)
+  length, compact = t + fr * n, t + fr * k
+  reps, b = c.model.n_layers // 2, batch["text_tokens"].shape[0]
+  scan = [
+    tuple(int(x) for x in line.split("[")[1].split("]")[0].split(","))
+    for line in capsys.readouterr().out.splitlines()
+    if "output of scan" in line and "Decoder._run" in line
+  ]
+  scan = [shape for shape in scan if len(shape) > 3]  # per-cycle residuals (not the final x)
+  by_length = {}
+  for shape in scan:
+    assert shape[:2] == (reps, b), shape
+    by_length.setdefault(shape[2], []).append(shape[3:])
+  assert sorted(by_length) == [compact, length]
+  m = c.model
+  hd = (m.n_heads, m.head_dim)
+  kv = (m.n_kv_heads, m.head_dim)
+  named = [hd, kv, kv, hd, (m.d_model,), (m.d_ff,), (m.d_ff,), (m.d_model,)]
+  assert sorted(by_length[compact]) == sorted(named)
+  assert sorted(by_length[length]) == sorted(named + [(m.d_model,)])  # + the cycle's input
 
 
 def test_chunked_cross_entropy_equals_full_logits():

@@ -164,7 +164,7 @@ class Attention(nnx.Module):
 
     ``rope``: the row's tables (:func:`rope_tables`), computed here from ``positions`` if None.
     ``rng`` is the LoRA dropout key. The projections are named ``query_proj`` / ``key_proj`` /
-    ``value_proj`` for remat policies.
+    ``value_proj`` for remat policies (``mod_jax.model.llm.REMAT_POLICIES``).
     """
     rope = rope_tables(positions_bt, self.inv_freq) if rope is None else rope
     q, k, v = self.projections(x_btd, rng)
@@ -195,7 +195,9 @@ class Attention(nnx.Module):
     ``ordered=True`` promises the tokens are in stream order (``mod_jax/model/rows.py``): the
     mask is then causal in slot order within a segment and runs on the configured kernel
     (``attention_ops.attend``). Otherwise the mask is built from positions (any slot order;
-    the reference path, materialising the [t, t] scores). ``rng``: LoRA dropout key.
+    the reference path, materialising the [t, t] scores). ``rng``: LoRA dropout key. The
+    attention output before the out-projection is named ``context``, the layer's output
+    ``out_proj`` (LoRA included), for remat policies.
     """
     q, k, v = self.qkv(x_btd, positions_bt, rng, rope)
     if ordered:
@@ -214,7 +216,8 @@ class Attention(nnx.Module):
     else:
       mask = attention_mask(positions_bt, segment_ids_bt, positions_bt, segment_ids_bt)
       o = attention_ops.masked_attention(q, k, v, mask)
-    return self.out(o, rng)
+    o = checkpoint_name(o, "context")
+    return checkpoint_name(self.out(o, rng), "out_proj")
 
   def cached(
     self,

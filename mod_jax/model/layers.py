@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mod_jax.model import lora
 from mod_jax.model.linalg import project
@@ -91,5 +92,9 @@ class SwiGLU(nnx.Module):
     self.down = Dense(d_ff, d_model, ("mlp", "embed"), **kw)
 
   def __call__(self, x_btd: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-    h = jax.nn.silu(self.gate(x_btd, lora.fold(rng, 0))) * self.up(x_btd, lora.fold(rng, 1))
-    return self.down(h, lora.fold(rng, 2))
+    """x [b, t, d] -> [b, t, d]. ``rng``: LoRA dropout key. The projections' outputs (LoRA
+    included) are named for remat policies as MaxText names them: ``mlpwi_0`` (gate),
+    ``mlpwi_1`` (up), ``mlpwo`` (down)."""
+    g = checkpoint_name(self.gate(x_btd, lora.fold(rng, 0)), "mlpwi_0")
+    u = checkpoint_name(self.up(x_btd, lora.fold(rng, 1)), "mlpwi_1")
+    return checkpoint_name(self.down(jax.nn.silu(g) * u, lora.fold(rng, 2)), "mlpwo")

@@ -33,12 +33,29 @@ from mod_jax.model.layers import RMSNorm, SwiGLU, dense_init
 from mod_jax.model.linalg import project
 from mod_jax.model.partitioning import param, shard
 
+# Rematerialisation policies (``train.remat``), MaxText's names (``layers/decoders.py``,
+# ``get_remat_policy``) where they exist. The named policies save projection OUTPUTS, LoRA
+# included (``query_proj`` / ``key_proj`` / ``value_proj`` after RoPE, ``context`` = attention
+# before the out-projection, ``out_proj``, ``mlpwi_0`` / ``mlpwi_1`` = gate / up, ``mlpwo`` =
+# down; names set in attention.py and layers.py), so a LoRA branch's [*, d_out] product is not
+# saved a second time as ``save_dots`` does. In a MoD layer every named tensor is computed on the
+# compact sequence (C = T + F·k tokens, ``mod.routed_block``), so these policies save
+# C / L of a dense layer's bytes there: what they keep shrinks with MoD, unlike the residual
+# stream (the scanned cycle's input, [L, d], saved by every policy).
+_QKV = ("query_proj", "key_proj", "value_proj")
 REMAT_POLICIES = {
   "none": None,  # keep every activation
   "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer
   "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # MaxText "minimal"
-  "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(  # MaxText "save_qkv_proj"
-    "query_proj", "key_proj", "value_proj"
+  "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(*_QKV),  # MaxText's name
+  "save_dot_except_mlpwi": jax.checkpoint_policies.save_only_these_names(  # MaxText's name
+    *_QKV, "out_proj", "mlpwo"
+  ),
+  # every projection output (MaxText's "minimal_with_context" without the LoRA internals): the
+  # backward pass recomputes only norms, RoPE, SwiGLU's product and attention (its kernel's own
+  # residuals); the 8B config's default
+  "save_proj": jax.checkpoint_policies.save_only_these_names(
+    *_QKV, "context", "out_proj", "mlpwi_0", "mlpwi_1", "mlpwo"
   ),
 }
 
