@@ -116,8 +116,21 @@ def test_compiles_for_a_tpu_topology():
   s = aot.run(c, "v5p:2x2x1", dense=False)
   _check_summary(s, c, 4, dense=False)
   assert s["topology"] == "v5:2x2x1" and s["chip_config"] == "megacore"
-  assert s["device_kind"] == "TPU v5" and s["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+  assert s["device_kind"] == "TPU v5"
+  assert s["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1, "context": 1}
   assert s["hbm_bytes"] == pytest.approx(95.74 * 2**30, rel=1e-3)  # the compiler's limit
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_context_axis_compiles_for_a_tpu_topology():
+  """Each row over 4 chips (context axis): splash runs per chip on its queries with its mask
+  info split over 4 query shards, K/V all-gathered (docs/design.md §6)."""
+  c = _small()
+  c.mesh.shape = (1, 1, 1, 4)
+  c.model.attention = "auto"  # splash on the TPU target
+  s = aot.run(c, "v5e:2x2", dense=False, stream=False)
+  assert s["fits"] and s["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1, "context": 4}
 
 
 @pytest.mark.slow
