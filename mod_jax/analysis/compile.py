@@ -368,6 +368,7 @@ def compile_stream(config: ConfigDict, mesh: Mesh) -> dict[str, Any]:
       streaming._step,
       params,
       cache,
+      None,  # no compression state
       batch,
       sd((), i32),
       sd((), i32),
