@@ -10,7 +10,12 @@ held-out LM-PPL and streaming-decision accuracy with the training-step FLOPs rat
 Rows (``--rows`` picks a subset): dense (Full computation); learned / random / uniform selection
 at r = 0.2 interleaved; EarlyExit(E = n/2) and LayerSkip (k = 0 routing); insertion all /
 all_deep / interleaved_deep at r = 0.2 (learned); r = 0.1 and 0.3 interleaved (learned); router
-weighting g = sigmoid(s) and g = s instead of the straight-through default (learned r = 0.2).
+weighting g = sigmoid(s) and g = s instead of the straight-through default (learned r = 0.2);
+``router_recipe``, the learned-router study's training recipe (auxiliary BCE 0.01, router on the
+input-normed hidden, gate annealed from sigmoid(s) to 1 over the first half, Gumbel exploration).
+``--setting frozen_tower`` runs the rows with the vision tower frozen (docs/ablation.md "Learned
+router"); records keep their setting. Besides the table, learned rows are compared with uniform
+and random paired by seed (``paired_table``).
 Each record also keeps the router statistics of the last logged training step.
 Finished rows are appended to ``{workdir}/results.jsonl`` and skipped when the script is run
 again (so an interrupted ablation resumes). Prints a markdown table; the LAST stdout line is one
