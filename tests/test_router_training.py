@@ -152,3 +152,34 @@ def test_bad_router_training_settings_are_named(settings, match):
   c.model.mod.update(settings)
   with pytest.raises(ConfigError, match=match):
     validate(c)
+
+
+def test_ablation_paired_table_reads_learned_rows_against_uniform_by_seed():
+  """benchmarks/ablation.py's study reading, on hand-made records: ΔPPL % and Δ accuracy per
+  seed, mean ± s.e., and "beats" only when both are better by two standard errors."""
+  import importlib.util
+  import pathlib
+
+  path = pathlib.Path(__file__).parents[1] / "benchmarks" / "ablation.py"
+  spec = importlib.util.spec_from_file_location("ablation_bench", path)
+  ablation = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(ablation)
+  rec = lambda row, seed, ppl, acc: dict(row=row, seed=seed, lm_ppl=ppl, stream_accuracy=acc)
+  results = [
+    rec("uniform", 0, 2.0, 0.80),
+    rec("uniform", 1, 2.0, 0.80),
+    rec("router_recipe", 0, 1.9, 0.82),  # -5 %, +0.02
+    rec("router_recipe", 1, 1.8, 0.84),  # -10 %, +0.04
+    rec("learned_r0.2_interleaved", 0, 1.9, 0.79),  # better PPL, worse accuracy
+    rec("learned_r0.2_interleaved", 1, 1.8, 0.78),
+  ]
+  rows = ablation._rows(4, 300)
+  _, paired = ablation.paired_table(results, rows)
+  by = {(p["row"], p["vs"]): p for p in paired}
+  assert set(by) == {("router_recipe", "uniform"), ("learned_r0.2_interleaved", "uniform")}
+  p = by["router_recipe", "uniform"]
+  np.testing.assert_allclose(p["dppl_pct"], [-5.0, -10.0], atol=1e-9)
+  np.testing.assert_allclose([p["dppl_pct_mean"], p["dppl_pct_sem"]], [-7.5, 2.5], atol=1e-9)
+  np.testing.assert_allclose([p["dacc_mean"], p["dacc_sem"]], [0.03, 0.01], atol=1e-9)
+  assert p["beats"] is True  # -7.5 < -2·2.5 and 0.03 > 2·0.01
+  assert by["learned_r0.2_interleaved", "uniform"]["beats"] is False
