@@ -10,7 +10,12 @@ held-out LM-PPL and streaming-decision accuracy with the training-step FLOPs rat
 Rows (``--rows`` picks a subset): dense (Full computation); learned / random / uniform selection
 at r = 0.2 interleaved; EarlyExit(E = n/2) and LayerSkip (k = 0 routing); insertion all /
 all_deep / interleaved_deep at r = 0.2 (learned); r = 0.1 and 0.3 interleaved (learned); router
-weighting g = sigmoid(s) and g = s instead of the straight-through default (learned r = 0.2).
+weighting g = sigmoid(s) and g = s instead of the straight-through default (learned r = 0.2);
+``router_recipe``, the learned-router study's training recipe (auxiliary BCE 0.01, router on the
+input-normed hidden, gate annealed from sigmoid(s) to 1 over the first half, Gumbel exploration).
+``--setting frozen_tower`` runs the rows with the vision tower frozen (docs/ablation.md "Learned
+router"); records keep their setting. Besides the table, learned rows are compared with uniform
+and random paired by seed (``paired_table``).
 Each record also keeps the router statistics of the last logged training step.
 Finished rows are appended to ``{workdir}/results.jsonl`` and skipped when the script is run
 again (so an interrupted ablation resumes). Prints a markdown table; the LAST stdout line is one
@@ -35,8 +40,15 @@ from mod_jax.analysis import flops
 from mod_jax.model.mod import baseline_routing
 
 
-def _rows(n_layers: int) -> dict[str, tuple[str, dict]]:
-  """name -> (paper table, ``model.mod`` overrides)."""
+def _rows(n_layers: int, steps: int = 300) -> dict[str, tuple[str, dict]]:
+  """name -> (paper table, ``model.mod`` overrides). ``steps``: the budget (the router recipe
+  anneals its gate over the first half)."""
+  recipe = {  # the learned-router study's recipe (docs/ablation.md "Learned router")
+    "router_aux_loss_weight": 0.01,  # γ-MoD's coefficient per layer
+    "router_input": "normed",
+    "router_anneal_steps": steps // 2,
+    "router_explore": 1.0,
+  }
   return {
     "dense": ("1: Full computation", baseline_routing("full", n_layers)),
     "learned_r0.2_interleaved": ("1/3: VideoLLM-MoD (learned)", {}),
@@ -51,13 +63,29 @@ def _rows(n_layers: int) -> dict[str, tuple[str, dict]]:
     "r0.3": ("r sweep: r = 0.3", {"keep_ratio": 0.3}),
     "learned_sigmoid": ("-: weighting g = sigmoid(s)", {"router_weighting": "sigmoid"}),
     "learned_score": ("-: weighting g = s (as MoD)", {"router_weighting": "score"}),
+    "router_recipe": ("-: router recipe (aux, normed, annealed gate, exploration)", recipe),
   }
 
 
+# Settings: what changes besides ``model.mod`` (the same rows run under each; records keep it).
+SETTINGS = {
+  "demo": {},  # configs/demo.py as it is: the vision tower trains from scratch
+  # The tower is frozen (at its random initialisation), as VideoLLM-online freezes SigLIP: it
+  # cannot learn to move a frame's content into the tokens a fixed stride keeps.
+  "frozen_tower": {"model.vision.trainable": False},
+}
+
+
 def make_config(overrides: dict, args, seed: int):
-  """The demo config with the row's ``model.mod`` overrides and the ablation's budget."""
+  """The demo config with the row's ``model.mod`` overrides, the setting and the budget."""
   c = demo.get_config()
   c.model.mod.update(overrides)
+  for path, value in SETTINGS[args.setting].items():
+    *parents, leaf = path.split(".")
+    node = c
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
   c.seed = seed
   t = c.train
   t.steps = args.steps
@@ -77,7 +105,7 @@ def run_row(name: str, overrides: dict, args, seed: int) -> dict:
   config = make_config(overrides, args, seed)
   dense = flops.analytic_flops(flops.dense_counterpart(config))["total"]
   ratio = flops.analytic_flops(config)["total"] / dense
-  workdir = os.path.join(args.workdir, f"{name}_seed{seed}")
+  workdir = os.path.join(args.workdir, f"{args.setting}_{name}_seed{seed}")
   shutil.rmtree(workdir, ignore_errors=True)
   start = time.perf_counter()
   out = train_and_evaluate(config, workdir, progress=False)
@@ -162,6 +190,56 @@ def table(results: list[dict], rows: dict) -> tuple[str, list[dict]]:
   return "\n".join(lines), agg
 
 
+def paired_table(results: list[dict], rows: dict) -> tuple[str, list[dict]]:
+  """The learned-router study's reading: each learned row against uniform and random, paired.
+
+  For every seed both rows have: the relative LM-PPL difference ``100·(ppl_row / ppl_ref − 1)``
+  (negative: the learned row is better) and the stream-decision accuracy difference
+  ``acc_row − acc_ref`` (positive: better). Cells are mean ± standard error over seeds, with
+  ``beats`` true when the row is better on BOTH metrics by at least two standard errors.
+  """
+  learned = [n for n in rows if n.startswith(("learned", "router_")) and n in rows]
+  refs = [r for r in ("uniform", "random") if any(x["row"] == r for x in results)]
+  by = {(r["row"], r["seed"]): r for r in results}
+  lines = [
+    "| learned row | vs | seeds | ΔPPL % per seed | ΔPPL % | Δ stream acc. per seed | "
+    "Δ stream acc. | beats (≥ 2 s.e. on both) |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  out = []
+  for name in learned:
+    for ref in refs:
+      seeds = sorted(s for (n, s) in by if n == name and (ref, s) in by)
+      if not seeds:
+        continue
+      dppl = [100 * (by[name, s]["lm_ppl"] / by[ref, s]["lm_ppl"] - 1) for s in seeds]
+      dacc = [by[name, s]["stream_accuracy"] - by[ref, s]["stream_accuracy"] for s in seeds]
+      (mp, sp), (ma, sa) = _mean_sem(dppl), _mean_sem(dacc)
+      beats = len(seeds) > 1 and mp < -2 * sp and ma > 2 * sa
+      lines.append(
+        f"| {name} | {ref} | {','.join(map(str, seeds))} | "
+        + ", ".join(f"{v:+.1f}" for v in dppl)
+        + f" | {mp:+.1f} ± {sp:.1f} | "
+        + ", ".join(f"{v:+.3f}" for v in dacc)
+        + f" | {ma:+.3f} ± {sa:.3f} | {'yes' if beats else 'no'} |"
+      )
+      out.append(
+        {
+          "row": name,
+          "vs": ref,
+          "seeds": seeds,
+          "dppl_pct": dppl,
+          "dppl_pct_mean": mp,
+          "dppl_pct_sem": sp,
+          "dacc": dacc,
+          "dacc_mean": ma,
+          "dacc_sem": sa,
+          "beats": beats,
+        }
+      )
+  return "\n".join(lines), out
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--steps", type=int, default=300)
@@ -170,9 +248,10 @@ def main():
   parser.add_argument("--train_videos", type=int, default=480)
   parser.add_argument("--eval_videos", type=int, default=96)
   parser.add_argument("--workdir", default="/tmp/mod_ablation")
+  parser.add_argument("--setting", default="demo", choices=sorted(SETTINGS))
   args = parser.parse_args()
   logging.basicConfig(level=logging.WARNING)
-  rows = _rows(demo.get_config().model.n_layers)
+  rows = _rows(demo.get_config().model.n_layers, args.steps)
   chosen = [r for r in args.rows.split(",") if r] or list(rows)
   unknown = [r for r in chosen if r not in rows]
   if unknown:
@@ -180,15 +259,19 @@ def main():
   seeds = [int(s) for s in args.seeds.split(",")]
   os.makedirs(args.workdir, exist_ok=True)
   log_path = os.path.join(args.workdir, "results.jsonl")
-  key = lambda r: (r["row"], r["seed"], r.get("steps"), r.get("videos"))
+  key = lambda r: (r["row"], r["seed"], r.get("steps"), r.get("videos"), r.get("setting", "demo"))
   done = []
   if os.path.exists(log_path):
     with open(log_path) as f:
       done = [json.loads(line) for line in f if line.strip()]
-  settings = {"steps": args.steps, "videos": [args.train_videos, args.eval_videos]}
+  settings = {
+    "steps": args.steps,
+    "videos": [args.train_videos, args.eval_videos],
+    "setting": args.setting,
+  }
   for seed in seeds:
     for name in chosen:
-      if any(key(r) == (name, seed, args.steps, settings["videos"]) for r in done):
+      if any(key(r) == (name, seed, *settings.values()) for r in done):
         continue
       print(f"[ablation] {name} seed {seed} ...", file=sys.stderr, flush=True)
       res = {**run_row(name, rows[name][1], args, seed), **settings}
@@ -202,11 +285,22 @@ def main():
     if r["seed"] in seeds  # all rows: dense / learned are references
     and r.get("steps") == args.steps
     and r.get("videos") == settings["videos"]
+    and r.get("setting", "demo") == args.setting
   ]
   text, agg = table(results, {k: rows[k] for k in chosen})
   print(text)
+  paired_text, paired = paired_table(results, {k: rows[k] for k in chosen})
+  if paired:
+    print()
+    print(paired_text)
   print(
-    json.dumps({"rows": agg, "settings": {**settings, "seeds": seeds, "config": "configs/demo.py"}})
+    json.dumps(
+      {
+        "rows": agg,
+        "paired": paired,
+        "settings": {**settings, "seeds": seeds, "config": "configs/demo.py"},
+      }
+    )
   )
 
 

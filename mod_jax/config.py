@@ -40,6 +40,7 @@ DEFAULT_LOGICAL_AXIS_RULES = (
 MOD_INSERTIONS = ("none", "all", "all_deep", "interleaved", "interleaved_deep")
 MOD_SELECTIONS = ("learned", "random", "uniform")
 ROUTER_WEIGHTINGS = ("ste", "sigmoid", "score")
+ROUTER_INPUTS = ("hidden", "normed")
 
 
 def base_config() -> ConfigDict:
@@ -114,6 +115,13 @@ def base_config() -> ConfigDict:
   mod.selection = "learned"  # LayerExpert router / random / uniform (strided)
   mod.router_weighting = "ste"  # x <- x + g(s) f(x): ste (forward 1) | sigmoid | score
   mod.router_aux_loss_weight = 0.0  # Mixture-of-Depths aux loss: BCE(router logit, kept), per layer
+  # Router training (mod_jax/model/mod.py, docs/ablation.md "Learned router"): the router's input
+  # (hidden: the residual stream; normed: the layer's input norm, as γ-MoD); with ste, the gate's
+  # forward value is annealed from sigmoid(s) to 1 over the first router_anneal_steps steps
+  # (0: off); router_explore: Gumbel noise scale on the selection scores, annealed with it.
+  mod.router_input = "hidden"
+  mod.router_anneal_steps = 0
+  mod.router_explore = 0.0
   # frame: per-frame top-k with a LayerExpert per layer (VideoLLM-MoD); sequence: γ-MoD — one
   # shared Linear(d -> 2) router, masked routing (only vision and answer tokens may skip), top-C
   # over the row with C = ceil(keep_ratio * L), and at inference P(process) > threshold.
@@ -473,6 +481,32 @@ def validate(config: ConfigDict, num_devices: int | None = None, num_slices: int
   if mod.router_aux_loss_weight < 0:
     raise ConfigError(
       f"model.mod.router_aux_loss_weight={mod.router_aux_loss_weight} must be >= 0."
+    )
+  if mod.get("router_input", "hidden") not in ROUTER_INPUTS:
+    raise ConfigError(
+      f"model.mod.router_input={mod.router_input!r}; choose one of {ROUTER_INPUTS}."
+    )
+  anneal, explore = int(mod.get("router_anneal_steps", 0)), float(mod.get("router_explore", 0.0))
+  if anneal < 0 or explore < 0:
+    raise ConfigError(
+      f"model.mod.router_anneal_steps={anneal} and router_explore={explore} must be >= 0."
+    )
+  if anneal > 0 and mod.router_weighting != "ste":
+    raise ConfigError(
+      f"model.mod.router_anneal_steps={anneal} anneals the ste gate's forward value from "
+      f"sigmoid(s) to 1; router_weighting={mod.router_weighting!r} has no such schedule. Use "
+      f"router_weighting='ste' or router_anneal_steps=0."
+    )
+  if explore > 0 and anneal == 0:
+    raise ConfigError(
+      f"model.mod.router_explore={explore} is annealed with the gate and is off without it; "
+      f"set model.mod.router_anneal_steps > 0 (e.g. half of train.steps) or router_explore=0."
+    )
+  if anneal > t.steps:
+    raise ConfigError(
+      f"model.mod.router_anneal_steps={anneal} > train.steps={t.steps}: the anneal would not "
+      f"finish, and the evaluated model (gate 1) would differ from the trained one. Use at "
+      f"most train.steps."
     )
   if m.n_heads % m.n_kv_heads:
     raise ConfigError(f"model.n_heads={m.n_heads} is not a multiple of n_kv_heads={m.n_kv_heads}.")

@@ -324,7 +324,7 @@ def run_layers(
         k=plan.keep[i],
         selection=plan.selection,
         weighting=plan.weighting,
-        router=dec.routers.get(str(i)),
+        router=dec.router_fn(dec.routers.get(str(i)), layer),
         rng=lora.fold(rng, i),
         allowed=allowed,
       )

@@ -202,6 +202,7 @@ class Decoder(nnx.Module):
     ordered: bool = True,
     vision_keep: jax.Array | None = None,
     routable: jax.Array | None = None,
+    router_mix=0.0,
   ):
     """Runs all layers; returns (final-normed hidden [b, l, d], aux per routed layer).
 
@@ -220,6 +221,8 @@ class Decoder(nnx.Module):
         streaming; ``mod_jax/compress/apply.py``); used only with ``self.compress``.
       routable: bool [b, l] (stream order), the tokens sequence routing (γ-MoD) may skip:
         vision and answer tokens; default the vision tokens.
+      router_mix: float or float32 [], the annealed router gate's weight during training
+        (``mod.router_gate``; ``model.mod.router_anneal_steps``); 0 at evaluation / inference.
     Raises:
       ValueError: an unknown ``remat`` policy.
     """
@@ -246,7 +249,9 @@ class Decoder(nnx.Module):
     ctx = self._sequence_routing(layout, routable)
     runs = layer_runs(kinds) if self.scan_layers else tuple((i, 1, 1) for i in range(n))
     for start, period, reps in runs:
-      x, run_aux = self._run(start, period, reps, x, seq, layout, rng, drop, ordered, remat, ctx)
+      x, run_aux = self._run(
+        start, period, reps, x, seq, layout, rng, drop, ordered, remat, ctx, router_mix
+      )
       aux.update(run_aux)
     return self.final_norm(x), aux
 
@@ -324,16 +329,24 @@ class Decoder(nnx.Module):
       return None
     return self.shared_router.weights(), layout.is_vision if routable is None else routable
 
-  def _apply(self, i, keep, layer, router, x, seq, layout, rng, drop, ordered, ctx=None):
+  def router_fn(self, router, layer):
+    """Layer ``layer``'s LayerExpert as ``router(x [b, l, d]) -> logits [b, l]`` on the residual
+    stream (``router_input='hidden'``, VideoLLM-MoD) or on the layer's input-norm output
+    (``'normed'``, as γ-MoD's router); None when the layer has no router."""
+    if router is None or self.plan.router_input == "hidden":
+      return router
+    return lambda x: router(layer.input_norm(x))
+
+  def _apply(self, i, keep, layer, router, x, seq, layout, rng, drop, ordered, ctx=None, mix=0.0):
     """Decoder layer ``i`` (a Python or traced int) on x: through ``mod.routed_block`` when
     ``keep`` (the plan's k for it) is set and there are frames (``mod.sequence_routed_block``
     with the shared router and ``ctx`` = (router weights, routable flags) for γ-MoD sequence
     routing); LoRA dropout key from ``drop``."""
     lrng = None if drop is None else jax.random.fold_in(drop, i)
     block = functools.partial(_block, layer, lrng, ordered)
-    return self._route(i, keep, block, router, x, seq, layout, rng, ctx, layer)
+    return self._route(i, keep, block, router, x, seq, layout, rng, ctx, layer, mix)
 
-  def _route(self, i, keep, block, router, x, seq, layout, rng, ctx=None, layer=None):
+  def _route(self, i, keep, block, router, x, seq, layout, rng, ctx=None, layer=None, mix=0.0):
     """``block(x, seq)`` on all tokens, or through ``mod.routed_block`` (layer ``i`` keeps
     ``keep`` vision tokens per frame) when ``keep`` is set and there are frames; γ-MoD sequence
     routing (``mod.sequence_routed_block``) with ``ctx`` = (shared router weights, routable
@@ -362,11 +375,13 @@ class Decoder(nnx.Module):
       k=keep,
       selection=self.plan.selection,
       weighting=self.plan.weighting,
-      router=router,
+      router=self.router_fn(router, layer),
       rng=lora.fold(rng, i),
+      mix=mix,
+      explore=self.plan.explore,
     )
 
-  def _run(self, start, period, reps, x, seq, layout, rng, drop, ordered, remat, ctx=None):
+  def _run(self, start, period, reps, x, seq, layout, rng, drop, ordered, remat, ctx=None, mix=0.0):
     """Layers ``start .. start + period·reps - 1``: a cycle of ``period`` layers repeated
     ``reps`` times, as one ``lax.scan`` over parameters stacked along a new leading axis when
     reps > 1 (one compiled body whatever the depth; MaxText's scanned layers). Each cycle is
@@ -387,6 +402,7 @@ class Decoder(nnx.Module):
           drop,
           ordered,
           ctx,
+          mix,
         )
         out.update({f"layer_{i}": a} if a else {})
       return x, out
@@ -417,6 +433,7 @@ class Decoder(nnx.Module):
           drop,
           ordered,
           ctx,
+          mix,
         )
         auxes.append(a)
       return x, auxes

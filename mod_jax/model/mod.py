@@ -32,6 +32,23 @@ not differentiable and the router receives no gradient.
   * ``score``: g = s (the raw router output, as in Mixture-of-Depths);
   * ``none``: no weighting, the block output itself (training-free selection: FastV).
 
+Router training options (the learned-router study, docs/ablation.md "Learned router"); each is a
+setting of this one mechanism:
+  * **annealed gate** (``mix``, ``model.mod.router_anneal_steps`` = A): with ``ste``, the forward
+    value of g is ``mix·sigmoid(s) + (1 − mix)``, with mix = max(0, 1 − step/A) during training
+    and 0 at evaluation and inference; the gradient is sigmoid'(s) throughout. Early on the
+    router's push is realised in the forward pass (as with g = sigmoid(s), Mixture-of-Depths
+    §3.5's "multiply the block output by the router weight"); once the anneal ends g is exactly
+    1 again, so r = 1 reproduces the dense model.
+  * **exploration** (``explore`` = τ): during training, learned selection takes the top-k of
+    ``s + τ·mix·G`` with G standard Gumbel noise (Gumbel-top-k: k draws without replacement from
+    softmax(s / (τ·mix))), annealed with the gate, so tokens the router ranks low are sometimes
+    processed and get a gradient through g; the gate and the auxiliary loss use the noise-free
+    scores and top-k.
+  * **router input** (``router_input``): ``hidden`` (VideoLLM-MoD's LayerExpert on the residual
+    stream) or ``normed`` (on the layer's input-RMSNorm output, as γ-MoD's router, arXiv
+    2410.13859 §3.2), chosen by the decoder (``Decoder.router_fn``).
+
 Selection strategies (VideoLLM-MoD Table 3): ``learned`` (LayerExpert top-k), ``random``
 (top-k of uniform noise, a fresh draw per step and layer), ``uniform`` (fixed stride within frame).
 
@@ -44,8 +61,9 @@ Auxiliary router loss (Mixture-of-Depths §3.5, γ-MoD): BCE of each vision toke
 against its top-k membership, averaged over real (non-padding) frames; each layer reports the
 sum and count (``aux["router_bce_sum"]``, ``aux["router_bce_count"]``) so that accumulated
 micro-batches give the full-batch mean; the train loss adds ``router_aux_loss_weight`` × the sum
-over layers of the means. Per-frame top-k is already causal, so the loss is optional here (it
-calibrates the logits to a 0.5 threshold).
+over layers of the means. Per-frame top-k is already causal, so the loss is not needed for
+inference here; it is the only term that gives the N − k skipped tokens' scores a gradient
+(towards "skipped"), which keeps the logits calibrated to a 0.5 threshold.
 """
 
 from __future__ import annotations
@@ -110,6 +128,8 @@ class RoutingPlan:
   # Sequence routing at inference: processed iff P(process) > threshold; None keeps the training
   # rule (top-C over the row, not causal: only to measure the train/inference mismatch).
   threshold: float | None = 0.5
+  router_input: str = "hidden"  # hidden | normed (the layer's input norm, as γ-MoD)
+  explore: float = 0.0  # Gumbel exploration scale τ at mix = 1 (training only)
 
   @classmethod
   def from_config(cls, model_cfg) -> RoutingPlan:
@@ -135,6 +155,8 @@ class RoutingPlan:
       routing,
       float(ratios[0]) if ratios else 1.0,
       float(mod.get("threshold", 0.5)),
+      str(mod.get("router_input", "hidden")),
+      float(mod.get("router_explore", 0.0)),
     )
 
   def routed(self, layer: int) -> bool:
@@ -239,11 +261,18 @@ def select(
   return jnp.sort(idx.astype(jnp.int32), axis=-1)
 
 
-def router_gate(scores: jax.Array, weighting: str) -> jax.Array:
-  """g(s) multiplying a routed token's block update, float32, same shape as ``scores``."""
+def router_gate(scores: jax.Array, weighting: str, mix=0.0) -> jax.Array:
+  """g(s) multiplying a routed token's block update, float32, same shape as ``scores``.
+
+  ``mix`` (float or float32 [], in [0, 1]; ``ste`` only): the annealed gate's forward value
+  ``mix·sigmoid(s) + (1 − mix)`` (module docstring); its gradient is sigmoid'(s) for any mix,
+  and mix = 0 is exactly 1.0 forward."""
   if weighting == "ste":
     s = jax.nn.sigmoid(scores)
-    return (s - jax.lax.stop_gradient(s)) + 1.0  # exactly 1.0 forward
+    ste = (s - jax.lax.stop_gradient(s)) + 1.0  # exactly 1.0 forward
+    if isinstance(mix, (int, float)) and mix == 0:
+      return ste
+    return mix * s + (1.0 - mix) * ste
   if weighting == "sigmoid":
     return jax.nn.sigmoid(scores)
   if weighting == "score":
@@ -265,6 +294,8 @@ def routed_block(
   router: Callable | None = None,
   rng=None,
   allowed=None,
+  mix=0.0,
+  explore: float = 0.0,
 ):
   """Runs ``block`` on the text tokens and the per-frame top-k vision tokens; scatters back.
 
@@ -283,6 +314,10 @@ def routed_block(
     allowed: bool [b, l] or None: vision tokens outside it are never processed (pruned before
       this layer, e.g. by DyCoke's TTM); a frame may then process fewer than k (the compact
       slots left over are padding, :func:`compact_block`).
+    mix: float or float32 [] in [0, 1], the annealed gate's weight (:func:`router_gate`); 0 at
+      evaluation and inference.
+    explore: Gumbel exploration scale τ (``learned`` only): the top-k is taken of
+      ``s + τ·mix·G`` (G from ``rng``); 0 or mix = 0: plain top-k.
   Returns:
     (x [b, l, d], aux) where aux holds the kept indices [b, f, k] (within each frame), the
     overflow count (always 0 here: C = T + F·k holds every kept token) and router statistics.
@@ -311,6 +346,8 @@ def routed_block(
       router=router,
       rng=rng,
       allowed=None if allowed is None else rows.fold(allowed, r),
+      mix=mix,
+      explore=explore,
     )
     for name in ("kept_index", "router_logits"):
       if name in chunk_aux:
@@ -337,7 +374,11 @@ def routed_block(
       if scores is None
       else jnp.take_along_axis(scores, frame_slots.reshape(b, f * n), axis=1).reshape(b, f, n)
     )
-    idx = select(scores_bfn, k, n, selection, (b, f), rng)  # [b, f, k]
+    idx = clean_idx = select(scores_bfn, k, n, selection, (b, f), rng)  # [b, f, k]
+    exploring = not (isinstance(mix, (int, float)) and mix == 0) and explore > 0
+    if exploring and selection == "learned" and scores_bfn is not None and rng is not None:
+      noisy = scores_bfn + explore * mix * jax.random.gumbel(rng, scores_bfn.shape)
+      idx = select(jax.lax.stop_gradient(noisy), k, n, selection, (b, f), None)
     # keep[j]: text, or the offset of vision slot j is among its frame's kept indices.
     kept_of_slot = jnp.take_along_axis(idx, jnp.maximum(layout.frame_of, 0)[..., None], axis=1)
     keep = ~is_vis | jnp.any(kept_of_slot == layout.offset[..., None], axis=-1)
@@ -347,7 +388,7 @@ def routed_block(
   c = l - f * (n - k)  # = T + F·k, static
   gate = None
   if scores is not None and scores_bfn is not None and weighting != "none":
-    gate = router_gate(scores, weighting)
+    gate = router_gate(scores, weighting, mix)
   out, aux["overflow"] = compact_block(block, x_bld, seq, keep, c, gate_bl=gate, gated_bl=is_vis)
   if scores is not None and scores_bfn is not None:
     s_kept = jnp.take_along_axis(scores_bfn, idx, axis=2)
@@ -355,7 +396,7 @@ def routed_block(
     aux["router_logits"] = scores_bfn
     aux["router_prob_kept"] = jnp.mean(jax.nn.sigmoid(s_kept))
     aux["router_prob_all"] = jnp.mean(jax.nn.sigmoid(scores_bfn))
-    aux["router_bce_sum"], aux["router_bce_count"] = _router_bce(scores_bfn, idx, valid)
+    aux["router_bce_sum"], aux["router_bce_count"] = _router_bce(scores_bfn, clean_idx, valid)
   return out, aux
 
 

@@ -116,10 +116,11 @@ class VideoLLM(nnx.Module):
     ``positions_bt`` int32 [b, t] (default 0..t-1, which runs on the attention kernel)."""
     return self.llm.text_logits(tokens_bt, positions_bt)
 
-  def hidden(self, batch, *, rng: jax.Array | None = None, remat: str = "none"):
+  def hidden(self, batch, *, rng: jax.Array | None = None, remat: str = "none", router_mix=0.0):
     """Final-normed hidden states where the loss is: (h_text [b, T, d], h_frame_end [b, F, d],
     aux), in the slot layout. ``rng``: random routing and LoRA dropout; ``remat``: the
-    ``train.remat`` policy (``llm.REMAT_POLICIES``)."""
+    ``train.remat`` policy (``llm.REMAT_POLICIES``); ``router_mix``: the annealed router gate's
+    weight (``Decoder.__call__``; training only)."""
     x, seq, layout = self.embed_row(batch)
     if layout.chunks > 1 and self.llm.compress is not None:
       raise ValueError(
@@ -141,6 +142,7 @@ class VideoLLM(nnx.Module):
       remat=remat,
       vision_keep=batch.get("vision_keep"),
       routable=routable,
+      router_mix=router_mix,
     )
     h_text, h_end = _at_outputs(h, layout, self.rules)
     return h_text, h_end, aux

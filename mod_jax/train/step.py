@@ -31,10 +31,10 @@ def _denominators(batch) -> dict[str, jax.Array]:
   }
 
 
-def forward_losses(model, batch, rng, *, remat: str = "none", ce_chunk: int = 512):
+def forward_losses(model, batch, rng, *, remat: str = "none", ce_chunk: int = 512, router_mix=0.0):
   """Per-slot CE and argmax at text and frame-end slots; returns (dict of [b, T] / [b, F]
-  arrays, the model aux)."""
-  h_text, h_end, aux = model.hidden(batch, rng=rng, remat=remat)
+  arrays, the model aux). ``router_mix``: the annealed router gate's weight (training)."""
+  h_text, h_end, aux = model.hidden(batch, rng=rng, remat=remat, router_mix=router_mix)
   # With a context axis of size R each device computes the loss of its own chunk of every row
   # (its T/R text slots and F/R frame ends; mod_jax/model/rows.py): fold, then unfold the CE.
   r = rows.context_chunks(model.rules)
@@ -68,6 +68,7 @@ def loss_fn(
   denominators=None,
   remat: str = "none",
   ce_chunk: int = 512,
+  router_mix=0.0,
 ):
   """The training loss of ``batch`` and the sums its metrics are made of.
 
@@ -80,12 +81,15 @@ def loss_fn(
       ``model.mod.router_aux_loss_weight``); its value is a metric whatever the weight.
     denominators: whole-batch counts (:func:`_denominators`); default: this batch's.
     remat: ``train.remat`` policy; ce_chunk: slots per LM-head chunk.
+    router_mix: float32 [], the annealed router gate's weight (:func:`router_mix`).
   Returns:
     (loss float32 [], sums: dict of float32 [] that add up over micro-batches).
   """
   model = nnx.merge(graphdef, params)
   den = _denominators(batch) if denominators is None else denominators
-  out, aux = forward_losses(model, batch, rng, remat=remat, ce_chunk=ce_chunk)
+  out, aux = forward_losses(
+    model, batch, rng, remat=remat, ce_chunk=ce_chunk, router_mix=router_mix
+  )
   text_sum = (out["text_ce"] * out["text_w"]).sum()
   frame_sum = (out["frame_ce"] * out["frame_w"]).sum()
   loss = (text_sum + stream_loss_weight * frame_sum) / den["labelled"]
@@ -160,6 +164,14 @@ def micro_batches(batch, steps: int):
   return jax.tree.map(lambda x: x.reshape(b // steps, steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
+def router_mix(step, anneal_steps: int):
+  """The annealed router gate's weight at ``step``: max(0, 1 − step / A), float32 []; 0 when
+  A = ``model.mod.router_anneal_steps`` is 0 (``mod.router_gate``)."""
+  if anneal_steps <= 0:
+    return jnp.zeros((), jnp.float32)
+  return jnp.clip(1.0 - jnp.asarray(step, jnp.float32) / anneal_steps, 0.0, 1.0)
+
+
 def train_step(
   state: TrainState,
   batch,
@@ -173,6 +185,7 @@ def train_step(
   remat: str = "none",
   grad_accum_steps: int = 1,
   ce_chunk: int = 512,
+  router_anneal_steps: int = 0,
 ):
   """One AdamW step. Pure: jit it with shardings (``mod_jax/train/loop.py``).
 
@@ -188,6 +201,7 @@ def train_step(
     remat: ``train.remat`` (``mod_jax.model.llm.REMAT_POLICIES``).
     grad_accum_steps: micro-batches per step (module docstring).
     ce_chunk: slots per LM-head chunk.
+    router_anneal_steps: A of the annealed router gate (:func:`router_mix`; 0: off).
   Returns:
     (new state, metrics dict of float32 []): the losses, ``grad_norm`` (trainable gradients,
     before clipping) and ``update_norm`` (the applied parameter change).
@@ -199,6 +213,7 @@ def train_step(
   is_train = lambda l: l == "train"
   frozen = lambda p, l: p if is_train(l) else jax.lax.stop_gradient(p)
   den = _denominators(batch)
+  mix = router_mix(state.step, router_anneal_steps)
 
   def grads_of(mb, key):
     params = jax.tree.map(frozen, state.params, labels)
@@ -212,6 +227,7 @@ def train_step(
       denominators=den,
       remat=remat,
       ce_chunk=ce_chunk,
+      router_mix=mix,
     )
 
   if grad_accum_steps == 1:
@@ -250,6 +266,8 @@ def train_step(
     jax.tree.map(lambda g, l: g if is_train(l) else jnp.zeros((), g.dtype), grads, labels)
   )
   metrics["update_norm"] = optax.tree.norm(updates)  # after clipping, schedule and decay
+  if router_anneal_steps > 0:
+    metrics["router/mix"] = mix
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -274,6 +292,7 @@ def train_step_options(config, graphdef, tx, params) -> dict:
     remat=t.remat,
     grad_accum_steps=int(t.grad_accum_steps),
     ce_chunk=int(t.ce_chunk),
+    router_anneal_steps=int(config.model.mod.get("router_anneal_steps", 0)),
   )
 
 
