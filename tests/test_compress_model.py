@@ -14,7 +14,7 @@ from configs import tiny
 from mod_jax.compress import apply, dycoke
 from mod_jax.infer import evaluate, streaming
 from mod_jax.model.video_llm import VideoLLM
-from tests.test_infer_streaming import WINDOW, _layout, _stream
+from tests.test_infer_streaming import WINDOW, _layout, _stream, continuation_oracle
 
 ATOL = 1e-4
 
@@ -312,22 +312,6 @@ def test_eval_late_continuation_equals_full_pass(spec):
   batch = _layout(_stream(cfg, seed=1, frames=6), n)
   cut, m = 3, 3
   probs = evaluate.continue_after(_session(cfg, gd, params), batch, cut - 1, m, interval_id=7)
-  p_end = int(batch["frame_positions"][0, cut - 1]) + n - 1
-  keep = batch["text_positions"][0] <= p_end
-  tt, tp = list(batch["text_tokens"][0][keep]), list(batch["text_positions"][0][keep])
-  fp, pos = list(batch["frame_positions"][0][:cut]), p_end + 1
-  for _ in range(m):
-    tt.append(7)
-    tp.append(pos)
-    fp.append(pos + 1)
-    pos += 1 + n
-  oracle = {
-    "text_tokens": np.array([tt], np.int32),
-    "text_positions": np.array([tp], np.int32),
-    "text_segment_ids": np.ones((1, len(tt)), np.int32),
-    "frames": batch["frames"],
-    "frame_positions": np.array([fp], np.int32),
-    "frame_segment_ids": np.ones((1, cut + m), np.int32),
-  }
+  oracle = continuation_oracle(batch, cut, m, n, interval_id=7)
   _, frame_oracle, _ = jax.device_get(_full(params, oracle, gd))
   np.testing.assert_allclose(probs, jax.nn.softmax(frame_oracle[0, cut:]), atol=1e-5, rtol=0)

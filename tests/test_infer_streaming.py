@@ -125,13 +125,21 @@ def test_prefix_chunk_then_frames_equals_full_pass():
     m,
     interval_id=7,
   )
-  # Oracle: the full pass over [the stream up to frame 2's last <v>] + [7, frame]·3.
+  oracle = continuation_oracle(batch, cut, m, n, interval_id=7)
+  _, frame_oracle = jax.device_get(_full(params, oracle, graphdef))
+  np.testing.assert_allclose(probs, jax.nn.softmax(frame_oracle[0, cut:]), atol=1e-5, rtol=0)
+
+
+def continuation_oracle(batch, cut: int, m: int, n: int, *, interval_id: int) -> dict:
+  """The batch whose full pass ``evaluate.continue_after(..., cut - 1, m, interval_id=...)`` must
+  reproduce: row 0's stream up to frame ``cut - 1``'s last vision slot, then (interval token,
+  frame) × m with frames ``cut..cut + m - 1`` of ``batch``."""
   p_end = int(batch["frame_positions"][0, cut - 1]) + n - 1
   keep = batch["text_positions"][0] <= p_end
   tt, tp = list(batch["text_tokens"][0][keep]), list(batch["text_positions"][0][keep])
   fp, pos = list(batch["frame_positions"][0][:cut]), p_end + 1
   for _ in range(m):
-    tt.append(7)
+    tt.append(interval_id)
     tp.append(pos)
     fp.append(pos + 1)
     pos += 1 + n
@@ -143,8 +151,7 @@ def test_prefix_chunk_then_frames_equals_full_pass():
     "frame_positions": np.array([fp], np.int32),
     "frame_segment_ids": np.ones((1, cut + m), np.int32),
   }
-  _, frame_oracle = jax.device_get(_full(params, oracle, graphdef))
-  np.testing.assert_allclose(probs, jax.nn.softmax(frame_oracle[0, cut:]), atol=1e-5, rtol=0)
+  return oracle
 
 
 @pytest.mark.parametrize("rebase", [True, False])
