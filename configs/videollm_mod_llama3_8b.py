@@ -45,9 +45,10 @@ per-frame top-k stays on one chip, attention all-gathers K/V along ``context``),
 v5e-256 (16 GiB per chip):
 
   mod-jax compile --config configs/videollm_mod_llama3_8b.py --topology v5e:16x16 \\
-      --config.mesh.shape='(1,64,1,4)'
+      --config.mesh.shape='(1,64,1,4)' --config.train.remat=full
 
-(measured: 9.10 GiB per chip for MoD, 8.76 GiB dense, both fit; README has the table).
+(measured with ``full``: 9.10 GiB per chip for MoD, 8.76 GiB dense, both fit; README has the
+table; the default ``save_proj`` has not been compiled for v5e).
 ``data.max_frames`` and ``data.max_text`` must be multiples of the context size, and the rows
 must be context-chunked (``mod_jax/model/rows.py``): the data pipeline does not pack them so
 yet, so ``mod-jax train`` refuses a context axis > 1 for now.
