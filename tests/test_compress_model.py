@@ -14,7 +14,7 @@ from configs import tiny
 from mod_jax.compress import apply, dycoke
 from mod_jax.infer import evaluate, streaming
 from mod_jax.model.video_llm import VideoLLM
-from tests.test_infer_streaming import WINDOW, _layout, _stream, continuation_oracle
+from tests.test_infer_streaming import WINDOW, _layout, _stream, continuation_oracle, run_stream
 
 ATOL = 1e-4
 
@@ -130,25 +130,6 @@ def _session(cfg, gd, params, **kw):
   return streaming.Session(gd, params, cfg.model, **{**WINDOW, **kw})
 
 
-def _run_stream(session, events):
-  """Feeds ``events`` as the LIVE engine does (prompt pinned, [opening + frame] chunks, response
-  tokens one by one); returns (frame-end logits [F, V], text logits [T, V]) in stream order."""
-  text, frame = [], []
-  for e in events:
-    if e[0] == "prompt":
-      out = session.feed(e[1])
-      session.pin()
-    elif e[0] == "frame":
-      out = session.feed(e[1], e[2][None])
-      frame.append(out["frame_logits"][0, 0])
-    else:
-      for tok in e[1]:
-        text.append(session.feed([tok])["text_logits"][0, 0])
-      continue
-    text.extend(out["text_logits"][0])
-  return np.stack(frame), np.stack(text)
-
-
 @pytest.mark.parametrize("spec", ["dycoke:K=0.7,P=0,L=2", "fastv:K=2,R=0.5"])
 def test_streaming_equals_teacher_forced(spec):
   """Frame by frame through the streaming engine (TTM windows carried in the stream state,
@@ -160,7 +141,7 @@ def test_streaming_equals_teacher_forced(spec):
   batch = _layout(events, cfg.model.tokens_per_frame)
   text_full, frame_full, _ = jax.device_get(_full(params, batch, gd))
   session = _session(cfg, gd, params)
-  frame_inc, text_inc = _run_stream(session, events)
+  frame_inc, text_inc = run_stream(session, events)
   np.testing.assert_allclose(frame_inc, frame_full[0], atol=ATOL, rtol=0)
   np.testing.assert_allclose(text_inc, text_full[0], atol=ATOL, rtol=0)
   np.testing.assert_array_equal(  # the same stream decisions
@@ -182,9 +163,9 @@ def test_zero_rates_stream_exactly_as_dense(spec):
   bit (both run the same cached layers; nothing is pruned or hidden)."""
   cfg, graphdef, params = _dense(scan_layers=False)
   events = _stream(cfg, frames=6)
-  dense = _run_stream(_session(cfg, graphdef, params), events)
+  dense = run_stream(_session(cfg, graphdef, params), events)
   gd = apply.attach(graphdef, params, apply.parse(spec), cfg.model)
-  got = _run_stream(_session(cfg, gd, params), events)
+  got = run_stream(_session(cfg, gd, params), events)
   for a, b in zip(got, dense):
     np.testing.assert_array_equal(a, b)
 
@@ -196,10 +177,10 @@ def test_dycoke_tiny_p_streams_as_ttm():
   cfg, graphdef, params = _dense()
   events = _stream(cfg, frames=6)
   ttm = apply.parse("dycoke:K=0.7,P=0,L=2")
-  base = _run_stream(_session(cfg, apply.attach(graphdef, params, ttm, cfg.model), params), events)
+  base = run_stream(_session(cfg, apply.attach(graphdef, params, ttm, cfg.model), params), events)
   on = apply.Compression("dycoke", 0.7, p=1e-12, l=2)  # floor(n·(1 − 1e-12)) = n: all selected
   session = _session(cfg, apply.attach(graphdef, params, on, cfg.model), params)
-  got = _run_stream(session, events)
+  got = run_stream(session, events)
   for a, b in zip(got, base):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
   st = session.state
@@ -252,9 +233,9 @@ def test_dycoke_kv_pruning_step_is_a_masked_view_of_the_kept_cache():
   unpruned = plain_step(np.zeros_like(hidden))
   assert np.abs(unpruned["frame_logits"] - out["frame_logits"]).max() > 1e-5  # hiding mattered
   # The full cache is kept: the same live slots as the TTM-only run's after all the events.
-  _run_stream(session, events[events.index(frames[2]) + 1 :])
+  run_stream(session, events[events.index(frames[2]) + 1 :])
   ttm_session = _session(cfg, ttm, params)
-  _run_stream(ttm_session, events)
+  run_stream(ttm_session, events)
   for a, b in zip(session.caches, ttm_session.caches):
     np.testing.assert_array_equal(np.asarray(a.segment_ids), np.asarray(b.segment_ids))
     np.testing.assert_array_equal(np.asarray(a.positions), np.asarray(b.positions))

@@ -14,7 +14,7 @@ from mod_jax.model import mod, rows
 from mod_jax.model.video_llm import VideoLLM
 from mod_jax.train import step
 from tests.helpers import synthetic_batch
-from tests.test_infer_streaming import _layout, _stream
+from tests.test_infer_streaming import _layout, _stream, run_stream
 
 
 def _plus_one(seen):
@@ -148,14 +148,5 @@ def test_inference_threshold_streams_like_the_full_pass():
   _, frame_full, aux = jax.device_get(jax.jit(full)(params, batch))
   assert 0 < float(aux["layer_1"]["processed_fraction"]) < 1  # the threshold does route
   session = streaming.Session(graphdef, params, c.model, max_frames=16, max_text=48)
-  frames = []
-  for e in events:
-    if e[0] == "prompt":
-      session.feed(e[1])
-      session.pin()
-    elif e[0] == "frame":
-      frames.append(session.feed(e[1], e[2][None])["frame_logits"][0, 0])
-    else:
-      for tok in e[1]:
-        session.feed([tok])
-  np.testing.assert_allclose(np.stack(frames), frame_full[0], atol=1e-4, rtol=0)
+  frames, _ = run_stream(session, events)
+  np.testing.assert_allclose(frames, frame_full[0], atol=1e-4, rtol=0)

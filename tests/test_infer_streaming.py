@@ -86,21 +86,9 @@ def test_incremental_logits_equal_full_pass(variant):
   t, f = batch["text_tokens"].shape[1], batch["frames"].shape[1]
   plan = RoutingPlan.from_config(cfg.model)
   session = streaming.Session(graphdef, params, cfg.model, **WINDOW)
-  text_inc, frame_inc = [], []
-  for e in events:
-    if e[0] == "prompt":
-      out = session.feed(e[1])
-      session.pin()
-    elif e[0] == "frame":
-      out = session.feed(e[1], e[2][None])
-      frame_inc.append(out["frame_logits"][0, 0])
-    else:  # response: one token at a time, as decoding does
-      for tok in e[1]:
-        text_inc.append(session.feed([tok])["text_logits"][0, 0])
-      continue
-    text_inc.extend(out["text_logits"][0])
-  np.testing.assert_allclose(np.stack(text_inc), text_full[0], atol=ATOL, rtol=0)
-  np.testing.assert_allclose(np.stack(frame_inc), frame_full[0], atol=ATOL, rtol=0)
+  frame_inc, text_inc = run_stream(session, events)
+  np.testing.assert_allclose(text_inc, text_full[0], atol=ATOL, rtol=0)
+  np.testing.assert_allclose(frame_inc, frame_full[0], atol=ATOL, rtol=0)
 
   live = [int((np.asarray(c.segment_ids) != 0).sum()) for c in session.caches]
   k = plan.keep
@@ -128,6 +116,25 @@ def test_prefix_chunk_then_frames_equals_full_pass():
   oracle = continuation_oracle(batch, cut, m, n, interval_id=7)
   _, frame_oracle = jax.device_get(_full(params, oracle, graphdef))
   np.testing.assert_allclose(probs, jax.nn.softmax(frame_oracle[0, cut:]), atol=1e-5, rtol=0)
+
+
+def run_stream(session, events):
+  """Feeds ``events`` as the LIVE engine does (prompt pinned, [opening + frame] chunks, response
+  tokens one by one); returns (frame-end logits [F, V], text logits [T, V]) in stream order."""
+  text, frame = [], []
+  for e in events:
+    if e[0] == "prompt":
+      out = session.feed(e[1])
+      session.pin()
+    elif e[0] == "frame":
+      out = session.feed(e[1], e[2][None])
+      frame.append(out["frame_logits"][0, 0])
+    else:
+      for tok in e[1]:
+        text.append(session.feed([tok])["text_logits"][0, 0])
+      continue
+    text.extend(out["text_logits"][0])
+  return np.stack(frame), np.stack(text)
 
 
 def continuation_oracle(batch, cut: int, m: int, n: int, *, interval_id: int) -> dict:
