@@ -290,8 +290,7 @@ def run_layers(
     written: list = []  # the block runs once, inside routed_block / compact_block when pruned
     if streaming:
       block = functools.partial(
-        _cached_block,
-        layer,
+        layer.cached_block,
         caches[i],
         written,
         rope_offset,
@@ -299,7 +298,7 @@ def run_layers(
       )
     else:
       lrng = None if drop is None else jax.random.fold_in(drop, i)
-      block = functools.partial(_block, layer, lrng, ordered)
+      block = functools.partial(layer.block, lrng, ordered)
     x_in = x
     a = {}
     if not has_frames:
@@ -346,26 +345,6 @@ def run_layers(
     if a:
       aux[f"layer_{i}"] = a
   return x, aux, tuple(new_caches) if streaming else None, state
-
-
-def _block(layer, rng, ordered: bool, x_bld, seq: rows.TokenInfo) -> jax.Array:
-  return layer(x_bld, seq.positions, seq.segment_ids, rng, rope=seq.rope, ordered=ordered)
-
-
-def _cached_block(layer, cache, written, rope_offset, visible, x_bld, seq: rows.TokenInfo):
-  """``layer`` over a chunk with its KV cache (``DecoderLayer.cached``); the updated cache is
-  appended to ``written``."""
-  y, c = layer.cached(
-    x_bld,
-    seq.positions,
-    seq.segment_ids,
-    cache,
-    rope=seq.rope,
-    rope_offset=rope_offset,
-    visible=visible,
-  )
-  written.append(c)
-  return y
 
 
 # ---------------------------------------------------------------------------- streaming

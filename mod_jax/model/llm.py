@@ -140,6 +140,27 @@ class DecoderLayer(nnx.Module):
     x = x + self.mlp(self.post_attn_norm(x)).astype(x.dtype)
     return x, cache
 
+  def block(self, rng, ordered: bool, x_bld, seq: rows.TokenInfo) -> jax.Array:
+    """The layer as ``block(x, seq)`` for ``mod.routed_block`` / ``compact_block`` once ``rng``
+    (LoRA dropout) and ``ordered`` are bound (``functools.partial``)."""
+    return self(x_bld, seq.positions, seq.segment_ids, rng, rope=seq.rope, ordered=ordered)
+
+  def cached_block(self, cache, written: list, rope_offset, visible, x_bld, seq: rows.TokenInfo):
+    """:meth:`cached` as ``block(x, seq)`` once the cache, ``written``, ``rope_offset`` and
+    ``visible`` are bound; the updated cache is appended to ``written`` (the block may run
+    inside ``mod.routed_block``, which returns only x)."""
+    y, c = self.cached(
+      x_bld,
+      seq.positions,
+      seq.segment_ids,
+      cache,
+      rope=seq.rope,
+      rope_offset=rope_offset,
+      visible=visible,
+    )
+    written.append(c)
+    return y
+
 
 class Decoder(nnx.Module):
   """Token embedding, decoder layers (some with a LayerExpert router), final norm, LM head."""
@@ -308,14 +329,7 @@ class Decoder(nnx.Module):
     x, aux, new = x_bld, {}, []
     for i, layer in enumerate(self.layers):
       written: list[Any] = []  # the block runs once, inside routed_block for a MoD layer
-
-      def block(x, s, layer=layer, cache=caches[i], written=written):
-        y, c = layer.cached(
-          x, s.positions, s.segment_ids, cache, rope=s.rope, rope_offset=rope_offset
-        )
-        written.append(c)
-        return y
-
+      block = functools.partial(layer.cached_block, caches[i], written, rope_offset, None)
       router = self.routers.get(str(i))
       x, a = self._route(i, self.plan.keep[i], block, router, x, seq, layout, rng, ctx, layer)
       new.append(written[0])
@@ -343,7 +357,7 @@ class Decoder(nnx.Module):
     with the shared router and ``ctx`` = (router weights, routable flags) for γ-MoD sequence
     routing); LoRA dropout key from ``drop``."""
     lrng = None if drop is None else jax.random.fold_in(drop, i)
-    block = functools.partial(_block, layer, lrng, ordered)
+    block = functools.partial(layer.block, lrng, ordered)
     return self._route(i, keep, block, router, x, seq, layout, rng, ctx, layer, mix)
 
   def _route(self, i, keep, block, router, x, seq, layout, rng, ctx=None, layer=None, mix=0.0):
@@ -516,8 +530,3 @@ class Decoder(nnx.Module):
     seq = rows.TokenInfo(positions, jnp.ones((b, t), jnp.int32))
     h, _ = self(self.embed_tokens(tokens_bt), seq, ordered=ordered)
     return self.logits(h)
-
-
-def _block(layer: DecoderLayer, rng, ordered: bool, x_bld, seq: rows.TokenInfo) -> jax.Array:
-  """``layer`` as a ``block(x, seq)`` callable for ``mod.routed_block``."""
-  return layer(x_bld, seq.positions, seq.segment_ids, rng, rope=seq.rope, ordered=ordered)
