@@ -251,6 +251,31 @@ def full_mesh_shape(shape: Sequence[int], axes: Sequence[str]) -> tuple[int, ...
   return shape + (1,) * (len(axes) - len(shape))
 
 
+def context_axis_size(config: ConfigDict, num_devices: int | None = None) -> int:
+  """R: the size of the ``context`` mesh axis of ``config.mesh.shape`` (1 without one), i.e.
+  the context chunks of every packed row (docs/design.md §6).
+
+  Args:
+    config: full config (``mesh.shape``, ``mesh.axes``).
+    num_devices: the device count, needed only when the context entry is -1.
+
+  Raises:
+    ConfigError: the entry is -1 and ``num_devices`` is None, or the shape does not resolve.
+  """
+  axes = tuple(config.mesh.axes)
+  if "context" not in axes:
+    return 1
+  shape = full_mesh_shape(config.mesh.shape, axes)
+  if shape[axes.index("context")] == -1:
+    if num_devices is None:
+      raise ConfigError(
+        f"mesh.shape={tuple(config.mesh.shape)} leaves the context axis to the device count; "
+        f"give the device count, or a fixed context size."
+      )
+    shape = resolve_mesh_shape(shape, num_devices)
+  return shape[axes.index("context")]
+
+
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
   """Fills a single -1 in ``shape`` so the product equals ``num_devices``.
 

@@ -7,7 +7,7 @@
   -> shuffle(seed, reshuffled every epoch) -> repeat()            (train only)
   -> map(attach frames / features)                 decoded clips in an LRU cache
   -> to_iter_dataset (threads) [-> mp_prefetch(worker_count)]
-  -> FirstFitPackIterDataset(text: T_cap, frames: F_cap)           several windows per row
+  -> first-fit packing (text: T_cap, frames: F_cap; R context chunks)  several windows per row
   -> map(check + rename segment ids) -> batch(rows)
 
 A row has exactly ``T_cap = data.max_text`` text slots and ``F_cap = data.max_frames`` frame slots
@@ -30,6 +30,11 @@ A row has exactly ``T_cap = data.max_text`` text slots and ``F_cap = data.max_fr
 
 (:mod:`mod_jax.data.stream` defines the values.) A frame's N vision tokens are at positions
 ``frame_positions .. frame_positions + N - 1``. Positions restart at 0 in every packed sample.
+
+With a ``context`` mesh axis of size R (:func:`row_chunks`; docs/design.md §6) every row is R
+context chunks (text slots ``r·T_cap/R ..`` and frames ``r·F_cap/R ..``), a sample may continue
+from one chunk into the next, and windows are cut so that they flow into a row's R chunks
+(:mod:`mod_jax.data.packing`); R = 1 gives the ordinary rows.
 
 The text of every window is rendered at index time (so windowing, truncation and all counts are
 known before training: :meth:`SplitIndex.stats`, kept by the caller in a :class:`DataIndex`); the
@@ -63,9 +68,10 @@ from typing import Any
 import grain
 import numpy as np
 
-from mod_jax.config import ConfigDict, ConfigError
+from mod_jax.config import ConfigDict, ConfigError, context_axis_size
 from mod_jax.data import features as features_lib
 from mod_jax.data import frame_cache
+from mod_jax.data import packing as packing_lib
 from mod_jax.data import stream as stream_lib
 from mod_jax.data.sources import folder, procedural
 from mod_jax.data.tokenizer import StreamTokenizer
@@ -101,6 +107,21 @@ def prepare_data(config: ConfigDict) -> str:
       )
     return os.path.abspath(os.path.expanduser(d.dir))
   raise ConfigError(f"data.source={d.source!r}; choose one of {SOURCES}.")
+
+
+def row_chunks(config: ConfigDict) -> int:
+  """R: the context chunks of every packed row, the size of ``config.mesh.shape``'s ``context``
+  axis (a -1 there is resolved over ``jax.device_count()``, as the mesh is).
+
+  Raises:
+    ConfigError: the mesh shape does not resolve (:func:`mod_jax.config.context_axis_size`).
+  """
+  try:
+    return context_axis_size(config)
+  except ConfigError:
+    import jax
+
+    return context_axis_size(config, jax.device_count())
 
 
 def load_tokenizer(config: ConfigDict) -> StreamTokenizer:
@@ -313,8 +334,8 @@ def load_split(config: ConfigDict, split: str, tokenizer: StreamTokenizer) -> Sp
   Folder sources validate each video (:func:`folder.index_folder`: decoded once into the frame
   cache, or only its features file's header with ``data.input="features"``); the tfds source
   reads the build's stored annotations (:func:`mod_jax.data.tfds.source.index_split`). Each
-  stream is cut into windows by :func:`mod_jax.data.stream.render_stream`. Not cached: keep the
-  result (a :class:`DataIndex` does).
+  stream is cut into windows by :func:`mod_jax.data.stream.render_stream`, for rows of
+  :func:`row_chunks` context chunks. Not cached: keep the result (a :class:`DataIndex` does).
 
   Args:
     config: full config (``data.*``, ``model.tokens_per_frame``, ``model.vision.image_size``).
@@ -340,6 +361,7 @@ def load_split(config: ConfigDict, split: str, tokenizer: StreamTokenizer) -> Sp
   else:
     records, source_stats, reader = _index_folder(config, root, split)
   windows, sstats = [], stream_lib.StreamStats()
+  chunks = row_chunks(config)
   for i, r in enumerate(records):
     ws, s = stream_lib.render_stream(
       tokenizer,
@@ -351,6 +373,7 @@ def load_split(config: ConfigDict, split: str, tokenizer: StreamTokenizer) -> Sp
       tokens_per_frame=m.tokens_per_frame,
       max_frames=d.max_frames,
       max_text=d.max_text,
+      chunks=chunks,
     )
     windows += [(i, w) for w in ws]
     sstats += s
@@ -444,11 +467,18 @@ def _vision_key(config: ConfigDict) -> str:
 
 
 def _pack(ds: grain.IterDataset, config: ConfigDict, pad_id: int, shuffle_bins: bool):
+  """First-fit packing into rows of :func:`row_chunks` context chunks (R = 1: grain's
+  ``FirstFitPackIterDataset``'s rows; :mod:`mod_jax.data.packing`)."""
   padding = {k: 0 for k in _length_struct(config)}
   padding["text_tokens"] = pad_id
-  return grain.experimental.FirstFitPackIterDataset(
+  return packing_lib.pack_rows(
     ds,
     length_struct=_length_struct(config),
+    groups=(
+      (stream_lib.TEXT_FEATURES, "text_positions"),
+      (stream_lib.frame_features(_vision_key(config)), "frame_positions"),
+    ),
+    chunks=row_chunks(config),
     num_packing_bins=int(config.data.num_packing_bins),
     seed=int(config.seed),
     shuffle_bins=shuffle_bins,
@@ -457,16 +487,20 @@ def _pack(ds: grain.IterDataset, config: ConfigDict, pad_id: int, shuffle_bins: 
 
 
 def _count_packed_rows(windows: list[stream_lib.StreamWindow], config: ConfigDict) -> int:
-  """Rows the eval packer makes of ``windows`` (first fit depends only on lengths)."""
+  """Rows the eval packer makes of ``windows`` (first fit depends only on the lengths and the
+  stream order of text and frames)."""
   if not windows:
     return 0
-  lengths = [(w.num_text, w.num_frames) for w in windows]
-  ds = grain.MapDataset.source(lengths).map(
-    lambda x: {
-      **{k: np.zeros(x[0], np.int8) for k in stream_lib.TEXT_FEATURES},
-      **{k: np.zeros(x[1], np.int8) for k in stream_lib.frame_features(_vision_key(config))},
+
+  def placeholder(w: stream_lib.StreamWindow) -> dict[str, np.ndarray]:
+    text = {k: np.zeros(w.num_text, np.int8) for k in stream_lib.TEXT_FEATURES}
+    frame = {
+      k: np.zeros(w.num_frames, np.int8) for k in stream_lib.frame_features(_vision_key(config))
     }
-  )
+    text["text_positions"], frame["frame_positions"] = w.text_positions, w.frame_positions
+    return {**text, **frame}
+
+  ds = grain.MapDataset.source(windows).map(placeholder)
   ds = _pack(ds.to_iter_dataset(grain.ReadOptions(num_threads=0)), config, 0, False)
   return sum(1 for _ in ds)
 

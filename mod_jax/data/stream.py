@@ -43,7 +43,8 @@ a range with that token, i.e. a slot is learned iff its next token lies in a ran
   defined, 0.0 for the last frame of a video with nothing after it.
 
 Windows: a stream longer than ``max_frames`` frames or ``max_text`` text tokens is cut into
-consecutive windows (greedy, as many frames as fit), each a sample that starts with
+consecutive windows (greedy, as many frames as fit; with R context chunks per row, as many as
+flow into the R chunks, ``mod_jax/data/packing.py``), each a sample that starts with
 ``<bos>{system}\\n`` and, for the window's first frame, the queries entering before it, then
 ``[``. A window ending after frame ``i`` keeps frame ``i``'s response (it belongs to what was seen;
 labelled as above, its ``]\\n`` slot included, also when frame ``i`` is the window's first) but
@@ -62,6 +63,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mod_jax.data.packing import ChunkFlow
 from mod_jax.data.tokenizer import StreamTokenizer
 
 # Feature names of one rendered sample (and of a packed row, which adds the segment ids).
@@ -207,6 +209,7 @@ def render_stream(
   tokens_per_frame: int,
   max_frames: int,
   max_text: int,
+  chunks: int = 1,
 ) -> tuple[list[StreamWindow], StreamStats]:
   """Renders one video's annotations into LIVE-format windows (the module docstring has the rules).
 
@@ -221,17 +224,27 @@ def render_stream(
     tokens_per_frame: N, ``<v>`` tokens per frame.
     max_frames: F_cap, frames per window.
     max_text: T_cap, text tokens per window.
+    chunks: R, context chunks per packed row (docs/design.md §6): a window grows only while it
+      flows into R chunks of ``max_text / R`` text slots and ``max_frames / R`` frames
+      (``mod_jax/data/packing.py``); R = 1: while it has at most ``max_text`` text tokens and
+      ``max_frames`` frames.
 
   Returns:
     ``(windows, stats)``: windows in stream order covering all ``T`` frames.
 
   Raises:
-    ValueError: ``num_frames < 1``, ``max_frames < 1`` or ``max_text < 1``.
+    ValueError: ``num_frames < 1``, ``max_frames < 1`` or ``max_text < 1``, or ``max_frames`` /
+      ``max_text`` not divisible by ``chunks``.
   """
   if num_frames < 1 or max_frames < 1 or max_text < 1:
     raise ValueError(
       f"render_stream: num_frames={num_frames}, max_frames={max_frames} and "
       f"max_text={max_text} must all be >= 1."
+    )
+  if chunks < 1 or max_frames % chunks or max_text % chunks:
+    raise ValueError(
+      f"render_stream: max_frames={max_frames} and max_text={max_text} must be divisible by "
+      f"the context chunks {chunks} (>= 1)."
     )
   tok = tokenizer
   stats = StreamStats()
@@ -301,20 +314,25 @@ def render_stream(
     after_cut.append(head if i + 1 < num_frames else full)
   frame_target = [a.ids[0] if len(a) else 0 for a in after_full]
 
-  # --- greedy windows.
+  # --- greedy windows: grow while the next frame (with the cut tail) still flows into the row's
+  # chunks; with one chunk: frames <= F_cap and text <= T_cap.
+  chunk_caps = np.tile([[max_text // chunks, max_frames // chunks]], (chunks, 1))
+  text, frame = 0, 1
   windows = []
   start = 0
   while start < num_frames:
     pre = prefix(start)
-    used = len(pre)
+    flow = ChunkFlow(chunk_caps)  # the window's flow up to its last frame, without that tail
+    flow.add(text, len(pre))
+    flow.add(frame, 1)
     stop = start + 1
-    # Grow while the next frame fits: frames <= F_cap and text (with the cut tail) <= T_cap.
-    while (
-      stop < num_frames
-      and stop - start < max_frames
-      and used + len(after_full[stop - 1]) + len(after_cut[stop]) <= max_text
-    ):
-      used += len(after_full[stop - 1])
+    while stop < num_frames:
+      grown = flow.copy()
+      if not (grown.add(text, len(after_full[stop - 1])) and grown.add(frame, 1)):
+        break
+      if not grown.copy().add(text, len(after_cut[stop])):
+        break
+      flow = grown
       stop += 1
     windows.append(
       _build_window(

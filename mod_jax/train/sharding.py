@@ -16,7 +16,7 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from mod_jax.config import ConfigError, full_mesh_shape, resolve_mesh_shape, split_mesh_shape
+from mod_jax.config import full_mesh_shape, resolve_mesh_shape, split_mesh_shape
 from mod_jax.model.factory import build_model
 from mod_jax.model.partitioning import logical_to_spec
 from mod_jax.train.state import TrainState, make_optimizer
@@ -45,26 +45,6 @@ def make_mesh(config, devices=None) -> Mesh:
     grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
     return Mesh(grid, axes, axis_types=axis_types)
   return jax.make_mesh(shape, axes, axis_types=axis_types, devices=devices)
-
-
-def check_pipeline_rows(mesh: Mesh) -> None:
-  """Refuses a ``context`` axis > 1 for rows from the data pipeline.
-
-  The model needs context-chunked rows (``mod_jax/model/rows.py``: chunk r = text slots
-  r·T/R.. and frames r·F/R.., in stream order chunk after chunk), and the pipeline's first-fit
-  packer does not cut samples into chunks yet. The train step itself, ``mod-jax compile`` and
-  batches built chunk by chunk support the axis.
-
-  Raises:
-    ConfigError: the mesh's ``context`` axis is larger than 1.
-  """
-  context = dict(mesh.shape).get("context", 1)
-  if context > 1:
-    raise ConfigError(
-      f"mesh context axis of size {context}: the data pipeline does not pack rows into "
-      f"{context} context chunks yet (the model and `mod-jax compile` support it). Train with "
-      f"a context axis of size 1 (e.g. --config.mesh.shape='(1,-1,1,1)')."
-    )
 
 
 def rules_of(config):
