@@ -50,8 +50,9 @@ v5e-256 (16 GiB per chip):
 (measured with ``full``: 9.10 GiB per chip for MoD, 8.76 GiB dense, both fit; README has the
 table; the default ``save_proj`` has not been compiled for v5e).
 ``data.max_frames`` and ``data.max_text`` must be multiples of the context size, and the rows
-must be context-chunked (``mod_jax/model/rows.py``): the data pipeline does not pack them so
-yet, so ``mod-jax train`` refuses a context axis > 1 for now.
+must be context-chunked (``mod_jax/model/rows.py``), which the data pipeline does for the
+mesh's context size (``mod_jax/data/packing.py``: a sample continues from one chunk into the
+next), so ``mod-jax train`` takes the same ``--config.mesh.shape``.
 
 Arg: comma-separated ``llm=DIR``, ``vision=DIR`` and optionally ``dense`` (full computation) and
 ``online`` (frames in, the tower runs in the step).

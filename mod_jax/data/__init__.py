@@ -10,6 +10,9 @@
   (``mod-jax prepare``), and reading a build (``data.source="tfds"``).
 * :mod:`.features` / :mod:`.encode` — pre-extracted tower features per video (``mod-jax encode``).
 * :mod:`.frame_cache` — the per-process LRU cache of decoded clips.
+* :mod:`.packing` — first-fit packing of samples into rows of R context chunks (``pack_rows``;
+  R = 1: grain's first fit), and the flow rule that also cuts streams into windows.
 * :mod:`.pipeline` — ``prepare_data``, ``load_tokenizer``, ``DataIndex`` / ``load_split`` (the
-  indexed splits and their counts), ``make_dataset`` (grain, packed rows), ``batch_spec``.
+  indexed splits and their counts), ``make_dataset`` (grain, packed rows), ``batch_spec``,
+  ``row_chunks`` (R).
 """

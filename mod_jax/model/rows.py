@@ -38,7 +38,8 @@ per-row (the stream permutation, MoD's per-frame top-k and compaction, the loss)
 folded rows, device-local; only attention sees the whole row (K/V all-gathered along
 ``context``, ``mod_jax/model/attention_ops.py``). With the slot layout this costs nothing: a
 contiguous split of the *ordered* row would cut frames at data-dependent places, a split of
-the slot layout by chunks never does.
+the slot layout by chunks never does. The data pipeline packs such rows
+(``mod_jax/data/packing.py``).
 
 Shape letters: b batch, l ordered slots, m gathered slots, d feature width, f frames, n N.
 """
