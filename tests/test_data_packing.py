@@ -150,7 +150,8 @@ def _flows(window, text_cap, frame_cap, chunks):
 def test_chunked_rows_keep_every_window_once_in_stream_order(setup, chunks):
   """One eval pass at R chunks: each chunk ends with its padding, a sample's tokens in chunk r
   come before its tokens in chunk r + 1, samples are whole streams (labels as in
-  test_data_pipeline), and the samples are the split's windows, each once, pixels included."""
+  test_data_pipeline), and the samples are the split's windows, each once, pixels included;
+  the eval row count computed from the windows alone is the pass's."""
   c, tok = setup
   c = with_chunks(c, chunks)
   n = c.model.tokens_per_frame
@@ -158,10 +159,11 @@ def test_chunked_rows_keep_every_window_once_in_stream_order(setup, chunks):
   index = pipeline.load_split(c, "eval", tok)
   assert all(_flows(w, t_cap, f_cap, chunks) for _, w in index.windows)
   assert [w.frame_start for _, w in index.windows if w.frame_start == 0]  # streams start
-  spans = 0
+  spans = rows = 0
   found = []
   for batch in pipeline.make_dataset(c, "eval", tok, index=index):
     check_batch(batch, c, tok)
+    rows += int(np.sum(batch["text_segment_ids"].max(1) > 0))
     for row in range(batch["text_tokens"].shape[0]):
       text_seg = batch["text_segment_ids"][row].reshape(chunks, t_cap)
       frame_seg = batch["frame_segment_ids"][row].reshape(chunks, f_cap)
@@ -191,6 +193,8 @@ def test_chunked_rows_keep_every_window_once_in_stream_order(setup, chunks):
           )
         )
   assert spans > 0  # some samples do continue across chunks
+  # The row count that pads multi-process eval passes (from the windows alone) agrees.
+  assert rows == pipeline._count_packed_rows([w for _, w in index.windows], c)
   expected = []
   for i, (_, w) in enumerate(index.windows):
     frames = index.example(i)["frames"]
