@@ -23,7 +23,7 @@ def ids(tok, words):
   return [vocab[w] for w in words]
 
 
-def render(tok, num_frames, narrations=(), queries=(), max_frames=24, max_text=64):
+def render(tok, num_frames, narrations=(), queries=(), max_frames=24, max_text=64, chunks=1):
   return stream.render_stream(
     tok,
     num_frames=num_frames,
@@ -34,6 +34,7 @@ def render(tok, num_frames, narrations=(), queries=(), max_frames=24, max_text=6
     tokens_per_frame=N,
     max_frames=max_frames,
     max_text=max_text,
+    chunks=chunks,
   )
 
 
@@ -188,6 +189,22 @@ def test_windows_cut_mid_video(tok):
   windows, stats = render(tok, 40, narrations=narr, max_frames=8, max_text=20)
   assert all(w.num_frames <= 8 and w.num_text <= 20 for w in windows)
   assert sum(w.num_frames for w in windows) == 40 and stats.truncated_tokens == 0
+
+
+def test_windows_flow_into_context_chunks(tok):
+  """4 frames, a 6-word response after frame 0; rows of 24 text slots and 4 frames. One chunk:
+  the whole stream is one window (17 text tokens). Two chunks of 12 text + 2 frames: the prefix
+  (4), frame 0 and 8 of the 11 response tokens fill chunk 0's text (its 2nd frame slot stays
+  free); chunk 1 takes the other 3, frame 1, ',' and frame 2, which fill its frame slots, so
+  frame 3 starts a new window."""
+  narr = [(0.0, "a red circle a red circle")]
+  (w,), _ = render(tok, 4, narrations=narr, max_frames=4, max_text=24)
+  assert (w.frame_start, w.frame_stop, w.num_text) == (0, 4, 17)
+  (w0, w1), _ = render(tok, 4, narrations=narr, max_frames=4, max_text=24, chunks=2)
+  assert (w0.frame_start, w0.frame_stop, w1.frame_start, w1.frame_stop) == (0, 3, 3, 4)
+  assert w0.num_text == 4 + 11 + 1 and w1.num_text == 4  # <bos> go \n [ before frame 3
+  with pytest.raises(ValueError, match="divisible by the context chunks 3"):
+    render(tok, 4, max_frames=4, max_text=24, chunks=3)
 
 
 def test_overlong_narration_is_truncated_and_counted(tok):
