@@ -286,7 +286,8 @@ def run_layers(
   kept = fastv.kept_count(n, comp.r) if comp.method == "fastv" else 0
   kv_pruning = streaming and comp.method == "dycoke" and comp.p > 0
   new_caches = []
-  for i, layer in enumerate(dec.layers):
+  for i in range(dec.n_layers):
+    layer = dec.layer(i)
     written: list = []  # the block runs once, inside routed_block / compact_block when pruned
     if streaming:
       block = functools.partial(
@@ -323,7 +324,7 @@ def run_layers(
         k=plan.keep[i],
         selection=plan.selection,
         weighting=plan.weighting,
-        router=dec.router_fn(dec.routers.get(str(i)), layer),
+        router=dec.router_fn(dec.router(i), layer),
         rng=lora.fold(rng, i),
         allowed=allowed,
       )

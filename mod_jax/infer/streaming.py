@@ -221,13 +221,12 @@ class CacheLedger:
 # ------------------------------------------------------------------------------------- session
 def empty_caches(model: VideoLLM, batch: int, sizes: Sequence[int]) -> tuple[KVCache, ...]:
   """Empty :class:`KVCache` s for the decoder's layers, ``sizes[i]`` slots for layer i."""
-  layers = model.llm.layers
-  if len(sizes) != len(layers):
-    raise ValueError(f"{len(sizes)} cache sizes for {len(layers)} layers.")
-  return tuple(
-    KVCache.empty(batch, int(size), layer.attn.k.shape[1], layer.attn.k.shape[2], layer.attn.dtype)
-    for layer, size in zip(layers, sizes)
-  )
+  dec = model.llm
+  if len(sizes) != dec.n_layers:
+    raise ValueError(f"{len(sizes)} cache sizes for {dec.n_layers} layers.")
+  attn = dec.stacks[0].attn  # k [layers, d, kv_heads, head_dim]: every layer's shape
+  kv_heads, head_dim = attn.k.shape[-2:]
+  return tuple(KVCache.empty(batch, int(size), kv_heads, head_dim, attn.dtype) for size in sizes)
 
 
 def sample_token(
