@@ -127,6 +127,17 @@ def test_arank_maps_are_the_layers_attention_and_recommendation():
   assert arank_main.recommend([9.0] * 8)["reference"] == [3, 4, 5, 6]
 
 
+def _restack(session, per_layer):
+  """Per-layer caches in the session's stacked layout (layer i is row r of stack s)."""
+  stacks: dict = {}
+  for i, (s, r) in enumerate(session.slots):
+    stacks.setdefault(s, {})[r] = per_layer[i]
+  return tuple(
+    jax.tree.map(lambda *a: np.stack(a), *(rows[r] for r in sorted(rows)))
+    for _, rows in sorted(stacks.items())
+  )
+
+
 def _session(cfg, gd, params, **kw):
   return streaming.Session(gd, params, cfg.model, **{**WINDOW, **kw})
 
@@ -148,7 +159,7 @@ def test_streaming_equals_teacher_forced(spec):
   np.testing.assert_array_equal(  # the same stream decisions
     frame_inc.argmax(-1), frame_full[0].argmax(-1)
   )
-  live = [int((np.asarray(c.segment_ids) != 0).sum()) for c in session.caches]
+  live = [int((np.asarray(c.segment_ids) != 0).sum()) for c in session.layer_caches()]
   t, n = batch["text_tokens"].shape[1], cfg.model.tokens_per_frame
   if comp.method == "dycoke":  # TTM really pruned: 6 frames keep 10 + 3 + 3 + 3 + 10 + 3
     assert live == [t + dycoke.causal_keep_counts(0.7, n, 6, keep_last=True)] * 4 == [t + 32] * 4
@@ -204,7 +215,7 @@ def test_dycoke_kv_pruning_step_is_a_masked_view_of_the_kept_cache():
   session.pin()
   for e in frames[:2]:
     session.feed(e[1], e[2][None])
-  caches, state = jax.device_get((session.caches, session.state))
+  caches, state = jax.device_get((session.layer_caches(), session.state))
   saved = (copy.deepcopy(session.ledger), session.position, session.pinned_end)
   out = session.feed(frames[2][1], frames[2][2][None])
   after = jax.device_get(session.state)
@@ -217,12 +228,11 @@ def test_dycoke_kv_pruning_step_is_a_masked_view_of_the_kept_cache():
 
   def plain_step(hide):
     other = _session(cfg, ttm, params)
-    other.caches = jax.device_put(
-      tuple(
-        c._replace(segment_ids=np.where(hide, 0, c.segment_ids)) if i >= comp.l else c
-        for i, c in enumerate(caches)
-      )
-    )
+    per_layer = [
+      c._replace(segment_ids=np.where(hide, 0, c.segment_ids)) if i >= comp.l else c
+      for i, c in enumerate(caches)
+    ]
+    other.caches = jax.device_put(_restack(other, per_layer))
     other.state = other.state._replace(
       window=jax.device_put(state.window), frames_seen=jax.device_put(state.frames_seen)
     )

@@ -141,3 +141,20 @@ def test_lora_adapters_are_stacked_and_merge_per_layer():
     want = np.asarray(old.attn.q[...]) + np.tensordot(a, b, axes=1) * 2.0
     np.testing.assert_allclose(np.asarray(model.llm.layer(i).attn.q[...]), want, atol=1e-6)
     assert getattr(model.llm.layer(i).attn, "q_lora", None) is None
+
+
+def test_kv_caches_are_stacked_like_the_layers():
+  """One cache per stack, [layers, b, size, ...]; a MoD stack's layers get the MoD size; sizes
+  that differ inside a stack are refused."""
+  from mod_jax.infer import streaming
+
+  c, model = _model()
+  sizes = streaming.cache_sizes(model.llm.plan, 4, 8)  # layers 1, 3 (MoD) cache fewer entries
+  caches = jax.eval_shape(lambda: streaming.empty_caches(model, 2, sizes))
+  assert len(caches) == 2
+  for s, m in enumerate(model.llm.members):
+    assert caches[s].k.shape == (2, 2, sizes[m[0]], c.model.n_kv_heads, c.model.head_dim)
+    assert caches[s].written.shape == (2, 2)
+  assert sizes[0] > sizes[1]
+  with pytest.raises(ValueError, match=r"layers \(0, 2\) share a stack but were given cache"):
+    streaming.empty_caches(model, 2, [sizes[0], sizes[1], sizes[1], sizes[1]])

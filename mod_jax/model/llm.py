@@ -10,12 +10,13 @@ times), and the layers at one cycle position of one run are stored as ONE module
 parameters carry a leading axis of logical name ``layers`` (``Decoder.stacks``; their routers
 likewise in ``Decoder.routers``, keyed by stack). A run is one ``lax.scan`` over those stacked
 parameters, so the layer body is compiled once per cycle position and the optimizer sees a few
-large leaves, whatever the depth. Layer i is stack s, row r (:meth:`Decoder.slot`);
-:meth:`Decoder.layer` / :meth:`Decoder.router` give a view of it (HF / GGUF import and export,
-the training-free methods, the streaming step and tests address layers through them).
+large leaves, whatever the depth; the streaming step (:meth:`Decoder.cached`) scans the same
+runs with the stacks' KV caches (stacked likewise) in the carry. Layer i is stack s, row r
+(:meth:`Decoder.slot`); :meth:`Decoder.layer` / :meth:`Decoder.router` give a view of it (HF /
+GGUF import and export, the training-free methods and tests address layers through them).
 ``model.scan_layers = False`` runs the same stacked parameters as an unrolled Python loop over
 the layers (the reference). Each cycle is rematerialised with ``REMAT_POLICIES[train.remat]``
-(:func:`remat_cycle`).
+(in ``Decoder._run``).
 
 Shape letters: b batch, l/t tokens, d model width, v vocabulary.
 """
@@ -153,6 +154,17 @@ def unstacked(state, index=None):
     return v.replace(x if index is None else x[index], **meta)
 
   return jax.tree.map(one, state, is_leaf=_is_variable)
+
+
+def _per_layer(auxes, start: int, period: int, reps: int) -> dict:
+  """A scanned run's aux (per cycle position, stacked over the ``reps`` cycles) as
+  {"layer_i": aux of layer i}."""
+  return {
+    f"layer_{start + r * period + j}": jax.tree.map(lambda v, r=r: v[r], a)
+    for j, a in enumerate(auxes)
+    if a
+    for r in range(reps)
+  }
 
 
 class DecoderLayer(nnx.Module):
@@ -313,6 +325,18 @@ class Decoder(nnx.Module):
     graphdef, state = nnx.split(stacked)
     return nnx.merge(graphdef, unstacked(state, r))
 
+  def layer_cache(self, caches, i: int):
+    """Layer ``i``'s ``KVCache`` of the stacked caches (``streaming.empty_caches``): row r of
+    ``caches[s]``."""
+    s, r = self.slot(i)
+    return jax.tree.map(lambda a: a[r], caches[s])
+
+  def with_layer_cache(self, caches, i: int, cache):
+    """``caches`` with layer ``i``'s cache replaced by ``cache`` (row r of ``caches[s]``)."""
+    s, r = self.slot(i)
+    new = jax.tree.map(lambda a, c: a.at[r].set(c), caches[s], cache)
+    return (*caches[:s], new, *caches[s + 1 :])
+
   @property
   def inv_freq(self) -> tuple[float, ...]:
     """RoPE inverse frequencies (static; every layer has the same)."""
@@ -388,12 +412,16 @@ class Decoder(nnx.Module):
   ):
     """Streaming: all layers over new tokens with their KV caches (``Attention.cached``).
 
+    Runs as :meth:`__call__` does: one ``lax.scan`` per run of the layer cycle over the stacked
+    parameters, the stacks' caches carried through it (layer r of a stack reads and writes row r).
+
     Args:
       x_bld: embedded new tokens [b, l, d] (any slot order; padding has segment id 0).
       seq: their absolute stream positions and segment ids (``rope`` is ignored: the tables are
         computed at ``positions - rope_offset``).
       layout: where the frames are (``rows.StreamLayout``), or None for text only.
-      caches: one ``attention.KVCache`` per layer.
+      caches: one ``attention.KVCache`` per stack of layers, with a leading axis over its layers
+        (``mod_jax.infer.streaming.empty_caches``; layer i's: :meth:`layer_cache`).
       rope_offset: int32 [], the re-basing of the stream's positions (``KVCache.rope_positions``).
       rng: routing key (``random`` selection).
       state: with ``self.compress`` (FastV / DyCoke), the method's per-stream state
@@ -402,11 +430,11 @@ class Decoder(nnx.Module):
       (final-normed hidden [b, l, d], aux per routed layer, tuple of the updated caches, the
       updated ``state``: None without ``self.compress``).
     Raises:
-      ValueError: ``len(caches)`` is not the number of layers, or ``state`` is missing for a
+      ValueError: ``len(caches)`` is not the number of stacks, or ``state`` is missing for a
         compressed model.
     """
-    if len(caches) != self.n_layers:
-      raise ValueError(f"{len(caches)} KV caches for {self.n_layers} layers.")
+    if len(caches) != len(self.stacks):
+      raise ValueError(f"{len(caches)} KV caches for {len(self.stacks)} stacks of layers.")
     seq = seq._replace(rope=rope_tables(seq.positions - rope_offset, self.inv_freq))
     if layout is not None and layout.frame_start.shape[1] == 0:
       layout = None
@@ -432,17 +460,51 @@ class Decoder(nnx.Module):
       )
       return self.final_norm(x), aux, caches, state
     ctx = self._sequence_routing(layout)  # γ-MoD at inference: vision tokens routable
-    x, aux, new = x_bld, {}, []
-    for i in range(self.n_layers):
-      layer = self.layer(i)
-      written: list[Any] = []  # the block runs once, inside routed_block for a MoD layer
-      block = functools.partial(layer.cached_block, caches[i], written, rope_offset, None)
-      x, a = self._route(
-        i, self.plan.keep[i], block, self.router(i), x, seq, layout, rng, ctx, layer
+    x, aux, caches = x_bld, {}, tuple(caches)
+    for run in range(len(self.runs)):
+      x, caches, run_aux = self._cached_run(run, x, seq, layout, caches, rope_offset, rng, ctx)
+      aux.update(run_aux)
+    return self.final_norm(x), aux, caches, None
+
+  def _cached_run(self, run, x, seq, layout, caches, rope_offset, rng, ctx):
+    """Run ``run`` of the streaming step (:meth:`cached`): as :meth:`_run`, with the run's
+    stacked caches in the scan's carry; returns (x, all caches, {"layer_i": aux})."""
+    start, period, reps, first, graphdefs, states = self._run_parts(run)
+
+    def cycle(x, run_caches, states, r):
+      auxes, new = [], []
+      for j, ((layer_gd, router_gd), (layer_st, router_st)) in enumerate(zip(graphdefs, states)):
+        layer = nnx.merge(layer_gd, layer_st)
+        router = None if router_gd is None else nnx.merge(router_gd, router_st)
+        written: list[Any] = []  # the block runs once, inside routed_block for a MoD layer
+        cache = jax.tree.map(lambda a: a[r], run_caches[j])
+        block = functools.partial(layer.cached_block, cache, written, rope_offset, None)
+        i = start + r * period + j
+        x, a = self._route(
+          i, self.plan.keep[start + j], block, router, x, seq, layout, rng, ctx, layer
+        )
+        new.append(jax.tree.map(lambda a, c: a.at[r].set(c), run_caches[j], written[0]))
+        auxes.append(a)
+      return x, tuple(new), auxes
+
+    run_caches = caches[first : first + period]
+    out = {}
+    if self.scan_layers and reps > 1:
+
+      def body(carry, xs):
+        (x, c), (st, r) = carry, xs
+        x, c, auxes = cycle(x, c, st, r)
+        return (x, c), auxes
+
+      (x, run_caches), auxes = jax.lax.scan(
+        body, (x, run_caches), (states, jnp.arange(reps, dtype=jnp.int32))
       )
-      new.append(written[0])
-      aux.update({f"layer_{i}": a} if a else {})
-    return self.final_norm(x), aux, tuple(new), None
+      out = _per_layer(auxes, start, period, reps)
+    else:
+      for r in range(reps):
+        x, run_caches, auxes = cycle(x, run_caches, jax.tree.map(lambda v, r=r: v[r], states), r)
+        out.update({f"layer_{start + r * period + j}": a for j, a in enumerate(auxes) if a})
+    return x, (*caches[:first], *run_caches, *caches[first + period :]), out
 
   def _sequence_routing(self, layout, routable=None):
     """γ-MoD's (shared router weights, routable flags [b, l]) or None (per-frame routing, or no
@@ -503,13 +565,9 @@ class Decoder(nnx.Module):
       explore=self.plan.explore,
     )
 
-  def _run(self, run, x, seq, layout, rng, drop, ordered, remat, ctx=None, mix=0.0):
-    """Run ``run`` of :attr:`runs`: a cycle of ``period`` layers repeated ``reps`` times over
-    the stacked parameters of its ``period`` stacks, as one ``lax.scan`` when ``scan_layers``
-    and reps > 1 (one compiled body whatever the depth; MaxText's scanned layers), else an
-    unrolled loop over the rows. Each cycle is rematerialised with ``REMAT_POLICIES[remat]``.
-    Returns (x, {"layer_i": aux}).
-    """
+  def _run_parts(self, run):
+    """(start, period, reps, first stack, per cycle position (layer, router) graphdefs, per
+    position (layer, router) states: stacked, with per-layer metadata) of run ``run``."""
     start, period, reps = self.runs[run]
     first = sum(p for _, p, _ in self.runs[:run])  # the stack of the run's cycle position 0
     graphdefs, states = [], []
@@ -521,6 +579,16 @@ class Decoder(nnx.Module):
       )
       graphdefs.append((layer_gd, router_gd))
       states.append((unstacked(layer_st), None if router_st is None else unstacked(router_st)))
+    return start, period, reps, first, graphdefs, states
+
+  def _run(self, run, x, seq, layout, rng, drop, ordered, remat, ctx=None, mix=0.0):
+    """Run ``run`` of :attr:`runs`: a cycle of ``period`` layers repeated ``reps`` times over
+    the stacked parameters of its ``period`` stacks, as one ``lax.scan`` when ``scan_layers``
+    and reps > 1 (one compiled body whatever the depth; MaxText's scanned layers), else an
+    unrolled loop over the rows. Each cycle is rematerialised with ``REMAT_POLICIES[remat]``.
+    Returns (x, {"layer_i": aux}).
+    """
+    start, period, reps, _, graphdefs, states = self._run_parts(run)
 
     def cycle(x, states, r):
       auxes = []
@@ -559,12 +627,7 @@ class Decoder(nnx.Module):
       return cycle(x, st, r)
 
     x, auxes = jax.lax.scan(body, x, (states, jnp.arange(reps, dtype=jnp.int32)))
-    return x, {
-      f"layer_{start + r * period + j}": jax.tree.map(lambda v, r=r: v[r], a)
-      for j, a in enumerate(auxes)
-      if a
-      for r in range(reps)
-    }
+    return x, _per_layer(auxes, start, period, reps)
 
   def logits(self, h_btd: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """LM head, float32 [b, t, v] (accumulated in float32). ``rng``: LoRA dropout key."""
