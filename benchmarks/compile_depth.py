@@ -26,6 +26,8 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax
+
 from mod_jax.analysis import compile as aot
 
 STEPS = (("MoD train", ""), ("dense train", "dense_"), ("stream step", "stream_"))
@@ -52,6 +54,7 @@ def main():
     for n in depths:
       config = load_config(a.config)
       config.model.n_layers = n
+      jax.clear_caches()  # a repeat must compile, not hit the streaming step's module-level jit
       summary = aot.run(config)
       for _, p in STEPS:
         for key in (f"{p}compile_s", f"{p}lower_s"):
