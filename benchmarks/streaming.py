@@ -77,7 +77,8 @@ def _session(config, graphdef, params, frames, on_full="stop"):
 def _cache_nbytes(session) -> int:
   """Bytes of the per-entry cache arrays (k, v, positions, segment ids; not the 3 int32
   counters per layer)."""
-  return int(sum(x.nbytes for x in jax.tree.leaves(session.caches) if x.ndim >= 2))
+  # k, v [layers, b, size, k, h], positions and segment ids [layers, b, size] of each stack
+  return int(sum(x.nbytes for x in jax.tree.leaves(session.caches) if x.ndim >= 3))
 
 
 def frames_fit(config, graphdef, params, budget: int, frames: np.ndarray) -> tuple[int, int]:
@@ -94,7 +95,7 @@ def frames_fit(config, graphdef, params, budget: int, frames: np.ndarray) -> tup
       break
     count += 1
   # Every layer's cache is full when the window is: no layer type has idle slots.
-  live = [int((np.asarray(c.segment_ids) != 0).sum()) for c in s.caches]
+  live = [int((np.asarray(c.segment_ids) != 0).sum()) for c in s.layer_caches()]
   if live != list(s.sizes):
     raise AssertionError(f"live entries {live} at the window's end; cache sizes {s.sizes}.")
   return count, nbytes

@@ -35,6 +35,7 @@ DEFAULT_LOGICAL_AXIS_RULES = (
   ("vision_mlp", "tensor"),
   ("vision_heads", "tensor"),
   ("norm", None),
+  ("layers", None),  # the stacked decoder layers' leading axis (mod_jax/model/llm.py), never split
 )
 
 MOD_INSERTIONS = ("none", "all", "all_deep", "interleaved", "interleaved_deep")

@@ -90,7 +90,7 @@ def test_incremental_logits_equal_full_pass(variant):
   np.testing.assert_allclose(text_inc, text_full[0], atol=ATOL, rtol=0)
   np.testing.assert_allclose(frame_inc, frame_full[0], atol=ATOL, rtol=0)
 
-  live = [int((np.asarray(c.segment_ids) != 0).sum()) for c in session.caches]
+  live = [int((np.asarray(c.segment_ids) != 0).sum()) for c in session.layer_caches()]
   k = plan.keep
   assert live == [t + f * (n if k[i] is None else k[i]) for i in range(cfg.model.n_layers)]
   if variant == "":
@@ -204,7 +204,7 @@ def test_slide_keeps_prompt_and_equals_full_pass_over_kept_stream(rebase):
   }
   _, frame_oracle = jax.device_get(_full(params, oracle, graphdef))
   np.testing.assert_allclose(out["frame_logits"][0, 0], frame_oracle[0, -1], atol=ATOL, rtol=0)
-  cache = session.caches[0]
+  cache = session.layer_caches()[0]
   pos0, seg0 = np.asarray(cache.positions), np.asarray(cache.segment_ids)
   np.testing.assert_array_equal(pos0[0, :prompt_len], np.arange(prompt_len))  # prompt pinned
   assert (seg0[0, :prompt_len] == 1).all()
@@ -348,7 +348,7 @@ def test_stop_policy_raises_clear_error_and_writes_nothing():
   assert session.ledger.used == used and session.position == 2 + 2 * 11
   assert used == [4, 2]  # prompt + 2 interval tokens, 2 frames
   # prompt + 2 x (interval + k = 2 kept vision tokens) live entries in the (MoD) layer's cache
-  assert int((np.asarray(session.caches[0].segment_ids) != 0).sum()) == 2 + 2 * (1 + 2)
+  assert int((np.asarray(session.layer_caches()[0].segment_ids) != 0).sum()) == 2 + 2 * (1 + 2)
 
 
 def test_ledger_refuses_an_event_larger_than_the_cache():

@@ -198,8 +198,8 @@ def test_model_attention_kernels_equal_the_position_mask_reference(impl):
   the position mask (any order; the reference)."""
   _, model, batch = _setup(attention=impl, attention_block_size=16)
   got = model(batch)
-  for layer in model.llm.layers:
-    layer.attn.implementation = "xla"
+  for stack in model.llm.stacks:  # stacked layers: one module per stack holds the setting
+    stack.attn.implementation = "xla"
   want_h = _layout_reference(model, batch)
   text_ok = np.asarray(batch["text_segment_ids"]) != 0
   np.testing.assert_allclose(

@@ -58,7 +58,8 @@ def _oracle_logits(model, batch, kept_fn):
   x, pos, seg, t, f = _row_inputs(model, batch)
   b, _, d = x.shape
   n = model.tokens_per_frame
-  for i, layer in enumerate(model.llm.layers):
+  for i in range(model.llm.n_layers):
+    layer = model.llm.layer(i)
     kept = kept_fn(i, np.asarray(x[:, t:]).reshape(b, f, n, d))
     if kept is None:
       x = layer(x, pos, seg)
@@ -112,12 +113,11 @@ def test_insertion_routes_exactly_its_layers(insertion, layers, monkeypatch):
   c = _config(insertion=insertion, selection="uniform")
   c.model.scan_layers = False  # the recording below needs concrete values, not scan tracers
   model, batch = _model_and_batch(c)
-  seen = {}
+  seen = []  # positions per layer: the unrolled stack calls layers 0, 1, ... in order
   original = DecoderLayer.__call__
-  index = {id(layer): i for i, layer in enumerate(model.llm.layers)}
 
   def recording(self, x, positions, segment_ids, rng=None, **kw):
-    seen[index[id(self)]] = np.asarray(positions)
+    seen.append(np.asarray(positions))
     return original(self, x, positions, segment_ids, rng, **kw)
 
   monkeypatch.setattr(DecoderLayer, "__call__", recording)
@@ -126,6 +126,7 @@ def test_insertion_routes_exactly_its_layers(insertion, layers, monkeypatch):
 
   t, f, n = c.data.max_text, c.data.max_frames, c.model.tokens_per_frame
   fpos = np.asarray(batch["frame_positions"])
+  assert len(seen) == N_LAYERS
   for i in range(N_LAYERS):
     if i in layers:  # text slots, then per frame the tokens at offsets 2 and 7
       kept_pos = (fpos[:, :, None] + np.array(UNIFORM_2_OF_10)).reshape(2, -1)
@@ -164,7 +165,7 @@ def test_learned_selection_equals_masked_dense_oracle():
   def kept_fn(i, x_vis):
     if i not in (1, 3):
       return None
-    r = model.llm.routers[str(i)]
+    r = model.llm.router(i)
     scores = x_vis @ np.asarray(r.kernel[...]) + float(r.bias[...])  # [b, f, n]
     top = np.argsort(-scores, axis=-1)[..., :k]
     kept = np.zeros(scores.shape, bool)

@@ -127,7 +127,7 @@ def test_normed_router_scores_the_layer_input_norm():
   c.model.mod.router_input = "normed"
   model = VideoLLM(c.model, rngs=nnx.Rngs(0))
   dec = model.llm
-  layer, router = dec.layers[1], dec.routers["1"]
+  layer, router = dec.layer(1), dec.router(1)
   x = jax.random.normal(jax.random.key(2), (2, 7, c.model.d_model))
   fn = dec.router_fn(router, layer)
   np.testing.assert_allclose(fn(x), router(layer.input_norm(x)), rtol=1e-6)

@@ -46,9 +46,9 @@ def test_sharded_step_matches_single_device(variant):
   init1, p1, m1, _ = _run_steps(c1, jax.devices()[:1], batches)
   init8, p8, m8, s8 = _run_steps(c8, jax.devices(), batches)
   # The sharded state really is sharded over the 8 devices.
-  q = s8.params["llm"]["layers"][0]["attn"]["q"][...]
+  q = s8.params["llm"]["stacks"][0]["attn"]["q"][...]  # [layers, d, n, h]: layers unsharded
   assert len(q.sharding.device_set) == 8
-  assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+  assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), init1, init8)
   for (path, a), (_, b) in zip(
     jax.tree_util.tree_flatten_with_path(p1)[0], jax.tree_util.tree_flatten_with_path(p8)[0]

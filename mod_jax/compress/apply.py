@@ -264,7 +264,8 @@ def run_layers(
     rng, drop: routing and LoRA-dropout keys; ordered: kernel attention allowed (rows only).
     vision_keep: bool [b, f, n] TTM flags supplied by the caller, or None to compute them from
       this row (a whole stream from its first frame) or, streaming, from ``state``.
-    caches: one ``attention.KVCache`` per layer (streaming), or None (teacher-forced).
+    caches: the stacked KV caches (streaming: ``Decoder.cached``; layer i's is
+      ``dec.layer_cache(caches, i)``), or None (teacher-forced).
     state: the stream's :class:`StreamState` (streaming only).
     rope_offset: int32 [], the stream's re-basing (``Attention.cached``).
   Returns:
@@ -285,13 +286,13 @@ def run_layers(
   scores = visible = None
   kept = fastv.kept_count(n, comp.r) if comp.method == "fastv" else 0
   kv_pruning = streaming and comp.method == "dycoke" and comp.p > 0
-  new_caches = []
-  for i, layer in enumerate(dec.layers):
+  for i in range(dec.n_layers):
+    layer = dec.layer(i)
     written: list = []  # the block runs once, inside routed_block / compact_block when pruned
     if streaming:
       block = functools.partial(
         layer.cached_block,
-        caches[i],
+        dec.layer_cache(caches, i),
         written,
         rope_offset,
         visible if kv_pruning and i >= comp.l else None,
@@ -323,7 +324,7 @@ def run_layers(
         k=plan.keep[i],
         selection=plan.selection,
         weighting=plan.weighting,
-        router=dec.router_fn(dec.routers.get(str(i)), layer),
+        router=dec.router_fn(dec.router(i), layer),
         rng=lora.fold(rng, i),
         allowed=allowed,
       )
@@ -341,10 +342,10 @@ def run_layers(
     if kv_pruning and i == comp.l - 1:
       visible, state = kv_select(state, layer, x_in, seq, layout, cache, rope_offset, comp.p)
     if streaming:
-      new_caches.append(cache)
+      caches = dec.with_layer_cache(caches, i, cache)
     if a:
       aux[f"layer_{i}"] = a
-  return x, aux, tuple(new_caches) if streaming else None, state
+  return x, aux, caches, state
 
 
 # ---------------------------------------------------------------------------- streaming

@@ -57,15 +57,14 @@ def layer_maps(params, batch, *, graphdef):
   model.eval()
   dec = model.llm
   x, seq, layout = model.embed_row(batch)
-  seq = seq._replace(rope=rope_tables(seq.positions, dec.layers[0].attn.inv_freq))
+  seq = seq._replace(rope=rope_tables(seq.positions, dec.inv_freq))
   if layout.frame_start.shape[1] == 0:
     layout = None
   maps = []
-  for i, layer in enumerate(dec.layers):
+  for i in range(dec.n_layers):
+    layer = dec.layer(i)
     maps.append(attention_maps(layer, x, seq))
-    x, _ = dec._apply(
-      i, dec.plan.keep[i], layer, dec.routers.get(str(i)), x, seq, layout, None, None, True
-    )
+    x, _ = dec._apply(i, dec.plan.keep[i], layer, dec.router(i), x, seq, layout, None, None, True)
   return jnp.stack(maps), seq.segment_ids
 
 

@@ -39,7 +39,8 @@ def export_hf(
     max_shard_bytes: largest safetensors file; bigger models get shards and an index.
 
   Returns:
-    {"llm_files": [...], "vision_files": [...], "merged_lora": n adapters, "not_exported": [...]}
+    {"llm_files": [...], "vision_files": [...], "merged_lora": adapters merged, counted per
+    layer, "not_exported": [...]}
   """
   state = nnx.state(model, nnx.Param)
   merged = {tuple(path[:-1]) + (name,): ad for path, _, name, ad in lora.adapters(model)}
@@ -80,6 +81,7 @@ def export_hf(
   return {
     "llm_files": llm_files,
     "vision_files": vision_files,
-    "merged_lora": len(merged),
+    # per layer: an adapter of stacked layers (A [layers, *in, r]) counts once per layer
+    "merged_lora": sum(ad.a.shape[0] if ad.a.ndim > ad.n_in + 1 else 1 for ad in merged.values()),
     "not_exported": rest,
   }

@@ -48,6 +48,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from mod_jax.model.llm import layer_slots
+
 LLM_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 VISION_ARCHITECTURES = ("SiglipVisionModel", "SiglipModel")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -286,13 +288,15 @@ class TensorSpec:
   """One mod_jax parameter and where it lives in a Hugging Face checkpoint.
 
   Attributes:
-    path: parameter path inside the module (e.g. ``("layers", 0, "attn", "q")``).
+    path: parameter path inside the module (e.g. ``("stacks", 0, "attn", "q")``).
     name: HF tensor name without the checkpoint's prefix.
     hf_shape: the HF tensor's full shape implied by the config.
     to_ours: HF array (or its ``part``) → our layout.
     to_hf: our array → HF layout (of the part).
     part: (i, count) when the HF tensor is ``count`` equal blocks along axis 0 and this
       parameter is block i (the SigLIP head's fused in_proj).
+    index: the row of a stacked parameter (the decoder's layers: ``model.layers.{i}.*`` is row
+      r of ``stacks/{s}/*``, ``mod_jax.model.llm.layer_slots``); None for a whole parameter.
   """
 
   path: tuple
@@ -301,6 +305,7 @@ class TensorSpec:
   to_ours: Callable[[np.ndarray], np.ndarray]
   to_hf: Callable[[np.ndarray], np.ndarray]
   part: tuple[int, int] | None = None
+  index: int | None = None
 
 
 def _same(x):
@@ -343,25 +348,31 @@ def llm_specs(m) -> list[TensorSpec]:
   ]
   if not m.tie_embeddings:
     specs.append(_linear(("lm_head",), "lm_head.weight", (d, v), 1))
-  for i in range(m.n_layers):
-    p, a = ("layers", i), f"model.layers.{i}."
-    specs += [
-      _as_is(p + ("input_norm", "scale"), a + "input_layernorm.weight", (d,)),
-      _as_is(p + ("post_attn_norm", "scale"), a + "post_attention_layernorm.weight", (d,)),
-      _linear(p + ("attn", "q"), a + "self_attn.q_proj.weight", (d, n, h), 1),
-      _linear(p + ("attn", "k"), a + "self_attn.k_proj.weight", (d, kh, h), 1),
-      _linear(p + ("attn", "v"), a + "self_attn.v_proj.weight", (d, kh, h), 1),
-      _linear(p + ("attn", "o"), a + "self_attn.o_proj.weight", (n, h, d), 2),
-      _linear(p + ("mlp", "gate", "kernel"), a + "mlp.gate_proj.weight", (d, f), 1),
-      _linear(p + ("mlp", "up", "kernel"), a + "mlp.up_proj.weight", (d, f), 1),
-      _linear(p + ("mlp", "down", "kernel"), a + "mlp.down_proj.weight", (f, d), 1),
+  slots = layer_slots(m)
+  per_layer = [  # (our path in a layer, HF name in a layer, maker, extra args)
+    (("input_norm", "scale"), "input_layernorm.weight", _as_is, ((d,),)),
+    (("post_attn_norm", "scale"), "post_attention_layernorm.weight", _as_is, ((d,),)),
+    (("attn", "q"), "self_attn.q_proj.weight", _linear, ((d, n, h), 1)),
+    (("attn", "k"), "self_attn.k_proj.weight", _linear, ((d, kh, h), 1)),
+    (("attn", "v"), "self_attn.v_proj.weight", _linear, ((d, kh, h), 1)),
+    (("attn", "o"), "self_attn.o_proj.weight", _linear, ((n, h, d), 2)),
+    (("mlp", "gate", "kernel"), "mlp.gate_proj.weight", _linear, ((d, f), 1)),
+    (("mlp", "up", "kernel"), "mlp.up_proj.weight", _linear, ((d, f), 1)),
+    (("mlp", "down", "kernel"), "mlp.down_proj.weight", _linear, ((f, d), 1)),
+  ]
+  if m.qkv_bias:
+    per_layer += [
+      (("attn", "q_bias"), "self_attn.q_proj.bias", _vector, ((n, h),)),
+      (("attn", "k_bias"), "self_attn.k_proj.bias", _vector, ((kh, h),)),
+      (("attn", "v_bias"), "self_attn.v_proj.bias", _vector, ((kh, h),)),
     ]
-    if m.qkv_bias:
-      specs += [
-        _vector(p + ("attn", "q_bias"), a + "self_attn.q_proj.bias", (n, h)),
-        _vector(p + ("attn", "k_bias"), a + "self_attn.k_proj.bias", (kh, h)),
-        _vector(p + ("attn", "v_bias"), a + "self_attn.v_proj.bias", (kh, h)),
-      ]
+  # Layers are stored stacked: one spec per (tensor, layer), those of one stacked parameter
+  # consecutive (read_tensors / hf_tensors then touch one stacked array at a time).
+  for ours, theirs, make, args in per_layer:
+    for s in sorted({s for s, _ in slots}):
+      for i in (i for i, (si, _) in enumerate(slots) if si == s):
+        spec = make(("stacks", s) + ours, f"model.layers.{i}.{theirs}", *args)
+        specs.append(dataclasses.replace(spec, index=slots[i][1]))
   return specs
 
 
@@ -660,8 +671,11 @@ def hf_tensors(
   ``get(path)`` returns our parameter at ``path`` (any array type).
   """
   pending: dict[str, list] = {}
+  fetched: tuple = (None, None)  # the last parameter read: a stacked one serves its rows
   for s in specs:
-    x = s.to_hf(np.asarray(jax.device_get(get(s.path))))
+    if fetched[0] != s.path:
+      fetched = (s.path, np.asarray(jax.device_get(get(s.path))))
+    x = s.to_hf(fetched[1] if s.index is None else fetched[1][s.index])
     if s.part is None:
       yield prefix + s.name, x
       continue

@@ -225,11 +225,44 @@ def check_vision(vision_cfg, path: str) -> None:
 
 
 def _load(state, plan) -> int:
+  """Reads ``plan``'s tensors into ``state``; the rows of a stacked parameter (one per decoder
+  layer, ``TensorSpec.index``) are gathered on the host and assigned once."""
   source, specs, prefix, where, extra = plan
   n = 0
+  rows: list = [None, None, set()]  # path, host array, rows filled
+
+  def flush():
+    path, host, filled = rows
+    if path is not None:
+      if len(filled) != host.shape[0]:
+        raise CheckpointError(
+          f"{where}: parameter {'/'.join(map(str, path))} got layers {sorted(filled)} of "
+          f"{host.shape[0]}."
+        )
+      assign(state, path, host, where)
+    rows[:] = [None, None, set()]
+
   for spec, array in hf.read_tensors(source, specs, prefix, where, extra):
-    assign(state, spec.path, array, where)
     n += 1
+    if spec.index is None:
+      assign(state, spec.path, array, where)
+      continue
+    if rows[0] != spec.path:
+      flush()
+      node = state
+      for key in spec.path:
+        node = _child(node, key)
+      old = node.get_value()
+      rows[:] = [spec.path, np.empty(old.shape, old.dtype), set()]
+    host = rows[1]
+    if tuple(array.shape) != host.shape[1:]:
+      raise CheckpointError(
+        f"{where}: {spec.name!r} has shape {tuple(array.shape)} in our layout but layer "
+        f"{spec.index} of {'/'.join(map(str, spec.path))} is {host.shape[1:]}."
+      )
+    host[spec.index] = array
+    rows[2].add(spec.index)
+  flush()
   return n
 
 

@@ -220,14 +220,29 @@ class CacheLedger:
 
 # ------------------------------------------------------------------------------------- session
 def empty_caches(model: VideoLLM, batch: int, sizes: Sequence[int]) -> tuple[KVCache, ...]:
-  """Empty :class:`KVCache` s for the decoder's layers, ``sizes[i]`` slots for layer i."""
-  layers = model.llm.layers
-  if len(sizes) != len(layers):
-    raise ValueError(f"{len(sizes)} cache sizes for {len(layers)} layers.")
-  return tuple(
-    KVCache.empty(batch, int(size), layer.attn.k.shape[1], layer.attn.k.shape[2], layer.attn.dtype)
-    for layer, size in zip(layers, sizes)
-  )
+  """Empty :class:`KVCache` s for the decoder's layers, ``sizes[i]`` slots for layer i, stacked
+  as the layers are: one KVCache per stack s (``Decoder.stacks``) with a leading axis over its
+  layers ``members[s]``, so the streaming step scans over the stack's parameters and caches
+  together. Layer i's cache: ``Decoder.layer_cache(caches, i)``.
+
+  Raises:
+    ValueError: ``len(sizes)`` is not the number of layers, or the layers of one stack were
+      given different sizes.
+  """
+  dec = model.llm
+  if len(sizes) != dec.n_layers:
+    raise ValueError(f"{len(sizes)} cache sizes for {dec.n_layers} layers.")
+  attn = dec.stacks[0].attn  # k [layers, d, kv_heads, head_dim]: every layer's shape
+  kv_heads, head_dim = attn.k.shape[-2:]
+  out = []
+  for m in dec.members:
+    size = {int(sizes[i]) for i in m}
+    if len(size) != 1:
+      raise ValueError(f"layers {m} share a stack but were given cache sizes {sorted(size)}.")
+    one = KVCache.empty(batch, size.pop(), kv_heads, head_dim, attn.dtype)
+    rows = (len(m),)
+    out.append(jax.tree.map(lambda a, rows=rows: jnp.broadcast_to(a, rows + a.shape), one))
+  return tuple(out)
 
 
 def sample_token(
@@ -324,6 +339,7 @@ class Session:
       raise ValueError(f"text_buckets={text_buckets!r} must be ascending lengths >= 1.")
     model = nnx.merge(graphdef, params)
     self.plan = model.llm.plan
+    self.slots = model.llm.slots  # layer i's cache is row r of caches[s]
     self.sizes = cache_sizes(self.plan, max_frames, max_text)
     self._empty = jax.eval_shape(lambda: empty_caches(model, batch, self.sizes))
     self.compression = model.llm.compress  # FastV / DyCoke (mod_jax.compress.apply.attach)
@@ -352,6 +368,10 @@ class Session:
   def trained_max_position(self) -> int:
     """The largest position a window can reach: ``max_text + max_frames·N - 1``."""
     return self.window[0] + self.window[1] * self.tokens_per_frame - 1
+
+  def layer_caches(self) -> tuple[KVCache, ...]:
+    """Each layer's :class:`KVCache` (row r of its stack's, ``Decoder.slot``), layer order."""
+    return tuple(jax.tree.map(lambda a, r=r: a[r], self.caches[s]) for s, r in self.slots)
 
   def _zero_caches(self):
     # Committed to the device, as the step's outputs are: a jit's cache key tells committed from
@@ -622,7 +642,7 @@ def _step(
     "next_token": sample_token(
       last, rng, temperature=sampler.temperature, top_p=sampler.top_p, vocab_size=vocab_size
     ),
-    "overwritten": sum(c.overwritten for c in caches),
+    "overwritten": sum(jnp.sum(c.overwritten) for c in caches),
   }
   return out, caches, state
 

@@ -276,7 +276,10 @@ class KVCache(NamedTuple):
   would is still performed but COUNTED in ``overwritten`` so the caller can refuse the result.
 
   Fields: k, v ``[b, size, k, h]`` (compute dtype); positions, segment_ids int32 ``[b, size]``;
-  written, ring_start int32 ``[b]``; overwritten int32 ``[]``.
+  written, ring_start int32 ``[b]``; overwritten int32 ``[]``. The caches of a stack of layers
+  (``mod_jax.infer.streaming.empty_caches``) are one KVCache with a leading ``[layers]`` axis on
+  every field: :meth:`pin`, :meth:`pinned`, :meth:`evict_before` act on all of its layers at
+  once; :meth:`write` and :meth:`rope_positions` take one layer's cache.
   """
 
   k: jax.Array
@@ -299,7 +302,7 @@ class KVCache(NamedTuple):
 
   @property
   def size(self) -> int:
-    return self.positions.shape[1]
+    return self.positions.shape[-1]
 
   def write(self, k_btkh, v_btkh, positions_bt, segment_ids_bt) -> KVCache:
     """Appends the real (segment id != 0) entries of [b, t] new tokens; padding is dropped."""
@@ -328,7 +331,7 @@ class KVCache(NamedTuple):
 
   def pinned(self) -> jax.Array:
     """bool [b, size]: the slots of the pinned prefix."""
-    return jnp.arange(self.size, dtype=jnp.int32)[None, :] < self.ring_start[:, None]
+    return jnp.arange(self.size, dtype=jnp.int32) < self.ring_start[..., None]
 
   def evict_before(self, position) -> KVCache:
     """Empties the unpinned slots whose position is < ``position`` (int32 [])."""

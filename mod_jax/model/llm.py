@@ -4,13 +4,19 @@ RMSNorm → GQA attention with RoPE → RMSNorm → SwiGLU, pre-norm residual bl
 embeddings; matches transformers' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` numerics. Layers
 listed by the :class:`~mod_jax.model.mod.RoutingPlan` route vision tokens (``mod.routed_block``).
 
-The stack is run as runs of a repeating layer cycle (:func:`layer_runs`; ``interleaved`` is one
-(dense, MoD) cycle repeated n/2 times), each run one ``lax.scan`` over the layers' parameters
-stacked at call time, so the layer body is compiled once per cycle. Parameters stay one module
-per layer (HF / GGUF import and export, LoRA and checkpoints address ``layers/i``);
-the stacked copy costs one extra copy of the layer weights per step (FSDP-sharded like the
-weights), and the stacking and the optimizer update still grow with depth (32 layers compile in
-1.76x the time of 8 at bench_paper width). Each cycle is rematerialised with ``REMAT_POLICIES[train.remat]``.
+Stacked layers (MaxText's ``scan_layers``): the stack is cut into runs of a repeating layer cycle
+(:func:`layer_runs` on the routing plan; ``interleaved`` is one (dense, MoD) cycle repeated n/2
+times), and the layers at one cycle position of one run are stored as ONE module whose
+parameters carry a leading axis of logical name ``layers`` (``Decoder.stacks``; their routers
+likewise in ``Decoder.routers``, keyed by stack). A run is one ``lax.scan`` over those stacked
+parameters, so the layer body is compiled once per cycle position and the optimizer sees a few
+large leaves, whatever the depth; the streaming step (:meth:`Decoder.cached`) scans the same
+runs with the stacks' KV caches (stacked likewise) in the carry. Layer i is stack s, row r
+(:meth:`Decoder.slot`); :meth:`Decoder.layer` / :meth:`Decoder.router` give a view of it (HF /
+GGUF import and export, the training-free methods and tests address layers through them).
+``model.scan_layers = False`` runs the same stacked parameters as an unrolled Python loop over
+the layers (the reference). Each cycle is rematerialised with ``REMAT_POLICIES[train.remat]``
+(in ``Decoder._run``).
 
 Shape letters: b batch, l/t tokens, d model width, v vocabulary.
 """
@@ -89,6 +95,78 @@ def layer_runs(kinds: Sequence[Hashable]) -> tuple[tuple[int, int, int], ...]:
   return tuple(runs)
 
 
+def stack_layout(plan: mod.RoutingPlan, n_layers: int):
+  """How ``Decoder`` stores its layers: ``(runs, members, slots)``.
+
+  ``runs``: :func:`layer_runs` of the plan's per-layer kinds (k kept, own router);
+  ``members[s]``: the layers stacked in stack s (cycle position j of a run: layers
+  start + r·period + j, r = 0..repeats-1), stacks ordered by run then position; ``slots[i]``:
+  (s, r) of layer i. E.g. ``interleaved`` over 4 layers: runs ((0, 2, 2),), members ((0, 2),
+  (1, 3)), slots ((0, 0), (1, 0), (0, 1), (1, 1)).
+  """
+  runs = layer_runs([(plan.keep[i], plan.needs_router(i)) for i in range(n_layers)])
+  members = tuple(
+    tuple(start + r * period + j for r in range(reps))
+    for start, period, reps in runs
+    for j in range(period)
+  )
+  where = {i: (s, r) for s, m in enumerate(members) for r, i in enumerate(m)}
+  return runs, members, tuple(where[i] for i in range(n_layers))
+
+
+def layer_slots(cfg) -> tuple[tuple[int, int], ...]:
+  """(s, r) per layer of the decoder of ``cfg`` (a ``config.model``): layer i's parameters are
+  row r of ``Decoder.stacks[s]`` (:func:`stack_layout`)."""
+  return stack_layout(mod.RoutingPlan.from_config(cfg), int(cfg.n_layers))[2]
+
+
+LAYERS = "layers"  # logical name of the stacked layer axis (mesh.logical_axis_rules: unsharded)
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def stack_modules(modules: Sequence[Any]) -> Any:
+  """One module shaped like ``modules[0]`` whose every variable is the modules' variables stacked
+  along a new leading axis, [len(modules), ...], with the logical name ``layers`` prepended to its
+  ``out_sharding`` (MaxText's ``param_scan_axis`` 0). The modules must share one structure."""
+  graphdef = nnx.split(modules[0])[0]
+
+  def stack(*vs):
+    names = vs[0].get_metadata().get("out_sharding")
+    meta = {} if names is None else {"out_sharding": (LAYERS, *names)}
+    return vs[0].replace(jnp.stack([v.get_value() for v in vs]), **meta)
+
+  states = [nnx.state(m) for m in modules]
+  return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=_is_variable))
+
+
+def unstacked(state, index=None):
+  """The ``nnx.State`` of a stacked module (:func:`stack_modules`) with per-layer metadata
+  (``layers`` dropped from ``out_sharding``): its row ``index`` (an int or a traced int32 [])
+  when given, else every row (for ``lax.scan``, which slices the rows itself)."""
+
+  def one(v):
+    names = v.get_metadata().get("out_sharding")
+    meta = {} if not names else {"out_sharding": tuple(names[1:])}
+    x = v.get_value()
+    return v.replace(x if index is None else x[index], **meta)
+
+  return jax.tree.map(one, state, is_leaf=_is_variable)
+
+
+def _per_layer(auxes, start: int, period: int, reps: int) -> dict:
+  """A scanned run's aux (per cycle position, stacked over the ``reps`` cycles) as
+  {"layer_i": aux of layer i}."""
+  return {
+    f"layer_{start + r * period + j}": jax.tree.map(lambda v, r=r: v[r], a)
+    for j, a in enumerate(auxes)
+    if a
+    for r in range(reps)
+  }
+
+
 class DecoderLayer(nnx.Module):
   """One pre-norm block: x + attn(norm(x)); then + mlp(norm(·))."""
 
@@ -163,15 +241,25 @@ class DecoderLayer(nnx.Module):
 
 
 class Decoder(nnx.Module):
-  """Token embedding, decoder layers (some with a LayerExpert router), final norm, LM head."""
+  """Token embedding, decoder layers (some with a LayerExpert router), final norm, LM head.
+
+  Layers are stored stacked (module docstring): ``stacks[s]`` is a :class:`DecoderLayer` whose
+  parameters have a leading ``layers`` axis over the layers ``members[s]`` (one cycle position
+  of one run of :func:`layer_runs`), ``routers[str(s)]`` their stacked LayerExperts (absent when
+  the position has none). Static: ``n_layers``, ``runs`` ((start, period, repeats) per run),
+  ``members`` (the layers of each stack), ``slots`` ((s, r) per layer).
+  """
 
   def __init__(self, cfg, *, rngs: nnx.Rngs, rules=None):
     pdt = jnp.dtype(cfg.param_dtype)
     self.plan = mod.RoutingPlan.from_config(cfg)
+    n = self.n_layers = int(cfg.n_layers)
     self.embed = param(
       rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt
     )
-    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, rules=rules) for _ in range(cfg.n_layers)])
+    # Layers are created one by one, then stacked: layer i draws the same weights whatever the
+    # stacking (a MoD model and its dense counterpart, scan_layers on or off).
+    layers = [DecoderLayer(cfg, rngs=rngs, rules=rules) for _ in range(n)]
     self.final_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps, rngs=rngs)
     self.lm_head = (
       None
@@ -181,28 +269,78 @@ class Decoder(nnx.Module):
       )
     )
     # Routers last, so a MoD model and its dense counterpart draw identical weights for a seed.
-    self.routers = nnx.Dict(
-      {
-        str(i): mod.LayerExpert(cfg.d_model, rngs=rngs)
-        for i in range(cfg.n_layers)
-        if self.plan.needs_router(i)
-      }
-    )
+    routers = {
+      i: mod.LayerExpert(cfg.d_model, rngs=rngs) for i in range(n) if self.plan.needs_router(i)
+    }
     # γ-MoD: one router shared by every MoD layer (sequence routing), after the LayerExperts.
     self.shared_router = (
       mod.SharedRouter(cfg.d_model, rngs=rngs)
-      if self.plan.routing == "sequence" and any(self.plan.routed(i) for i in range(cfg.n_layers))
+      if self.plan.routing == "sequence" and any(self.plan.routed(i) for i in range(n))
       else None
     )
     self.deterministic = False  # nnx .eval() sets it: sequence routing then uses its threshold
     lora_cfg = cfg.get("lora")
     self.lora_dropout = bool(lora_cfg and lora_cfg.rank > 0 and lora_cfg.dropout > 0)
     if lora_cfg and lora_cfg.rank > 0:  # adapters after everything else (same base init)
-      lora.attach(self, cfg, rngs=rngs)
+      lora.attach(self, cfg, rngs=rngs, layers=layers)
+    # Storage: one stacked module per cycle position of each run (the routing plan decides the
+    # runs, text-only calls included, so the parameter tree does not depend on the input).
+    self.runs, self.members, self.slots = stack_layout(self.plan, n)  # tuples: hashable
+    self.stacks = nnx.List([stack_modules([layers[i] for i in m]) for m in self.members])
+    self.routers = nnx.Dict(
+      {
+        str(s): stack_modules([routers[i] for i in m])
+        for s, m in enumerate(self.members)
+        if m[0] in routers
+      }
+    )
     self.dtype = jnp.dtype(cfg.dtype)
     self.scan_layers = bool(cfg.get("scan_layers", True))
     self.rules = rules
     self.compress = None  # a training-free peer method (mod_jax.compress.apply.attach)
+
+  # ----------------------------------------------------------------------- layer i
+  def slot(self, i: int) -> tuple[int, int]:
+    """(s, r): layer ``i``'s parameters are row r of ``stacks[s]`` (its router's of
+    ``routers[str(s)]``). Raises IndexError for a layer outside 0..n_layers - 1."""
+    if not 0 <= i < self.n_layers:
+      raise IndexError(f"layer {i} is outside 0..{self.n_layers - 1}.")
+    return self.slots[i]
+
+  def layer(self, i: int) -> DecoderLayer:
+    """Layer ``i`` as a :class:`DecoderLayer` of its own: a view whose parameters are row r of
+    the stacked arrays (traced slices inside a transform, so gradients reach the stack).
+    Setting its parameters does not change the model: write ``nnx.state(self)['stacks'][s]``
+    at row r (:meth:`slot`)."""
+    s, r = self.slot(i)
+    graphdef, state = nnx.split(self.stacks[s])
+    return nnx.merge(graphdef, unstacked(state, r))
+
+  def router(self, i: int) -> mod.LayerExpert | None:
+    """Layer ``i``'s LayerExpert (a view, as :meth:`layer`), or None when it has none."""
+    s, r = self.slot(i)
+    stacked = self.routers.get(str(s))
+    if stacked is None:
+      return None
+    graphdef, state = nnx.split(stacked)
+    return nnx.merge(graphdef, unstacked(state, r))
+
+  def layer_cache(self, caches, i: int):
+    """Layer ``i``'s ``KVCache`` of the stacked caches (``streaming.empty_caches``): row r of
+    ``caches[s]``."""
+    s, r = self.slot(i)
+    return jax.tree.map(lambda a: a[r], caches[s])
+
+  def with_layer_cache(self, caches, i: int, cache):
+    """``caches`` with layer ``i``'s cache replaced by ``cache`` (row r of ``caches[s]``)."""
+    s, r = self.slot(i)
+    new = jax.tree.map(lambda a, c: a.at[r].set(c), caches[s], cache)
+    return (*caches[:s], new, *caches[s + 1 :])
+
+  @property
+  def inv_freq(self) -> tuple[float, ...]:
+    """RoPE inverse frequencies (static; every layer has the same)."""
+    return self.stacks[0].attn.inv_freq
 
   def embed_tokens(self, tokens_bt: jax.Array) -> jax.Array:
     """int32 [b, t] -> [b, t, d] in the compute dtype."""
@@ -250,13 +388,12 @@ class Decoder(nnx.Module):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
     if seq.rope is None:
-      seq = seq._replace(rope=rope_tables(seq.positions, self.layers[0].attn.inv_freq))
+      seq = seq._replace(rope=rope_tables(seq.positions, self.inv_freq))
     if layout is not None and layout.frame_start.shape[1] == 0:
       layout = None
     drop = lora.fold(rng, lora.DROPOUT_STREAM) if self.lora_dropout else None
     aux = {}
     x = x_bld
-    n = len(self.layers)
     if self.compress is not None:  # FastV / DyCoke: layer by layer (mod_jax/compress/apply.py)
       from mod_jax.compress import apply
 
@@ -264,15 +401,9 @@ class Decoder(nnx.Module):
         self, x, seq, layout, rng=rng, drop=drop, ordered=ordered, vision_keep=vision_keep
       )
       return self.final_norm(x), aux
-    kinds = [
-      (self.plan.keep[i] if layout is not None else None, str(i) in self.routers) for i in range(n)
-    ]
     ctx = self._sequence_routing(layout, routable)
-    runs = layer_runs(kinds) if self.scan_layers else tuple((i, 1, 1) for i in range(n))
-    for start, period, reps in runs:
-      x, run_aux = self._run(
-        start, period, reps, x, seq, layout, rng, drop, ordered, remat, ctx, router_mix
-      )
+    for run in range(len(self.runs)):
+      x, run_aux = self._run(run, x, seq, layout, rng, drop, ordered, remat, ctx, router_mix)
       aux.update(run_aux)
     return self.final_norm(x), aux
 
@@ -281,12 +412,16 @@ class Decoder(nnx.Module):
   ):
     """Streaming: all layers over new tokens with their KV caches (``Attention.cached``).
 
+    Runs as :meth:`__call__` does: one ``lax.scan`` per run of the layer cycle over the stacked
+    parameters, the stacks' caches carried through it (layer r of a stack reads and writes row r).
+
     Args:
       x_bld: embedded new tokens [b, l, d] (any slot order; padding has segment id 0).
       seq: their absolute stream positions and segment ids (``rope`` is ignored: the tables are
         computed at ``positions - rope_offset``).
       layout: where the frames are (``rows.StreamLayout``), or None for text only.
-      caches: one ``attention.KVCache`` per layer.
+      caches: one ``attention.KVCache`` per stack of layers, with a leading axis over its layers
+        (``mod_jax.infer.streaming.empty_caches``; layer i's: :meth:`layer_cache`).
       rope_offset: int32 [], the re-basing of the stream's positions (``KVCache.rope_positions``).
       rng: routing key (``random`` selection).
       state: with ``self.compress`` (FastV / DyCoke), the method's per-stream state
@@ -295,13 +430,12 @@ class Decoder(nnx.Module):
       (final-normed hidden [b, l, d], aux per routed layer, tuple of the updated caches, the
       updated ``state``: None without ``self.compress``).
     Raises:
-      ValueError: ``len(caches)`` is not the number of layers, or ``state`` is missing for a
+      ValueError: ``len(caches)`` is not the number of stacks, or ``state`` is missing for a
         compressed model.
     """
-    if len(caches) != len(self.layers):
-      raise ValueError(f"{len(caches)} KV caches for {len(self.layers)} layers.")
-    inv_freq = self.layers[0].attn.inv_freq
-    seq = seq._replace(rope=rope_tables(seq.positions - rope_offset, inv_freq))
+    if len(caches) != len(self.stacks):
+      raise ValueError(f"{len(caches)} KV caches for {len(self.stacks)} stacks of layers.")
+    seq = seq._replace(rope=rope_tables(seq.positions - rope_offset, self.inv_freq))
     if layout is not None and layout.frame_start.shape[1] == 0:
       layout = None
     if self.compress is not None:  # FastV / DyCoke: layer by layer (mod_jax/compress/apply.py)
@@ -326,15 +460,51 @@ class Decoder(nnx.Module):
       )
       return self.final_norm(x), aux, caches, state
     ctx = self._sequence_routing(layout)  # γ-MoD at inference: vision tokens routable
-    x, aux, new = x_bld, {}, []
-    for i, layer in enumerate(self.layers):
-      written: list[Any] = []  # the block runs once, inside routed_block for a MoD layer
-      block = functools.partial(layer.cached_block, caches[i], written, rope_offset, None)
-      router = self.routers.get(str(i))
-      x, a = self._route(i, self.plan.keep[i], block, router, x, seq, layout, rng, ctx, layer)
-      new.append(written[0])
-      aux.update({f"layer_{i}": a} if a else {})
-    return self.final_norm(x), aux, tuple(new), None
+    x, aux, caches = x_bld, {}, tuple(caches)
+    for run in range(len(self.runs)):
+      x, caches, run_aux = self._cached_run(run, x, seq, layout, caches, rope_offset, rng, ctx)
+      aux.update(run_aux)
+    return self.final_norm(x), aux, caches, None
+
+  def _cached_run(self, run, x, seq, layout, caches, rope_offset, rng, ctx):
+    """Run ``run`` of the streaming step (:meth:`cached`): as :meth:`_run`, with the run's
+    stacked caches in the scan's carry; returns (x, all caches, {"layer_i": aux})."""
+    start, period, reps, first, graphdefs, states = self._run_parts(run)
+
+    def cycle(x, run_caches, states, r):
+      auxes, new = [], []
+      for j, ((layer_gd, router_gd), (layer_st, router_st)) in enumerate(zip(graphdefs, states)):
+        layer = nnx.merge(layer_gd, layer_st)
+        router = None if router_gd is None else nnx.merge(router_gd, router_st)
+        written: list[Any] = []  # the block runs once, inside routed_block for a MoD layer
+        cache = jax.tree.map(lambda a: a[r], run_caches[j])
+        block = functools.partial(layer.cached_block, cache, written, rope_offset, None)
+        i = start + r * period + j
+        x, a = self._route(
+          i, self.plan.keep[start + j], block, router, x, seq, layout, rng, ctx, layer
+        )
+        new.append(jax.tree.map(lambda a, c: a.at[r].set(c), run_caches[j], written[0]))
+        auxes.append(a)
+      return x, tuple(new), auxes
+
+    run_caches = caches[first : first + period]
+    out = {}
+    if self.scan_layers and reps > 1:
+
+      def body(carry, xs):
+        (x, c), (st, r) = carry, xs
+        x, c, auxes = cycle(x, c, st, r)
+        return (x, c), auxes
+
+      (x, run_caches), auxes = jax.lax.scan(
+        body, (x, run_caches), (states, jnp.arange(reps, dtype=jnp.int32))
+      )
+      out = _per_layer(auxes, start, period, reps)
+    else:
+      for r in range(reps):
+        x, run_caches, auxes = cycle(x, run_caches, jax.tree.map(lambda v, r=r: v[r], states), r)
+        out.update({f"layer_{start + r * period + j}": a for j, a in enumerate(auxes) if a})
+    return x, (*caches[:first], *run_caches, *caches[first + period :]), out
 
   def _sequence_routing(self, layout, routable=None):
     """γ-MoD's (shared router weights, routable flags [b, l]) or None (per-frame routing, or no
@@ -395,44 +565,34 @@ class Decoder(nnx.Module):
       explore=self.plan.explore,
     )
 
-  def _run(self, start, period, reps, x, seq, layout, rng, drop, ordered, remat, ctx=None, mix=0.0):
-    """Layers ``start .. start + period·reps - 1``: a cycle of ``period`` layers repeated
-    ``reps`` times, as one ``lax.scan`` over parameters stacked along a new leading axis when
-    reps > 1 (one compiled body whatever the depth; MaxText's scanned layers). Each cycle is
-    rematerialised with ``REMAT_POLICIES[remat]``. Returns (x, {"layer_i": aux}).
+  def _run_parts(self, run):
+    """(start, period, reps, first stack, per cycle position (layer, router) graphdefs, per
+    position (layer, router) states: stacked, with per-layer metadata) of run ``run``."""
+    start, period, reps = self.runs[run]
+    first = sum(p for _, p, _ in self.runs[:run])  # the stack of the run's cycle position 0
+    graphdefs, states = [], []
+    for s in range(first, first + period):
+      layer_gd, layer_st = nnx.split(self.stacks[s])
+      stacked_router = self.routers.get(str(s))
+      router_gd, router_st = (
+        nnx.split(stacked_router) if stacked_router is not None else (None,) * 2
+      )
+      graphdefs.append((layer_gd, router_gd))
+      states.append((unstacked(layer_st), None if router_st is None else unstacked(router_st)))
+    return start, period, reps, first, graphdefs, states
+
+  def _run(self, run, x, seq, layout, rng, drop, ordered, remat, ctx=None, mix=0.0):
+    """Run ``run`` of :attr:`runs`: a cycle of ``period`` layers repeated ``reps`` times over
+    the stacked parameters of its ``period`` stacks, as one ``lax.scan`` when ``scan_layers``
+    and reps > 1 (one compiled body whatever the depth; MaxText's scanned layers), else an
+    unrolled loop over the rows. Each cycle is rematerialised with ``REMAT_POLICIES[remat]``.
+    Returns (x, {"layer_i": aux}).
     """
-    if reps == 1 and remat == "none":  # no transform: call the modules themselves
-      out = {}
-      for i in range(start, start + period):
-        x, a = self._apply(
-          i,
-          self.plan.keep[i],
-          self.layers[i],
-          self.routers.get(str(i)),
-          x,
-          seq,
-          layout,
-          rng,
-          drop,
-          ordered,
-          ctx,
-          mix,
-        )
-        out.update({f"layer_{i}": a} if a else {})
-      return x, out
-    parts = []
-    for j in range(period):
-      members = [start + r * period + j for r in range(reps)]
-      layer_gd, _ = nnx.split(self.layers[members[0]])
-      layer_st = [nnx.split(self.layers[i])[1] for i in members]
-      has_router = str(members[0]) in self.routers
-      router_gd = nnx.split(self.routers[str(members[0])])[0] if has_router else None
-      router_st = [nnx.split(self.routers[str(i)])[1] for i in members] if has_router else None
-      parts.append((layer_gd, layer_st, router_gd, router_st))
+    start, period, reps, _, graphdefs, states = self._run_parts(run)
 
     def cycle(x, states, r):
       auxes = []
-      for j, ((layer_gd, _, router_gd, _), (layer_st, router_st)) in enumerate(zip(parts, states)):
+      for j, ((layer_gd, router_gd), (layer_st, router_st)) in enumerate(zip(graphdefs, states)):
         layer = nnx.merge(layer_gd, layer_st)
         router = None if router_gd is None else nnx.merge(router_gd, router_st)
         x, a = self._apply(
@@ -452,33 +612,29 @@ class Decoder(nnx.Module):
         auxes.append(a)
       return x, auxes
 
+    scanned = self.scan_layers and reps > 1
     if remat != "none":
-      cycle = jax.checkpoint(cycle, policy=REMAT_POLICIES[remat], prevent_cse=reps == 1)
-    if reps == 1:
-      states = [(p[1][0], None if p[3] is None else p[3][0]) for p in parts]
-      x, auxes = cycle(x, states, 0)
-      return x, {f"layer_{start + j}": a for j, a in enumerate(auxes) if a}
-    stack = lambda sts: jax.tree.map(lambda *a: jnp.stack(a), *sts)
-    states = [(stack(p[1]), None if p[3] is None else stack(p[3])) for p in parts]
+      cycle = jax.checkpoint(cycle, policy=REMAT_POLICIES[remat], prevent_cse=not scanned)
+    if not scanned:
+      out = {}
+      for r in range(reps):
+        x, auxes = cycle(x, jax.tree.map(lambda v, r=r: v[r], states), r)
+        out.update({f"layer_{start + r * period + j}": a for j, a in enumerate(auxes) if a})
+      return x, out
 
     def body(x, xs):
       st, r = xs
       return cycle(x, st, r)
 
     x, auxes = jax.lax.scan(body, x, (states, jnp.arange(reps, dtype=jnp.int32)))
-    return x, {
-      f"layer_{start + r * period + j}": jax.tree.map(lambda v, r=r: v[r], a)
-      for j, a in enumerate(auxes)
-      if a
-      for r in range(reps)
-    }
+    return x, _per_layer(auxes, start, period, reps)
 
   def logits(self, h_btd: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """LM head, float32 [b, t, v] (accumulated in float32). ``rng``: LoRA dropout key."""
     w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
     y = project(h_btd.astype(self.dtype), w.astype(self.dtype), preferred_element_type=jnp.float32)
     drop = lora.fold(rng, lora.DROPOUT_STREAM) if self.lora_dropout else None
-    delta = lora.adapter(self, "lm_head", h_btd, lora.fold(drop, len(self.layers)), self.dtype)
+    delta = lora.adapter(self, "lm_head", h_btd, lora.fold(drop, self.n_layers), self.dtype)
     return y if delta is None else y + delta.astype(jnp.float32)
 
   def cross_entropy(

@@ -96,9 +96,14 @@ class LoRA(nnx.Module):
     return project(xa, self.b[...].astype(dtype)) * jnp.asarray(self.scale, dtype)
 
   def delta(self) -> jax.Array:
-    """ΔW = scale · A·B in W's layout [*in, *out], float32."""
+    """ΔW = scale · A·B in W's layout [*in, *out], float32; an adapter of stacked layers
+    (A [L, *in, r], B [L, r, *out]: ``mod_jax/model/llm.py``) gives ΔW per layer, [L, *in, *out]."""
     a, b = self.a[...].astype(jnp.float32), self.b[...].astype(jnp.float32)
-    return jnp.tensordot(a, b, axes=1) * self.scale
+    lead = a.shape[: a.ndim - self.n_in - 1]  # () or the stacked layers' axis
+    in_shape, out_shape = a.shape[len(lead) : -1], b.shape[len(lead) + 1 :]
+    a2 = a.reshape(*lead, math.prod(in_shape), a.shape[-1])
+    b2 = b.reshape(*lead, b.shape[len(lead)], math.prod(out_shape))
+    return jnp.matmul(a2, b2).reshape(*lead, *in_shape, *out_shape) * self.scale
 
 
 def adapter(module: nnx.Module, name: str, x: jax.Array, rng: jax.Array | None, dtype):
@@ -117,11 +122,13 @@ def fold(rng: jax.Array | None, i: int) -> jax.Array | None:
 DROPOUT_STREAM = 0x4C6F5241  # "LoRA"
 
 
-def attach(decoder: Any, cfg, *, rngs: nnx.Rngs) -> None:
+def attach(decoder: Any, cfg, *, rngs: nnx.Rngs, layers: Sequence[Any]) -> None:
   """Creates the adapters ``cfg.lora.targets`` on every decoder layer (and the LM head).
 
   Args:
     decoder: a :class:`mod_jax.model.llm.Decoder` whose base parameters already exist.
+    layers: its ``DecoderLayer`` s, one per layer, before they are stacked (the adapters are
+      created layer by layer and stacked with them: the same draws whatever the stacking).
     cfg: the ``config.model`` ConfigDict (``lora.rank`` > 0, ``lora.alpha``, ``lora.dropout``,
       ``lora.targets``, ``lora.param_dtype``).
 
@@ -153,7 +160,7 @@ def attach(decoder: Any, cfg, *, rngs: nnx.Rngs) -> None:
     "up": ((d,), (f,), ("embed",), ("mlp",)),
     "down": ((f,), (d,), ("mlp",), ("embed",)),
   }
-  for layer in decoder.layers:
+  for layer in layers:
     for t in targets:
       if t in attn_shapes:
         setattr(layer.attn, t + SUFFIX, LoRA(*attn_shapes[t], **kw))

@@ -153,7 +153,8 @@ class VideoLLM(nnx.Module):
     Args:
       batch: the chunk in the slot layout (module docstring; ``frames`` or ``features``), with
         absolute stream positions; padding slots (segment id 0) take no cache slot.
-      caches: one ``attention.KVCache`` per decoder layer.
+      caches: the decoder's KV caches, one ``attention.KVCache`` per stack of layers
+        (``mod_jax.infer.streaming.empty_caches``).
       rope_offset: int32 [], the stream's re-basing (``attention.Attention.cached``).
       rng: ``random`` selection key.
       state: a training-free method's per-stream state (``Decoder.cached``), or None.

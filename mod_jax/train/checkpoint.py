@@ -32,7 +32,7 @@ ITEMS = ("state", "data", "base")
 
 
 def _name(path) -> str:
-  """'llm/layers/0/attn/q/kernel/value' for a jax key path."""
+  """'llm/stacks/0/attn/q/value' for a jax key path."""
   parts = []
   for k in path:
     for attr in ("key", "idx", "name"):

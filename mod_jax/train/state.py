@@ -38,6 +38,10 @@ def learning_rate_schedule(train_cfg) -> optax.Schedule:
   )
 
 
+# Parameters stored with a leading ``layers`` axis (``mod_jax/model/llm.py``: stacked layers).
+STACKED_PREFIXES = ("llm/stacks/", "llm/routers/")
+
+
 def _path_str(path) -> str:
   return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
 
@@ -69,9 +73,12 @@ def make_optimizer(config, params) -> optax.GradientTransformation:
   t = config.train
 
   def decay_mask(p):
-    return jax.tree_util.tree_map_with_path(
-      lambda path, x: x.ndim >= 2 and "norm" not in _path_str(path), p
-    )
+    def decays(path, x):  # matrices, judged per layer: stacked layers have one axis more
+      name = _path_str(path)
+      per_layer_ndim = x.ndim - name.startswith(STACKED_PREFIXES)
+      return per_layer_ndim >= 2 and "norm" not in name
+
+    return jax.tree_util.tree_map_with_path(decays, p)
 
   adamw = optax.chain(
     optax.clip_by_global_norm(t.grad_clip_norm),
