@@ -126,6 +126,35 @@ def test_arank_maps_are_the_layers_attention_and_recommendation():
   assert arank_main.recommend([9.0] * 8)["reference"] == [3, 4, 5, 6]
 
 
+@pytest.mark.slow
+def test_run_arank_on_a_trained_workdir(tmp_path):
+  """``mod-jax arank`` end to end on a ``mod-jax train`` workdir: per-sample ARank of every layer
+  within [1, tokens − 1] (row 0 of a causal map with its diagonal zeroed is empty), the means and
+  the recommendation follow from them, and the report is written beside the checkpoint."""
+  import json
+
+  from mod_jax.compress import arank_main
+  from mod_jax.train.loop import train_and_evaluate
+
+  c = tiny.get_config("dense")
+  c.mesh.shape = (2, 2, 2)  # 4 batch shards for the batch of 4 (tests have 8 CPU devices)
+  c.data.dir = str(tmp_path / "data")
+  c.train.steps = c.train.checkpoint_every = 1
+  c.train.warmup_steps = 0
+  c.train.eval_batches = 0
+  wd = str(tmp_path / "run")
+  train_and_evaluate(c, wd, progress=False)
+  report = arank_main.run_arank(c, wd, samples=2, progress=False)
+  values = np.asarray(report["per_sample"])
+  assert values.shape == (2, c.model.n_layers) and report["samples"] == 2
+  for row, tokens in zip(values, report["tokens"]):
+    assert ((row >= 1) & (row <= tokens - 1)).all()
+  np.testing.assert_allclose(report["arank"], values.mean(0))
+  assert report["recommended"] == arank_main.recommend(list(values.mean(0)))
+  with open(tmp_path / "run" / "arank.json") as fh:
+    assert json.load(fh)["arank"] == report["arank"]
+
+
 def _session(cfg, gd, params, **kw):
   return streaming.Session(gd, params, cfg.model, **{**WINDOW, **kw})
 
