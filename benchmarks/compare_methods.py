@@ -226,6 +226,24 @@ def _mean_sem(vals):
   return statistics.fmean(vals), sem
 
 
+def per_run(records: list[dict]) -> str:
+  """Markdown table of every (method, seed) record, seeds in order, methods as ``METHODS``."""
+  lines = [
+    "| method | seed | LM-PPL | TimeDiff s | Fluency | LM-Correct. | stream acc. | train s | "
+    "stream fps |",
+    "|" + "---|" * 9,
+  ]
+  order = {name: i for i, name in enumerate(METHODS)}
+  for r in sorted(records, key=lambda r: (r["seed"], order.get(r["method"], len(order)))):
+    fps = r.get("fps")
+    lines.append(
+      f"| {r['method']} | {r['seed']} | {r['lm_ppl']:.4f} | {r['time_diff']:.3f} | "
+      f"{r['fluency']:.4f} | {r['lm_correctness']:.4f} | {r['stream_decision_accuracy']:.4f} | "
+      f"{r['train_seconds']:.0f} | {'' if fps is None or fps != fps else f'{fps:.1f}'} |"
+    )
+  return "\n".join(lines)
+
+
 def table(records: list[dict]) -> tuple[str, dict]:
   """Markdown table (mean ± s.e. over seeds, paired differences vs dense) and the JSON rows."""
   dense = {r["seed"]: r for r in records if r["method"] == "dense"}
@@ -325,7 +343,7 @@ def main():
     text, rows = table(records)
     if args.plot:
       plot(rows, args.plot)
-    print(text)
+    print(text + "\n\nPer run:\n\n" + per_run(records))
     print(json.dumps({"methods": rows, "settings": {"report": args.report}}))
     return
   methods = [m for m in args.methods.split(",") if m] or list(METHODS)
@@ -374,7 +392,7 @@ def main():
   text, rows = table(records)
   if args.plot:
     plot(rows, args.plot)
-  print(text)
+  print(text + "\n\nPer run:\n\n" + per_run(records))
   print(json.dumps({"methods": rows, "settings": {**settings, "seeds": seeds}}))
 
 
