@@ -118,7 +118,7 @@ def analytic(method: str, n_layers: int = 4) -> dict:
     if comp is not None and comp.method == "fastv":
       v = [x if i < comp.k else fastv.kept_count(N_FRAME, comp.r) for i, x in enumerate(v)]
     if comp is not None and comp.method == "dycoke":
-      ttm = dycoke.causal_keep_counts(comp.k, N_FRAME, 4, keep_last=True) / 4
+      ttm = dycoke.causal_keep_counts(comp.k, N_FRAME, 4, **apply.TTM_KEEP) / 4
       v = [min(x, ttm) for x in v]
     return v
 
