@@ -1,9 +1,12 @@
 """VideoLLM-MoD, γ-MoD, DyCoke and FastV on one model, one dataset, one budget (docs/compare.md).
 
-Per seed, three models are trained from scratch on the procedural data (``configs/demo.py``, the
+Per seed, four models are trained from scratch on the procedural data (``configs/demo.py``, the
 same step budget, data order and initialisation seed): dense, VideoLLM-MoD (learned, r = 0.2,
 interleaved) and γ-MoD (``configs/demo.py:gamma``: shared router, masked routing, top-C over the
-row on the interleaved layers, C matched to MoD's compact length). The training-free methods are
+row on the interleaved layers, C matched to MoD's compact length); ``gamma_mod_arank`` trains the
+same γ-MoD on the layers ``mod-jax arank`` recommends on the first seed's trained dense model
+(the n/2 lowest-ARank layers: as many routed layers and the same C, so the same training FLOPs;
+:func:`arank`). The training-free methods are
 applied to the trained checkpoints: FastV (K = 2, R = 0.5) and DyCoke (K = 0.7, P = 0.7, L = 3)
 on dense, and MoD + DyCoke TTM (K = 0.7; P = 0, since KV pruning needs dense layers L−1..n−1
 and the 4-layer MoD stack has none). γ-MoD is evaluated with its inference threshold (causal)
@@ -21,7 +24,8 @@ per layer in this 4-layer model, and the KV bytes of a 1-hour 2 fps stream at th
 (32 layers, 8 KV heads × 128, bf16) with the method's per-layer pattern scaled to 32 layers.
 
 Finished (method, seed) records are appended to ``{workdir}/results.jsonl`` and skipped when the
-script runs again; ``--report FILE`` re-prints the table from such a file without training. The
+script runs again (a model whose training finished, ``{workdir}/{model}_seed{seed}/compare_train.json``,
+is not trained again); ``--report FILE`` re-prints the table from such a file without training. The
 LAST stdout line is one JSON object ``{"methods": {name: {...}}, "settings": {...}}``.
 """
 
@@ -42,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import demo
 
 N_FRAME = 10  # tokens per frame in the demo and the 8B config
+ARANK_SAMPLES = 16  # eval windows ARank is averaged over (gamma_mod_arank)
 
 # name -> (trained model, --compress spec, paper's claim)
 METHODS = {
@@ -49,6 +54,7 @@ METHODS = {
   "videollm_mod": ("mod", None, "VideoLLM-MoD: 0.6x training FLOPs, quality = full computation"),
   "gamma_mod": ("gamma", None, "γ-MoD: -31% training time, +53% throughput, -1.5% accuracy"),
   "gamma_mod_topC": ("gamma", "topC", "(training rule at inference: the mismatch)"),
+  "gamma_mod_arank": ("gamma_arank", None, "γ-MoD on the layers ARank chooses"),
   "fastv": ("dense", "fastv:K=2,R=0.5", "FastV: -45% FLOPs, no loss (LLaVA-1.5-13B)"),
   "dycoke": ("dense", "dycoke:K=0.7,P=0.7,L=3", "DyCoke: 1.54x faster, 34->24 GB, no loss"),
   "mod_dycoke": ("mod", "dycoke:K=0.7,P=0,L=3", "(combination; not in either paper)"),
@@ -57,7 +63,9 @@ METRICS = ("lm_ppl", "time_diff", "fluency", "lm_correctness", "stream_decision_
 
 
 def make_config(model: str, args, seed: int):
-  c = demo.get_config({"dense": "dense", "mod": "", "gamma": "gamma"}[model])
+  c = demo.get_config(
+    {"dense": "dense", "mod": "", "gamma": "gamma", "gamma_arank": "gamma"}[model]
+  )
   c.seed = seed
   t = c.train
   t.steps = args.steps
@@ -68,7 +76,30 @@ def make_config(model: str, args, seed: int):
   p = c.data.procedural
   p.num_train_videos = args.train_videos
   p.num_eval_videos = args.eval_videos
+  if model == "gamma_arank":
+    c.model.mod.insertion = arank(args)["recommended"]["lowest"]
   return c
+
+
+def arank(args) -> dict:
+  """``mod-jax arank``'s report on the trained dense model of the first seed (``arank.json`` in
+  its workdir, computed on first use over ``ARANK_SAMPLES`` eval windows): the ARank of every
+  layer and the insertion list it recommends, the n/2 lowest-ARank layers — as many routed
+  layers as the interleaved list, so with the same capacity C γ-MoD's training FLOPs stay
+  matched to VideoLLM-MoD's."""
+  from mod_jax.compress.arank_main import run_arank
+
+  seed = args.arank_seed
+  workdir = os.path.join(args.workdir, f"dense_seed{seed}")
+  path = os.path.join(workdir, "arank.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      report = json.load(f)
+    if report["samples"] == ARANK_SAMPLES:
+      return report
+  if not os.path.exists(os.path.join(workdir, "compare_train.json")):
+    train("dense", args, seed)
+  return run_arank(make_config("dense", args, seed), workdir, ARANK_SAMPLES, progress=False)
 
 
 def analytic(method: str, n_layers: int = 4) -> dict:
@@ -87,7 +118,7 @@ def analytic(method: str, n_layers: int = 4) -> dict:
     if comp is not None and comp.method == "fastv":
       v = [x if i < comp.k else fastv.kept_count(N_FRAME, comp.r) for i, x in enumerate(v)]
     if comp is not None and comp.method == "dycoke":
-      ttm = dycoke.causal_keep_counts(comp.k, N_FRAME, 4, keep_last=True) / 4
+      ttm = dycoke.causal_keep_counts(comp.k, N_FRAME, 4, **apply.TTM_KEEP) / 4
       v = [min(x, ttm) for x in v]
     return v
 
@@ -108,31 +139,45 @@ def train(model: str, args, seed: int) -> dict:
 
   config = make_config(model, args, seed)
   workdir = os.path.join(args.workdir, f"{model}_seed{seed}")
+  summary = os.path.join(workdir, "compare_train.json")
+  if os.path.exists(summary):  # trained by an earlier, interrupted run of this script
+    with open(summary) as f:
+      done = json.load(f)
+    if done["steps"] == args.steps:
+      return done
   start = time.perf_counter()
   out = train_and_evaluate(config, workdir, progress=False)
+  if out["last_logged"] is None:
+    raise RuntimeError(
+      f"{workdir} holds a finished checkpoint without {summary}; delete the directory to retrain."
+    )
   dense = flops.analytic_flops(flops.dense_counterpart(config))["total"]
   ratio = flops.analytic_flops(config)["total"] / dense
-  if model == "gamma":  # the analytic count does not model sequence routing: matched to MoD
+  if model.startswith("gamma"):  # the analytic count does not model sequence routing: = MoD
     mod_cfg = make_config("mod", args, seed)
     ratio = flops.analytic_flops(mod_cfg)["total"] / dense
-  return {
+  done = {
     "workdir": workdir,
+    "steps": args.steps,
     "train_seconds": time.perf_counter() - start,
     "train_flops_ratio": ratio,
     "router": {k: v for k, v in out["last_logged"].items() if k.startswith("router")},
   }
+  with open(summary, "w") as f:
+    json.dump(done, f)
+  return done
 
 
 def evaluate(method: str, trained: dict, args, seed: int) -> dict:
   from flax import nnx
 
   from mod_jax.compress import apply
+  from mod_jax.convert import pretrained
   from mod_jax.data import pipeline
   from mod_jax.infer.evaluate import stream_evaluate
-  from mod_jax.train import checkpoint
 
   model, spec, _ = METHODS[method]
-  config, graphdef, params, _ = checkpoint.restore_params(trained["workdir"])
+  config, graphdef, params, _ = pretrained.restore_params(trained["workdir"])
   compression = None
   if spec == "topC":  # γ-MoD with its training rule at inference (not causal)
     m = nnx.merge(graphdef, params)
@@ -148,14 +193,14 @@ def evaluate(method: str, trained: dict, args, seed: int) -> dict:
 def stream_fps(method: str, trained: dict, frames) -> float:
   """Frames per second of the streaming engine on ``frames`` (after compilation)."""
   from mod_jax.compress import apply
+  from mod_jax.convert import pretrained
   from mod_jax.data import pipeline
   from mod_jax.infer import streaming
-  from mod_jax.train import checkpoint
 
   model, spec, _ = METHODS[method]
   if spec == "topC":
     return float("nan")  # top-C over a row cannot stream
-  config, graphdef, params, _ = checkpoint.restore_params(trained["workdir"])
+  config, graphdef, params, _ = pretrained.restore_params(trained["workdir"])
   tokenizer = pipeline.load_tokenizer(config)
   engine = streaming.StreamEngine.create(
     graphdef,
@@ -179,6 +224,24 @@ def stream_fps(method: str, trained: dict, frames) -> float:
 def _mean_sem(vals):
   sem = statistics.stdev(vals) / len(vals) ** 0.5 if len(vals) > 1 else 0.0
   return statistics.fmean(vals), sem
+
+
+def per_run(records: list[dict]) -> str:
+  """Markdown table of every (method, seed) record, seeds in order, methods as ``METHODS``."""
+  lines = [
+    "| method | seed | LM-PPL | TimeDiff s | Fluency | LM-Correct. | stream acc. | train s | "
+    "stream fps |",
+    "|" + "---|" * 9,
+  ]
+  order = {name: i for i, name in enumerate(METHODS)}
+  for r in sorted(records, key=lambda r: (r["seed"], order.get(r["method"], len(order)))):
+    fps = r.get("fps")
+    lines.append(
+      f"| {r['method']} | {r['seed']} | {r['lm_ppl']:.4f} | {r['time_diff']:.3f} | "
+      f"{r['fluency']:.4f} | {r['lm_correctness']:.4f} | {r['stream_decision_accuracy']:.4f} | "
+      f"{r['train_seconds']:.0f} | {'' if fps is None or fps != fps else f'{fps:.1f}'} |"
+    )
+  return "\n".join(lines)
 
 
 def table(records: list[dict]) -> tuple[str, dict]:
@@ -280,7 +343,7 @@ def main():
     text, rows = table(records)
     if args.plot:
       plot(rows, args.plot)
-    print(text)
+    print(text + "\n\nPer run:\n\n" + per_run(records))
     print(json.dumps({"methods": rows, "settings": {"report": args.report}}))
     return
   methods = [m for m in args.methods.split(",") if m] or list(METHODS)
@@ -288,6 +351,7 @@ def main():
   if unknown:
     parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
   seeds = [int(s) for s in args.seeds.split(",")]
+  args.arank_seed = seeds[0]
   os.makedirs(args.workdir, exist_ok=True)
   log_path = os.path.join(args.workdir, "results.jsonl")
   settings = {"steps": args.steps, "videos": [args.train_videos, args.eval_videos]}
@@ -313,6 +377,10 @@ def main():
       rec = {"method": name, "seed": seed, **settings, **evaluate(name, trained[model], args, seed)}
       rec.update(train_flops_ratio=trained[model]["train_flops_ratio"])
       rec.update(router=trained[model]["router"], train_seconds=trained[model]["train_seconds"])
+      if model == "gamma_arank":
+        rep = arank(args)
+        rec.update(arank={k: rep[k] for k in ("arank", "arank_std", "samples", "recommended")})
+        rec["arank"]["seed"] = args.arank_seed
       if seed == seeds[0]:
         if frames is None:
           frames = _stream_frames(make_config("dense", args, seed))
@@ -324,7 +392,7 @@ def main():
   text, rows = table(records)
   if args.plot:
     plot(rows, args.plot)
-  print(text)
+  print(text + "\n\nPer run:\n\n" + per_run(records))
   print(json.dumps({"methods": rows, "settings": {**settings, "seeds": seeds}}))
 
 
@@ -336,12 +404,7 @@ def _stream_frames(config, count: int = 48):
   tokenizer = pipeline.load_tokenizer(config)
   index = pipeline.load_split(config, "eval", tokenizer)
   rec = index.records[index.windows[0][0]]
-  frames = folder.load_frames(
-    rec.path,
-    float(config.data.fps),
-    int(config.model.vision.image_size),
-    folder.frame_cache(64 << 20),
-  )
+  frames = folder.load_frames(rec.path, float(config.data.fps), int(config.model.vision.image_size))
   reps = -(-count // len(frames))
   import numpy as np
 

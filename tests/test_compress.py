@@ -127,6 +127,27 @@ def test_causal_ttm_in_pieces_equals_whole_and_keep_last():
     dycoke.causal_keep(x[1:2], k, start=1)
 
 
+def test_causal_ttm_keep_first_ranks_only_the_spatial_tokens():
+  """keep_first: token 0 (no spatial position) is kept in every frame even when it is the most
+  similar token, and the K rate applies to tokens 1..N−1: int((1−K)·(N−1)) of them are kept."""
+  n, d, k = 5, 3, 0.5
+  ref = np.eye(d, dtype=np.float32)[[0, 1, 1, 1, 1]]  # token 0 = e0, grid tokens = e1
+  x = np.stack([ref] * 4)
+  # frame 1: grid token j has cosine c_j to the reference; token 0 stays identical (cosine 1)
+  for j, c in zip(range(1, n), [0.9, 0.1, 0.5, 0.99]):
+    x[1, j] = [0.0, c, np.sqrt(1 - c * c)]
+  keep = np.asarray(dycoke.causal_keep(x, k, keep_first=True))
+  # int(0.5 · 4) = 2 least similar grid tokens (2: 0.1, 3: 0.5) + token 0
+  np.testing.assert_array_equal(keep[1], [1, 0, 1, 1, 0])
+  plain = np.asarray(dycoke.causal_keep(x, k))  # without: token 0 competes and loses
+  np.testing.assert_array_equal(plain[1], [0, 0, 1, 1, 0])
+  both = np.asarray(dycoke.causal_keep(x, k, keep_first=True, keep_last=True))
+  np.testing.assert_array_equal(both[1], [1, 0, 1, 0, 1])  # last + least similar (2) + token 0
+  assert dycoke.pruned_count(k, n, keep_first=True) == 3 == keep[1:].sum(1).max()
+  assert dycoke.pruned_count(1.0, n, keep_first=True, keep_last=True) == 2
+  assert dycoke.causal_keep_counts(k, n, 4, keep_first=True) == n + 3 * 3 == keep.sum()
+
+
 def test_ttm_k_zero_keeps_everything():
   x = jnp.asarray(np.random.default_rng(3).normal(size=(8, 5, 3)), jnp.float32)
   assert bool(jnp.all(dycoke.temporal_token_merging(x, 0.0)))

@@ -74,6 +74,21 @@ def test_fastv_prunes_after_layer_k_and_changes_the_output(monkeypatch):
   assert np.abs(np.asarray(frame) - np.asarray(dense[1])).max() > 1e-3
 
 
+def test_ttm_keeps_the_pooled_token_and_prunes_the_grid():
+  """In the model TTM ranks only the p·p grid tokens of a frame: the MAP-pooled token 0 has no
+  spatial position (DyCoke compares "the same spatial position") and is kept in every frame,
+  also when it is the token most similar to its reference frame; pruned frames keep 3 of 10."""
+  cfg, graphdef, params = _dense()
+  model = nnx.merge(graphdef, params)
+  batch = _batch(cfg, frames=8)
+  x, _, layout = model.embed_row(batch)
+  slots = np.asarray(layout.frame_tokens())  # [b, f, n] stream slot of each vision token
+  x = x.at[0, slots[0, :, 0]].set(1.0)  # token 0 identical in every frame: cosine 1
+  keep = np.asarray(apply.ttm_keep(x, layout, 0.7))[0][slots[0]]  # [f, n]
+  assert keep[:, 0].all() and keep[:, -1].all()  # pooled token and decision slot
+  np.testing.assert_array_equal(keep.sum(1), [10, 3, 3, 3, 10, 3, 3, 3])
+
+
 def test_parse_and_check_errors():
   assert str(apply.parse("fastv:K=3,R=0.25")) == "fastv:K=3,R=0.25"
   assert apply.parse("dycoke") == apply.Compression("dycoke", 0.7, p=0.7, l=3)
@@ -127,6 +142,35 @@ def test_arank_maps_are_the_layers_attention_and_recommendation():
   assert arank_main.recommend([9.0] * 8)["reference"] == [3, 4, 5, 6]
 
 
+@pytest.mark.slow
+def test_run_arank_on_a_trained_workdir(tmp_path):
+  """``mod-jax arank`` end to end on a ``mod-jax train`` workdir: per-sample ARank of every layer
+  within [1, tokens − 1] (row 0 of a causal map with its diagonal zeroed is empty), the means and
+  the recommendation follow from them, and the report is written beside the checkpoint."""
+  import json
+
+  from mod_jax.compress import arank_main
+  from mod_jax.train.loop import train_and_evaluate
+
+  c = tiny.get_config("dense")
+  c.mesh.shape = (2, 2, 2)  # 4 batch shards for the batch of 4 (tests have 8 CPU devices)
+  c.data.dir = str(tmp_path / "data")
+  c.train.steps = c.train.checkpoint_every = 1
+  c.train.warmup_steps = 0
+  c.train.eval_batches = 0
+  wd = str(tmp_path / "run")
+  train_and_evaluate(c, wd, progress=False)
+  report = arank_main.run_arank(c, wd, samples=2, progress=False)
+  values = np.asarray(report["per_sample"])
+  assert values.shape == (2, c.model.n_layers) and report["samples"] == 2
+  for row, tokens in zip(values, report["tokens"]):
+    assert ((row >= 1) & (row <= tokens - 1)).all()
+  np.testing.assert_allclose(report["arank"], values.mean(0))
+  assert report["recommended"] == arank_main.recommend(list(values.mean(0)))
+  with open(tmp_path / "run" / "arank.json") as fh:
+    assert json.load(fh)["arank"] == report["arank"]
+
+
 def _restack(session, per_layer):
   """Per-layer caches in the session's stacked layout (layer i is row r of stack s)."""
   stacks: dict = {}
@@ -162,7 +206,7 @@ def test_streaming_equals_teacher_forced(spec):
   live = [int((np.asarray(c.segment_ids) != 0).sum()) for c in session.layer_caches()]
   t, n = batch["text_tokens"].shape[1], cfg.model.tokens_per_frame
   if comp.method == "dycoke":  # TTM really pruned: 6 frames keep 10 + 3 + 3 + 3 + 10 + 3
-    assert live == [t + dycoke.causal_keep_counts(0.7, n, 6, keep_last=True)] * 4 == [t + 32] * 4
+    assert live == [t + dycoke.causal_keep_counts(0.7, n, 6, **apply.TTM_KEEP)] * 4 == [t + 32] * 4
   else:  # FastV: layers >= K cache 5 of each frame's 10 tokens
     assert live == [t + 6 * n] * 2 + [t + 6 * 5] * 2
 

@@ -11,7 +11,9 @@ gather → compute → scatter, static shapes, original positions).
   layer K−1, head-averaged — the per-frame top-k of ``routed_block`` with these scores and no
   router weighting. R = 0 drops nothing and runs the dense layers (the dense logits exactly).
 * **DyCoke TTM** (``dycoke.py``): the causal TTM keep mask (:func:`dycoke.causal_keep`, windows
-  of 4 frames from the stream's first frame, each frame's last token always kept) is computed
+  of 4 frames from the stream's first frame, each frame's last token always kept, and its
+  MAP-pooled token 0, which has no spatial position for TTM's per-position comparison, kept
+  and not ranked: the K rate applies to the p·p grid tokens) is computed
   on the connector outputs and every layer processes only the kept vision tokens
   (``compact_block`` with the static bound C = T + ceil(F/4)·N + (F − ceil(F/4))·m).
 * **Streaming** (``mod-jax stream`` / ``eval --compress``): ``Decoder.cached`` runs the same
@@ -170,13 +172,23 @@ def attach(graphdef, params, compression: Compression | None, model_cfg):
 
 
 # ---------------------------------------------------------------------------- decoder layers
+# TTM in the model: a pruned frame keeps its stream-decision slot (the last token) and its
+# MAP-pooled token 0, which has no spatial position to compare (dycoke.causal_keep keep_first).
+TTM_KEEP = {"keep_last": True, "keep_first": True}
+
+
+def ttm_count(k: float, n: int) -> int:
+  """Vision tokens a TTM-pruned frame keeps in the model (static); TTM is off when it is n."""
+  return dycoke.pruned_count(k, n, **TTM_KEEP)
+
+
 def ttm_keep(x_bld, layout: rows.StreamLayout, k: float) -> jax.Array:
   """Causal TTM keep flags of a row, bool [b, l] (text True): frame f of the row is frame f of
   its stream, computed on the layer-0 input (the connector outputs)."""
   b, _, d = x_bld.shape
   f, n = layout.frame_start.shape[1], layout.tokens_per_frame
   vis = rows.take(x_bld, layout.frame_tokens().reshape(b, f * n)).reshape(b, f, n, d)
-  keep = jax.vmap(lambda v: dycoke.causal_keep(v, k, keep_last=True))(vis)
+  keep = jax.vmap(lambda v: dycoke.causal_keep(v, k, **TTM_KEEP))(vis)
   return to_stream(keep, layout)
 
 
@@ -279,7 +291,7 @@ def run_layers(
   aux = {}
   allowed = None
   has_frames = layout is not None
-  if has_frames and comp.method == "dycoke" and dycoke.keep_per_frame(comp.k, n) < n:
+  if has_frames and comp.method == "dycoke" and ttm_count(comp.k, n) < n:
     if vision_keep is None and streaming:
       vision_keep, state = stream_ttm(state, x, seq, layout, comp.k)
     allowed = ttm_keep(x, layout, comp.k) if vision_keep is None else to_stream(vision_keep, layout)
@@ -330,7 +342,7 @@ def run_layers(
       )
     elif allowed is not None:
       f = layout.frame_start.shape[1]
-      m = dycoke.causal_keep_counts(comp.k, n, f, keep_last=True)
+      m = dycoke.causal_keep_counts(comp.k, n, f, **TTM_KEEP)
       c = x.shape[1] - f * n + m
       x, overflow = mod.compact_block(block, x, seq, allowed, c)
       a = {"overflow": overflow}
@@ -392,7 +404,7 @@ def empty_state(model, batch: int, sizes) -> StreamState:
     raise ValueError("empty_state: the model has no --compress method attached (apply.attach).")
   n = model.tokens_per_frame
   d = model.llm.embed[...].shape[1]
-  ttm = comp.method == "dycoke" and dycoke.keep_per_frame(comp.k, n) < n
+  ttm = comp.method == "dycoke" and ttm_count(comp.k, n) < n
   s = int(sizes[comp.l - 1]) if comp.method == "dycoke" and comp.p > 0 else 1
   slots = jnp.zeros((batch, s), bool)
   return StreamState(
@@ -411,7 +423,7 @@ _REF_OFFSET = (0, 0, 0, 2)  # TTM: offset 1 and 2 compare with offset 0, offset 
 
 def stream_ttm(state: StreamState, x_bld, seq: rows.TokenInfo, layout, k: float):
   """Causal TTM flags of a chunk's frames, continuing the stream (:func:`dycoke.causal_keep`
-  with ``keep_last``, its window carried in ``state``).
+  with ``TTM_KEEP``, its window carried in ``state``).
 
   The chunk's real frames (segment id != 0 at the frame start) must precede its padding frames
   (``Session.feed`` / ``evaluate.continue_after`` chunks). Frame j of the chunk is stream frame
@@ -424,7 +436,7 @@ def stream_ttm(state: StreamState, x_bld, seq: rows.TokenInfo, layout, k: float)
   f, n = layout.frame_start.shape[1], layout.tokens_per_frame
   emb = rows.take(x_bld, layout.frame_tokens().reshape(b, f * n)).reshape(b, f, n, -1)
   real = rows.take(seq.segment_ids, layout.frame_start) != 0  # [b, f]
-  keep_n = max(dycoke.keep_per_frame(k, n), 1)  # the decision slot is always kept
+  count = ttm_count(k, n)
   ref_of = jnp.asarray(_REF_OFFSET, jnp.int32)
 
   def one(window, seen, emb_fnd, real_f):
@@ -432,8 +444,8 @@ def stream_ttm(state: StreamState, x_bld, seq: rows.TokenInfo, layout, k: float)
     for j in range(f):
       off = (seen + j) % dycoke.WINDOW
       ref = jnp.take(window, ref_of[off], axis=0)
-      sim = dycoke._cosine(ref, emb_fnd[j]).at[n - 1].set(-jnp.inf)
-      keeps.append(jnp.where(off == 0, True, dycoke._least_similar(sim, keep_n)))
+      pruned = dycoke.pruned_frame(ref, emb_fnd[j], count, **TTM_KEEP)
+      keeps.append(jnp.where(off == 0, True, pruned))
       window = jnp.where(real_f[j], window.at[off].set(emb_fnd[j].astype(window.dtype)), window)
     return jnp.stack(keeps), window
 

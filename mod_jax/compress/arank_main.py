@@ -81,34 +81,33 @@ def recommend(aranks, n_mod: int | None = None) -> dict:
 def run_arank(config, workdir: str, samples: int = 8, progress: bool = True) -> dict:
   """ARank of every layer of ``workdir``'s model on ``samples`` eval windows of ``config``.
 
-  Returns the report dict (also written to ``{workdir}/arank.json``; plot ``arank.png``).
+  Returns the report dict (also written to ``{workdir}/arank.json``; plot ``arank.png``):
+  ``arank`` / ``arank_std`` per layer (mean / std over samples), ``per_sample`` [samples][layers],
+  ``tokens`` (each sample's real tokens: its ARank is at most tokens − 1), ``recommended``.
 
   Raises:
     FileNotFoundError: no checkpoint in ``workdir``. ValueError: ``samples`` < 1.
   """
   import tqdm
 
+  from mod_jax.convert import pretrained
   from mod_jax.data import pipeline
-  from mod_jax.data.sources import folder
   from mod_jax.infer.evaluate import _padded
-  from mod_jax.train import checkpoint
 
   if samples < 1:
     raise ValueError(f"--samples={samples} must be >= 1.")
-  _, graphdef, params, step = checkpoint.restore_params(workdir)
+  _, graphdef, params, step = pretrained.restore_params(workdir)
   tokenizer = pipeline.load_tokenizer(config)
   index = pipeline.load_split(config, "eval", tokenizer)
-  d, m = config.data, config.model
-  cache = folder.frame_cache(int(d.cache_mb) << 20)
-  per_sample = []
-  for rec_index, window in tqdm.tqdm(index.windows[:samples], disable=not progress):
-    record = index.records[rec_index]
-    frames = folder.load_frames(record.path, float(d.fps), int(m.vision.image_size), cache)
-    batch = _padded(window.to_example(frames), int(d.max_text), int(d.max_frames), tokenizer.pad_id)
+  d = config.data
+  per_sample, lengths = [], []
+  for i in tqdm.tqdm(range(min(samples, len(index.windows))), disable=not progress):
+    batch = _padded(index.example(i), int(d.max_text), int(d.max_frames), tokenizer.pad_id)
     batch.pop("text_targets")
     maps, seg = jax.device_get(layer_maps(params, batch, graphdef=graphdef))
     real = int((seg[0] != 0).sum())  # stream order: the sample's slots come first
-    per_sample.append([attention_rank(maps[i, 0, :, :real, :real]) for i in range(len(maps))])
+    lengths.append(real)
+    per_sample.append([attention_rank(maps[j, 0, :, :real, :real]) for j in range(len(maps))])
   values = np.asarray(per_sample)  # [samples, layers]
   mean = values.mean(0)
   report = {
@@ -117,6 +116,8 @@ def run_arank(config, workdir: str, samples: int = 8, progress: bool = True) -> 
     "samples": len(per_sample),
     "arank": [float(v) for v in mean],
     "arank_std": [float(v) for v in values.std(0)],
+    "per_sample": values.tolist(),  # [samples][layers]
+    "tokens": lengths,  # each sample's real tokens (ARank <= tokens − 1: row 0 is all zero)
     "recommended": recommend(list(mean)),
   }
   report["plot"] = _plot(mean, values.std(0), os.path.join(workdir, "arank.png"))

@@ -90,7 +90,34 @@ def temporal_token_merging(x, k: float) -> jax.Array:
   return jnp.stack(out)
 
 
-def causal_keep(x, k: float, *, start: int = 0, keep_last: bool = False, context=None):
+def pruned_count(k: float, n: int, *, keep_last: bool = False, keep_first: bool = False) -> int:
+  """Tokens a frame at window offset 1–3 keeps under :func:`causal_keep` (static): the
+  ``int((1−K)·S)`` least similar of its S ranked tokens (S = N, or N − 1 with ``keep_first``),
+  at least 1 with ``keep_last``, plus the unranked first token with ``keep_first``."""
+  ranked = n - int(keep_first)
+  m = keep_per_frame(k, ranked)
+  if keep_last:
+    m = max(m, 1)
+  return min(m, ranked) + int(keep_first)
+
+
+def pruned_frame(ref_nd, x_nd, count: int, *, keep_last: bool, keep_first: bool) -> jax.Array:
+  """bool [n]: the ``count`` (:func:`pruned_count`) tokens a pruned frame ``x_nd`` [n, d] keeps
+  against its reference frame ``ref_nd`` [n, d] — its least similar ranked tokens, the last
+  token among them with ``keep_last``, the first token kept unranked with ``keep_first``."""
+  n = x_nd.shape[0]
+  sim = _cosine(ref_nd, x_nd)
+  if keep_last:
+    sim = sim.at[n - 1].set(-jnp.inf)  # always among the least similar
+  first = int(keep_first)
+  ranked = count - first
+  keep = _least_similar(sim[first:], ranked) if ranked else jnp.zeros((n - first,), bool)
+  return jnp.concatenate([jnp.ones((first,), bool), keep])
+
+
+def causal_keep(
+  x, k: float, *, start: int = 0, keep_last: bool = False, keep_first: bool = False, context=None
+):
   """TTM keep mask of consecutive frames of a stream, causal (the paper's pairs).
 
   Args:
@@ -99,6 +126,10 @@ def causal_keep(x, k: float, *, start: int = 0, keep_last: bool = False, context
     start: stream index of ``x[0]`` (static); windows are frames 4w .. 4w + 3.
     keep_last: also keep every pruned frame's last token (the model's stream-decision slot);
       the frame then keeps ``max(int((1−K)·N), 1)`` tokens in all, that one included.
+    keep_first: token 0 has no spatial position (the model's MAP-pooled token): keep it in
+      every frame and rank only tokens 1..N−1, which keep ``int((1−K)·(N−1))`` (DyCoke ranks
+      spatial patch tokens only; the reference appends its one non-spatial token, LLaVA-OV's
+      ``image_newline``, after TTM). :func:`pruned_count` gives a pruned frame's count.
     context: float ``[start mod 4, N, d]``, the earlier frames of ``x[0]``'s window (needed
       when ``start`` is not a window start); None when ``start`` is a multiple of 4.
   Returns:
@@ -109,7 +140,7 @@ def causal_keep(x, k: float, *, start: int = 0, keep_last: bool = False, context
   """
   x = jnp.asarray(x)
   f, n, _ = x.shape
-  keep_n = keep_per_frame(k, n)
+  count = pruned_count(k, n, keep_last=keep_last, keep_first=keep_first)
   lead = start % WINDOW
   if lead:
     if context is None or np.shape(context)[0] != lead:
@@ -122,24 +153,20 @@ def causal_keep(x, k: float, *, start: int = 0, keep_last: bool = False, context
   out = []
   for j in range(lead, lead + f):
     off = (start - lead + j) % WINDOW
-    if off == 0 or keep_n >= n:
+    if off == 0 or count >= n:
       out.append(jnp.ones((n,), bool))
       continue
-    sim = _cosine(x[j - off + ref_offset[off]], x[j])
-    count = keep_n
-    if keep_last:
-      sim = sim.at[n - 1].set(-jnp.inf)  # always among the least similar
-      count = max(keep_n, 1)
-    out.append(_least_similar(sim, count) if count else jnp.zeros((n,), bool))
+    ref = x[j - off + ref_offset[off]]
+    out.append(pruned_frame(ref, x[j], count, keep_last=keep_last, keep_first=keep_first))
   return jnp.stack(out)
 
 
-def causal_keep_counts(k: float, n: int, num_frames: int, *, keep_last: bool = False) -> int:
+def causal_keep_counts(
+  k: float, n: int, num_frames: int, *, keep_last: bool = False, keep_first: bool = False
+) -> int:
   """Upper bound on the vision tokens :func:`causal_keep` keeps over ``num_frames`` consecutive
   frames starting anywhere (static): at most ceil(F/4) window starts keep all N."""
-  m = keep_per_frame(k, n)
-  if keep_last:
-    m = max(m, 1)
+  m = pruned_count(k, n, keep_last=keep_last, keep_first=keep_first)
   if m >= n:
     return num_frames * n
   starts = -(-num_frames // WINDOW)
