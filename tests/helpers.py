@@ -1,4 +1,6 @@
-"""Shared test utilities: synthetic batches in the model's slot layout."""
+"""Shared test utilities: synthetic batches in the model's slot layout, sharded train steps."""
+
+import functools
 
 import numpy as np
 
@@ -134,3 +136,31 @@ def chunked_batch(config, batch_size: int, chunks: int, seed: int = 0):
   size = m.vision.image_size
   out["frames"] = rng.integers(0, 256, (batch_size, d.max_frames, size, size, 3), dtype=np.uint8)
   return out
+
+
+def run_train_steps(config, devices, batches):
+  """``train_step`` on ``config``'s mesh over ``devices`` for each host batch in turn (the oracle
+  runs of the sharded / context-axis equality tests). Returns (initial params, final params,
+  last metrics — all on the host —, the final state, the last global batch)."""
+  import jax
+
+  from mod_jax.train import sharding
+  from mod_jax.train.step import train_step
+
+  mesh = sharding.make_mesh(config, devices=devices)
+  rules = sharding.rules_of(config)
+  state, graphdef, tx, shardings = sharding.create_train_state(config, mesh)
+  init = jax.device_get(state.params)
+  fn = jax.jit(
+    functools.partial(
+      train_step, graphdef=graphdef, tx=tx, stream_loss_weight=1.0, base_rng=jax.random.key(0)
+    ),
+    in_shardings=(shardings, None),
+    out_shardings=(shardings, None),
+  )
+  global_batch = metrics = None
+  with jax.set_mesh(mesh):
+    for b in batches:
+      global_batch = sharding.host_to_global(b, mesh, rules)
+      state, metrics = fn(state, global_batch)
+  return init, jax.device_get(state.params), jax.device_get(metrics), state, global_batch

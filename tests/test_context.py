@@ -8,7 +8,6 @@ another starts in the last chunk, padding in the middle of the row); the single-
 does not fold anything, so it is an independent oracle of the chunked computation.
 """
 
-import functools
 import json
 
 import jax
@@ -21,8 +20,7 @@ from configs import tiny
 from mod_jax.config import DEFAULT_LOGICAL_AXIS_RULES, ConfigError, full_mesh_shape, validate
 from mod_jax.model.attention_ops import attend
 from mod_jax.train import sharding
-from mod_jax.train.step import train_step
-from tests.helpers import chunked_batch
+from tests.helpers import chunked_batch, run_train_steps
 
 AXES = ("data", "fsdp", "tensor", "context")
 
@@ -117,23 +115,6 @@ def test_context_attention_errors():
       )  # fmt: skip
 
 
-def _run_step(config, devices, batch):
-  mesh = sharding.make_mesh(config, devices=devices)
-  rules = sharding.rules_of(config)
-  state, graphdef, tx, shardings = sharding.create_train_state(config, mesh)
-  fn = jax.jit(
-    functools.partial(
-      train_step, graphdef=graphdef, tx=tx, stream_loss_weight=1.0, base_rng=jax.random.key(0)
-    ),
-    in_shardings=(shardings, None),
-    out_shardings=(shardings, None),
-  )
-  with jax.set_mesh(mesh):
-    global_batch = sharding.host_to_global(batch, mesh, rules)
-    state, metrics = fn(state, global_batch)
-  return jax.device_get(state.params), jax.device_get(metrics), global_batch
-
-
 def _assert_params_equal(p1, p8):
   """Every parameter equal (fp32, 1e-5), but the tower's key biases (a softmax cancels a key
   bias: its true gradient is 0, see test_train.py)."""
@@ -161,8 +142,8 @@ def test_context_train_step_matches_single_device(variant, shape, attention):
     configs.append(c)
   validate(configs[1], 8)
   batch = chunked_batch(configs[0], 4, chunks=shape[3], seed=3)
-  p1, m1, _ = _run_step(configs[0], jax.devices()[:1], batch)
-  p8, m8, global_batch = _run_step(configs[1], jax.devices(), batch)
+  _, p1, m1, _, _ = run_train_steps(configs[0], jax.devices()[:1], [batch])
+  _, p8, m8, _, global_batch = run_train_steps(configs[1], jax.devices(), [batch])
   # Each device holds its chunk: text slots and frames split over the context axis.
   spec = global_batch["text_tokens"].sharding.spec
   assert spec[1] == "context", spec

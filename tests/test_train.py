@@ -7,31 +7,8 @@ import pytest
 from configs import tiny
 from mod_jax.config import ConfigError, validate, validate_for_training
 from mod_jax.model.factory import check_model_config
-from mod_jax.train import sharding
 from mod_jax.train.loop import train_and_evaluate
-from tests.helpers import synthetic_batch
-
-
-def _run_steps(config, devices, batches):
-  import functools
-
-  from mod_jax.train.step import train_step
-
-  mesh = sharding.make_mesh(config, devices=devices)
-  rules = sharding.rules_of(config)
-  state, graphdef, tx, shardings = sharding.create_train_state(config, mesh)
-  init = jax.device_get(state.params)
-  fn = jax.jit(
-    functools.partial(
-      train_step, graphdef=graphdef, tx=tx, stream_loss_weight=1.0, base_rng=jax.random.key(0)
-    ),
-    in_shardings=(shardings, None),
-    out_shardings=(shardings, None),
-  )
-  with jax.set_mesh(mesh):
-    for b in batches:
-      state, metrics = fn(state, sharding.host_to_global(b, mesh, rules))
-  return init, jax.device_get(state.params), jax.device_get(metrics), state
+from tests.helpers import run_train_steps, synthetic_batch
 
 
 @pytest.mark.slow
@@ -43,8 +20,8 @@ def test_sharded_step_matches_single_device(variant):
   c8 = tiny.get_config(variant)
   c8.mesh.shape = (2, 2, 2)
   batches = [synthetic_batch(c1, 4, seed=s) for s in range(2)]
-  init1, p1, m1, _ = _run_steps(c1, jax.devices()[:1], batches)
-  init8, p8, m8, s8 = _run_steps(c8, jax.devices(), batches)
+  init1, p1, m1, _, _ = run_train_steps(c1, jax.devices()[:1], batches)
+  init8, p8, m8, s8, _ = run_train_steps(c8, jax.devices(), batches)
   # The sharded state really is sharded over the 8 devices.
   q = s8.params["llm"]["stacks"][0]["attn"]["q"][...]  # [layers, d, n, h]: layers unsharded
   assert len(q.sharding.device_set) == 8
