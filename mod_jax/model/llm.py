@@ -156,6 +156,13 @@ def unstacked(state, index=None):
   return jax.tree.map(one, state, is_leaf=_is_variable)
 
 
+def row_of(stacked, r):
+  """Row ``r`` of a stacked module (:func:`stack_modules`) as a module of its own: a view whose
+  parameters are slices of the stacked arrays (traced inside a transform)."""
+  graphdef, state = nnx.split(stacked)
+  return nnx.merge(graphdef, unstacked(state, r))
+
+
 def _per_layer(auxes, start: int, period: int, reps: int) -> dict:
   """A scanned run's aux (per cycle position, stacked over the ``reps`` cycles) as
   {"layer_i": aux of layer i}."""
@@ -313,17 +320,13 @@ class Decoder(nnx.Module):
     Setting its parameters does not change the model: write ``nnx.state(self)['stacks'][s]``
     at row r (:meth:`slot`)."""
     s, r = self.slot(i)
-    graphdef, state = nnx.split(self.stacks[s])
-    return nnx.merge(graphdef, unstacked(state, r))
+    return row_of(self.stacks[s], r)
 
   def router(self, i: int) -> mod.LayerExpert | None:
     """Layer ``i``'s LayerExpert (a view, as :meth:`layer`), or None when it has none."""
     s, r = self.slot(i)
     stacked = self.routers.get(str(s))
-    if stacked is None:
-      return None
-    graphdef, state = nnx.split(stacked)
-    return nnx.merge(graphdef, unstacked(state, r))
+    return None if stacked is None else row_of(stacked, r)
 
   def layer_cache(self, caches, i: int):
     """Layer ``i``'s ``KVCache`` of the stacked caches (``streaming.empty_caches``): row r of
