@@ -36,6 +36,9 @@ DEFAULT_LOGICAL_AXIS_RULES = (
   ("vision_heads", "tensor"),
   ("norm", None),
   ("layers", None),  # the stacked decoder layers' leading axis (mod_jax/model/llm.py), never split
+  # LoRA's rank axis (mod_jax/model/lora.py): adapters of an ``embed`` input or output are already
+  # split over fsdp there (a mesh axis shards one dim), the others (mlp, heads, vocab) are split here
+  ("lora_rank", "fsdp"),
 )
 
 MOD_INSERTIONS = ("none", "all", "all_deep", "interleaved", "interleaved_deep")
@@ -576,3 +579,13 @@ def validate(config: ConfigDict, num_devices: int | None = None, num_slices: int
     ):
       if value % tp:
         raise ConfigError(f"model.{name}={value} is not divisible by the tensor axis size {tp}.")
+    rank_axes = dict(config.mesh.logical_axis_rules).get("lora_rank")
+    rank_axes = (rank_axes,) if isinstance(rank_axes, str) else tuple(rank_axes or ())
+    shards = math.prod(axes.get(a, 1) for a in rank_axes)
+    if m.lora.rank > 0 and m.lora.rank % shards:
+      raise ConfigError(
+        f"model.lora.rank={m.lora.rank} is not divisible by {shards}, the size of the mesh axes "
+        f"{rank_axes} that mesh.logical_axis_rules give the adapters' rank axis 'lora_rank'. Use "
+        f"a rank that is a multiple of {shards}, or map 'lora_rank' to None (each chip then holds "
+        f"every adapter and its optimizer moments whole)."
+      )

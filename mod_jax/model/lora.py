@@ -48,10 +48,16 @@ def _kaiming_uniform(fan_in: int):
   return init
 
 
+RANK = "lora_rank"  # logical name of an adapter's rank axis (mesh.logical_axis_rules)
+
+
 class LoRA(nnx.Module):
   """A low-rank update of one weight W with input axes ``in_shape`` and output axes ``out_shape``.
 
-  Parameters: ``a`` [*in_shape, rank] and ``b`` [rank, *out_shape] (b starts at 0). ``scale`` =
+  Parameters: ``a`` [*in_shape, rank] and ``b`` [rank, *out_shape] (b starts at 0); the rank axis
+  has the logical name ``lora_rank``, which the default rules shard over ``fsdp``, so every
+  adapter and its optimizer moments are split over FSDP even when W's other axis is a tensor
+  axis (``mlp``, ``heads``, ``vocab``). ``scale`` =
   alpha / rank (static). ``dropout`` is applied to the branch's input when an rng is given and
   ``deterministic`` is False (``model.eval()`` sets it, as for ``nnx.Dropout``).
   """
@@ -73,9 +79,9 @@ class LoRA(nnx.Module):
       raise ValueError(f"LoRA rank={rank} must be >= 1.")
     in_shape, out_shape = tuple(in_shape), tuple(out_shape)
     self.a = param(
-      rngs, _kaiming_uniform(math.prod(in_shape)), (*in_shape, rank), (*in_names, None), param_dtype
+      rngs, _kaiming_uniform(math.prod(in_shape)), (*in_shape, rank), (*in_names, RANK), param_dtype
     )
-    self.b = param(rngs, _zeros, (rank, *out_shape), (None, *out_names), param_dtype)
+    self.b = param(rngs, _zeros, (rank, *out_shape), (RANK, *out_names), param_dtype)
     self.scale = float(alpha) / rank
     self.dropout = float(dropout)
     self.deterministic = False
