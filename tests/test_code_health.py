@@ -4,6 +4,7 @@ import ast
 import pathlib
 
 import jax
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -87,3 +88,23 @@ def test_every_logical_axis_name_has_a_rule_and_every_rule_is_used(monkeypatch):
   assert seen == {name for name, _ in DEFAULT_LOGICAL_AXIS_RULES}, "dead or missing rules"
   with pytest.raises(ValueError, match=r"\['embd'\].*Add a rule"):
     strict(("batch", "embd"), rules)
+
+
+def test_next_key_draws_what_rng_stream_call_draws(monkeypatch):
+  """partitioning.next_key is nnx.RngStream.__call__ without its slow counter update: the same
+  keys in the same order, eagerly and inside a trace, so a model's initial weights are unchanged."""
+  stream, ref = nnx.Rngs(params=3).params, nnx.Rngs(params=3).params
+  for _ in range(3):
+    assert jax.random.key_data(partitioning.next_key(stream)).tolist() == (
+      jax.random.key_data(ref()).tolist()
+    )
+  assert int(stream.count[...]) == int(ref.count[...]) == 3
+
+  c = tiny.get_config().model
+  build = lambda: nnx.state(build_model(c, rngs=0), nnx.Param)
+  ours = jax.jit(build)()
+  monkeypatch.setattr(partitioning, "next_key", lambda s: s())
+  theirs = jax.jit(build)()
+  jax.tree.map(
+    lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), ours, theirs
+  )
