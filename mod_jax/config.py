@@ -348,6 +348,7 @@ REMAT_POLICIES = (
   "save_qkv_proj",
   "save_dot_except_mlpwi",
   "save_proj",
+  "save_proj_except_mlpwo",
 )
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 

@@ -55,7 +55,9 @@ def test_scanned_layers_equal_unrolled(insertion):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("remat", ["full", "save_dots", "save_qkv_proj", "save_dot_except_mlpwi"])
+@pytest.mark.parametrize(
+  "remat", ["full", "save_dots", "save_qkv_proj", "save_dot_except_mlpwi", "save_proj_except_mlpwo"]
+)
 def test_remat_changes_nothing(remat):
   _, model, batch = _setup()
   # Recomputation reorders fp32 sums: gradients of size ~1 agree to ~1 ulp-scale error.
@@ -67,8 +69,10 @@ def test_config_lists_every_remat_policy():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["", "dense"])
-def test_save_proj_remat_changes_nothing_with_lora(variant):
+@pytest.mark.parametrize(
+  "variant,remat", [("", "save_proj"), ("dense", "save_proj"), ("", "save_proj_except_mlpwo")]
+)
+def test_save_proj_remat_changes_nothing_with_lora(variant, remat):
   """``save_proj`` (every projection output saved) on the MoD and the dense tiny model with LoRA
   adapters (dropout on, so the recomputed masks must match): loss and gradients equal remat=none."""
   lora = dict(rank=4, alpha=8.0, dropout=0.1, targets=("q", "k", "v", "o", "gate", "up", "down"))
@@ -81,22 +85,24 @@ def test_save_proj_remat_changes_nothing_with_lora(variant):
     )
     return jax.jit(jax.value_and_grad(lambda p: f(p)[0]))(params)
 
-  (loss, grads), (loss_ref, grads_ref) = value_and_grad("save_proj"), value_and_grad("none")
+  (loss, grads), (loss_ref, grads_ref) = value_and_grad(remat), value_and_grad("none")
   np.testing.assert_allclose(float(loss), float(loss_ref), atol=1e-6, rtol=0)
   assert any(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(grads_ref))
   _assert_trees_close(grads, grads_ref, 1e-6, 1e-5)
 
 
-def test_save_proj_saves_only_the_computed_tokens(capsys):
+@pytest.mark.parametrize("remat", ["save_proj", "save_proj_except_mlpwo"])
+def test_save_proj_saves_only_the_computed_tokens(capsys, remat):
   """What ``save_proj`` keeps for the backward pass of the scanned (dense, MoD) cycle: the
   cycle's input (the residual stream, [reps, b, L, d]) and the eight named projection outputs of
   each layer at the length that layer computes: L in the dense layer, the compact C = T + F·k in
-  the MoD layer. Nothing else scales with the sequence, so the saved bytes shrink with MoD."""
+  the MoD layer. Nothing else scales with the sequence, so the saved bytes shrink with MoD.
+  ``save_proj_except_mlpwo`` keeps the same less the down projection's [L, d] and [C, d]."""
   c, model, batch = _setup()
   graphdef, params = nnx.split(model, nnx.Param)
-  f = lambda p: loss_fn(
-    p, graphdef, batch, jax.random.key(0), stream_loss_weight=1.0, remat="save_proj"
-  )[0]
+  f = lambda p: loss_fn(p, graphdef, batch, jax.random.key(0), stream_loss_weight=1.0, remat=remat)[
+    0
+  ]
   jax.ad_checkpoint.print_saved_residuals(f, params)
   t, fr = c.data.max_text, c.data.max_frames
   n = c.model.tokens_per_frame
@@ -117,7 +123,8 @@ def test_save_proj_saves_only_the_computed_tokens(capsys):
   m = c.model
   hd = (m.n_heads, m.head_dim)
   kv = (m.n_kv_heads, m.head_dim)
-  named = [hd, kv, kv, hd, (m.d_model,), (m.d_ff,), (m.d_ff,), (m.d_model,)]
+  named = [hd, kv, kv, hd, (m.d_model,), (m.d_ff,), (m.d_ff,)]  # q k v context out mlpwi_0/1
+  named += [(m.d_model,)] if remat == "save_proj" else []  # mlpwo
   assert sorted(by_length[compact]) == sorted(named)
   assert sorted(by_length[length]) == sorted(named + [(m.d_model,)])  # + the cycle's input
 

@@ -63,6 +63,15 @@ REMAT_POLICIES = {
   "save_proj": jax.checkpoint_policies.save_only_these_names(
     *_QKV, "context", "out_proj", "mlpwi_0", "mlpwi_1", "mlpwo"
   ),
+  # ``save_proj`` less the down-projection output, the 8B config's default. A dense layer never
+  # needs ``mlpwo`` (its output only joins the residual stream, which the next layer saves), so a
+  # dense stack saves the same; a (dense, MoD) cycle saved it twice: the dense layer's [L, d], to
+  # rebuild the MoD layer's full-length input (its router reads every token), and the MoD
+  # layer's [C, d], for the router weight's gradient. Without it the backward pass recomputes
+  # the down projection (from the saved ``mlpwi_*``) once per layer of the cycle.
+  "save_proj_except_mlpwo": jax.checkpoint_policies.save_only_these_names(
+    *_QKV, "context", "out_proj", "mlpwi_0", "mlpwi_1"
+  ),
 }
 
 
