@@ -13,6 +13,7 @@ from configs import tiny
 from mod_jax.data import stream as stream_lib
 from mod_jax.data.tokenizer import build_word_tokenizer
 from mod_jax.infer import evaluate, streaming
+from mod_jax.model.attention import KVCache
 from mod_jax.model.mod import RoutingPlan
 from mod_jax.model.video_llm import VideoLLM
 
@@ -493,3 +494,67 @@ def test_sampling_greedy_temperature_and_top_p():
     )
   )(keys[:200])
   assert (np.asarray(sharp) == 3).mean() > 0.99  # low temperature -> argmax
+
+
+def test_row_write_equals_writing_that_layer_alone():
+  """``KVCache.write(row=r)`` on a stack's cache changes row r exactly as writing that layer's
+  own cache does (ring wrap, padding dropped, overwrite counted) and leaves the other rows."""
+  rng = np.random.default_rng(0)
+  layers, b, size, kv, h = 3, 2, 5, 2, 4
+  stack = jax.tree.map(
+    lambda a: jnp.stack([a] * layers), KVCache.empty(b, size, kv, h, jnp.float32)
+  )
+  for step in range(3):  # 3 x 3 real entries into 5 slots: the ring wraps and overwrites
+    k, v = (jnp.asarray(rng.normal(size=(b, 4, kv, h)), jnp.float32) for _ in range(2))
+    pos = jnp.asarray(np.arange(4 * step, 4 * step + 4)[None].repeat(b, 0), jnp.int32)
+    seg = jnp.asarray([[1, 1, 0, 1], [1, 0, 1, 1]], jnp.int32)  # one padding slot per row
+    r = step % 2
+    want = [stack.row(i) for i in range(layers)]
+    want[r] = want[r].write(k, v, pos, seg)
+    stack = stack.write(k, v, pos, seg, row=jnp.int32(r))
+    for i in range(layers):
+      for got, exp in zip(stack.row(i), want[i]):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(exp))
+  assert int(stack.overwritten[0]) > 0 and int(stack.overwritten[2]) == 0
+
+
+def test_streaming_step_writes_stacked_caches_in_place():
+  """The compiled per-frame step (``streaming._step`` as ``mod-jax compile`` builds it, donated
+  stacked caches) updates its caches in place: every cache byte aliases an output, and its
+  temporaries exceed those of one dense decoder layer stepping over the same tokens on its own
+  donated cache (the per-layer layout, which XLA writes in place) by less than that layer's K
+  and V: the copy that slicing a layer's row out of its stack, writing it and setting it back
+  costs. Wide heads and a long window make that row the largest buffer besides the caches."""
+  from mod_jax.analysis import compile as aot
+  from mod_jax.model.factory import build_model
+  from mod_jax.train import sharding
+
+  cfg = tiny.get_config()  # interleaved: 2 stacks of 2 layers, scanned
+  m = cfg.model
+  m.n_heads, m.n_kv_heads, m.head_dim = 2, 1, 128
+  cfg.data.max_frames, cfg.data.max_text = 64, 256
+  cfg.train.batch_size = 1
+  sizes = streaming.cache_sizes(RoutingPlan.from_config(m), 64, 256)
+  step = aot.compile_stream(cfg, sharding.make_mesh(cfg, jax.devices()[:1]))
+
+  model = build_model(m, rngs=0)
+  caches = jax.eval_shape(lambda: streaming.empty_caches(model, 1, sizes))
+  assert step["alias_bytes"] == sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(caches))
+
+  # the oracle: dense layer 0 alone, on a donated cache of the largest size, 1 + N tokens
+  graphdef, state = nnx.split(model.llm.layer(0))
+  one = KVCache.empty(1, max(sizes), m.n_kv_heads, m.head_dim, jnp.dtype(m.dtype))
+  t = 1 + m.tokens_per_frame
+  ids = jax.ShapeDtypeStruct((1, t), jnp.int32)
+  layer = (
+    jax.jit(lambda st, c, x, p, s: nnx.merge(graphdef, st).cached(x, p, s, c), donate_argnums=1)
+    .lower(state, one, jax.ShapeDtypeStruct((1, t, m.d_model), jnp.dtype(m.dtype)), ids, ids)
+    .compile()
+    .memory_analysis()
+  )
+  row_kv = one.k.nbytes + one.v.nbytes
+  assert step["temp_bytes"] < layer.temp_size_in_bytes + row_kv, (
+    step["temp_bytes"],
+    layer.temp_size_in_bytes,
+    row_kv,
+  )

@@ -301,13 +301,15 @@ def run_layers(
   for i in range(dec.n_layers):
     layer = dec.layer(i)
     written: list = []  # the block runs once, inside routed_block / compact_block when pruned
-    if streaming:
+    s, r = dec.slot(i)
+    if streaming:  # layer i writes row r of its stack's cache in place (KVCache.write)
       block = functools.partial(
         layer.cached_block,
-        dec.layer_cache(caches, i),
+        caches[s],
         written,
         rope_offset,
         visible if kv_pruning and i >= comp.l else None,
+        row=r,
       )
     else:
       lrng = None if drop is None else jax.random.fold_in(drop, i)
@@ -348,13 +350,13 @@ def run_layers(
       a = {"overflow": overflow}
     else:
       x = block(x, seq)
-    cache = written[0] if streaming else None
+    if streaming:
+      caches = (*caches[:s], written[0], *caches[s + 1 :])
+    cache = caches[s].row(r) if streaming else None
     if has_frames and comp.method == "fastv" and i == comp.k - 1 and kept < n:
       scores = frame_end_attention(layer, x_in, seq, layout, cache, rope_offset)
     if kv_pruning and i == comp.l - 1:
       visible, state = kv_select(state, layer, x_in, seq, layout, cache, rope_offset, comp.p)
-    if streaming:
-      caches = dec.with_layer_cache(caches, i, cache)
     if a:
       aux[f"layer_{i}"] = a
   return x, aux, caches, state

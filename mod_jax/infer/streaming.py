@@ -371,7 +371,7 @@ class Session:
 
   def layer_caches(self) -> tuple[KVCache, ...]:
     """Each layer's :class:`KVCache` (row r of its stack's, ``Decoder.slot``), layer order."""
-    return tuple(jax.tree.map(lambda a, r=r: a[r], self.caches[s]) for s, r in self.slots)
+    return tuple(self.caches[s].row(r) for s, r in self.slots)
 
   def _zero_caches(self):
     # Committed to the device, as the step's outputs are: a jit's cache key tells committed from

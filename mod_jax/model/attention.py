@@ -91,12 +91,18 @@ def rope_tables(positions_bt: jax.Array, inv_freq) -> Rope:
 
 
 def apply_rope(x_btnh: jax.Array, rope: Rope) -> jax.Array:
-  """Rotates halves of the head dim (transformers' ``rotate_half`` convention), in float32."""
-  cos, sin = rope.cos[:, :, None, :], rope.sin[:, :, None, :]
-  x = x_btnh.astype(jnp.float32)
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  return (x * cos + rotated * sin).astype(x_btnh.dtype)
+  """Rotates halves of the head dim (transformers' ``rotate_half`` convention), in float32.
+
+  ``x·cos + rotate_half(x)·sin`` written per half (the tables' halves are equal), so that XLA
+  fuses it into one pass from ``x`` to the output: concatenating ``[-x2, x1]`` first made XLA:TPU
+  materialise float32 ``x`` and both negated halves (3 x 66 MB for one dense layer's keys in the
+  8B streaming step, where the whole cache is rotated at read time)."""
+  half = x_btnh.shape[-1] // 2
+  cos, sin = rope.cos[:, :, None, :half], rope.sin[:, :, None, :half]
+  x1 = x_btnh[..., :half].astype(jnp.float32)
+  x2 = x_btnh[..., half:].astype(jnp.float32)
+  y = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return y.astype(x_btnh.dtype)
 
 
 def attention_mask(q_pos_bt, q_seg_bt, k_pos_bs, k_seg_bs) -> jax.Array:
@@ -229,6 +235,7 @@ class Attention(nnx.Module):
     rope_offset=0,
     rope: Rope | None = None,
     visible: jax.Array | None = None,
+    row=None,
   ) -> tuple[jax.Array, KVCache]:
     """Attention of new tokens over a KV cache (streaming inference); returns (y, new cache).
 
@@ -248,17 +255,22 @@ class Attention(nnx.Module):
       visible: bool [b, size] or None: the cache slots the queries may attend to after the write
         (a per-step view: DyCoke's dynamic KV pruning hides unselected image entries, which stay
         in the cache; ``mod_jax/compress/apply.py``); None: every live entry.
+      row: None, or an int / int32 []: ``cache`` is a stack of layers' caches (a leading
+        ``[layers]`` axis on every field) and this layer's is row ``row``: the entries are
+        written into that row of the stacked arrays (:meth:`KVCache.write`), and the returned
+        cache is the whole stack.
     """
     q, k, v = self.projections(x_btd)
     if rope is None:
       rope = rope_tables(positions_bt - rope_offset, self.inv_freq)
     q = apply_rope(q, rope)
-    cache = cache.write(k, v, positions_bt, segment_ids_bt)
-    keys = apply_rope(cache.k, rope_tables(cache.rope_positions(rope_offset), self.inv_freq))
-    mask = attention_mask(positions_bt, segment_ids_bt, cache.positions, cache.segment_ids)
+    cache = cache.write(k, v, positions_bt, segment_ids_bt, row=row)
+    mine = cache if row is None else cache.row(row)  # slices of the stack, read in place
+    keys = apply_rope(mine.k, rope_tables(mine.rope_positions(rope_offset), self.inv_freq))
+    mask = attention_mask(positions_bt, segment_ids_bt, mine.positions, mine.segment_ids)
     if visible is not None:
       mask = mask & visible[:, None, :]
-    o = attention_ops.masked_attention(q, keys, cache.v, mask)
+    o = attention_ops.masked_attention(q, keys, mine.v, mask)
     return self.out(o), cache
 
 
@@ -279,7 +291,8 @@ class KVCache(NamedTuple):
   written, ring_start int32 ``[b]``; overwritten int32 ``[]``. The caches of a stack of layers
   (``mod_jax.infer.streaming.empty_caches``) are one KVCache with a leading ``[layers]`` axis on
   every field: :meth:`pin`, :meth:`pinned`, :meth:`evict_before` act on all of its layers at
-  once; :meth:`write` and :meth:`rope_positions` take one layer's cache.
+  once; :meth:`write` writes one layer's row of it (``row=``) in place, :meth:`row` is one
+  layer's cache, and :meth:`rope_positions` takes one layer's cache.
   """
 
   k: jax.Array
@@ -304,26 +317,40 @@ class KVCache(NamedTuple):
   def size(self) -> int:
     return self.positions.shape[-1]
 
-  def write(self, k_btkh, v_btkh, positions_bt, segment_ids_bt) -> KVCache:
-    """Appends the real (segment id != 0) entries of [b, t] new tokens; padding is dropped."""
+  def write(self, k_btkh, v_btkh, positions_bt, segment_ids_bt, row=None) -> KVCache:
+    """Appends the real (segment id != 0) entries of [b, t] new tokens; padding is dropped.
+
+    ``row`` (an int or int32 []): this is a stack's cache ([layers, ...] on every field) and the
+    entries go to row ``row``; the whole stack is returned, changed only at the new entries'
+    slots of that row. The new entries alone are scattered into the stacked arrays, so a
+    donated or scan-carried stack is updated in place: no copy of the row (one layer's cache)
+    is made, as slicing the row out, writing it and setting it back would.
+    """
+    one = self if row is None else self.row(row)
     size = self.size
     real = segment_ids_bt != 0
     rank = jnp.cumsum(real, axis=1, dtype=jnp.int32) - 1  # index among the row's real entries
-    j = self.written[:, None] + rank
-    start = self.ring_start[:, None]
+    j = one.written[:, None] + rank
+    start = one.ring_start[:, None]
     slots = jnp.where(real, start + (j - start) % (size - start), size)  # size: dropped
     rows = jnp.arange(slots.shape[0])[:, None]
-    hit = jnp.take_along_axis(self.segment_ids, jnp.minimum(slots, size - 1), axis=1) != 0
-    put = lambda dst, x: dst.at[rows, slots].set(x.astype(dst.dtype), mode="drop")
+    hit = jnp.take_along_axis(one.segment_ids, jnp.minimum(slots, size - 1), axis=1) != 0
+    at = (rows, slots) if row is None else (row, rows, slots)
+    put = lambda dst, x: dst.at[at].set(x.astype(dst.dtype), mode="drop")
+    new = lambda dst, x: x if row is None else dst.at[row].set(x)
     return KVCache(
       k=put(self.k, k_btkh),
       v=put(self.v, v_btkh),
       positions=put(self.positions, positions_bt),
       segment_ids=put(self.segment_ids, segment_ids_bt),
-      written=self.written + jnp.sum(real, axis=1, dtype=jnp.int32),
+      written=new(self.written, one.written + jnp.sum(real, axis=1, dtype=jnp.int32)),
       ring_start=self.ring_start,
-      overwritten=self.overwritten + jnp.sum(hit & real, dtype=jnp.int32),
+      overwritten=new(self.overwritten, one.overwritten + jnp.sum(hit & real, dtype=jnp.int32)),
     )
+
+  def row(self, r) -> KVCache:
+    """Row ``r`` (an int or int32 []) of a stack's cache: one layer's :class:`KVCache`."""
+    return jax.tree.map(lambda a: a[r], self)
 
   def pin(self) -> KVCache:
     """Keeps every entry written so far forever; later writes cycle through the other slots."""

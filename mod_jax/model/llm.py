@@ -217,10 +217,20 @@ class DecoderLayer(nnx.Module):
     return shard(x, ("batch", "length", "embed"), self.rules)
 
   def cached(
-    self, x_bld, positions_bl, segment_ids_bl, cache, *, rope=None, rope_offset=0, visible=None
+    self,
+    x_bld,
+    positions_bl,
+    segment_ids_bl,
+    cache,
+    *,
+    rope=None,
+    rope_offset=0,
+    visible=None,
+    row=None,
   ):
     """The block over new tokens with this layer's KV cache (``Attention.cached``, ``visible``
-    included); returns (x [b, l, d], the updated cache)."""
+    and ``row`` included: with ``row``, ``cache`` is its stack's and is written at that row);
+    returns (x [b, l, d], the updated cache)."""
     a, cache = self.attn.cached(
       self.input_norm(x_bld),
       positions_bl,
@@ -229,6 +239,7 @@ class DecoderLayer(nnx.Module):
       rope=rope,
       rope_offset=rope_offset,
       visible=visible,
+      row=row,
     )
     x = x_bld + a.astype(x_bld.dtype)
     x = x + self.mlp(self.post_attn_norm(x)).astype(x.dtype)
@@ -239,9 +250,12 @@ class DecoderLayer(nnx.Module):
     (LoRA dropout) and ``ordered`` are bound (``functools.partial``)."""
     return self(x_bld, seq.positions, seq.segment_ids, rng, rope=seq.rope, ordered=ordered)
 
-  def cached_block(self, cache, written: list, rope_offset, visible, x_bld, seq: rows.TokenInfo):
-    """:meth:`cached` as ``block(x, seq)`` once the cache, ``written``, ``rope_offset`` and
-    ``visible`` are bound; the updated cache is appended to ``written`` (the block may run
+  def cached_block(
+    self, cache, written: list, rope_offset, visible, x_bld, seq: rows.TokenInfo, *, row=None
+  ):
+    """:meth:`cached` as ``block(x, seq)`` once the cache, ``written``, ``rope_offset``,
+    ``visible`` and ``row`` (the layer's row of a stacked ``cache``, or None) are bound; the
+    updated cache (the whole stack with ``row``) is appended to ``written`` (the block may run
     inside ``mod.routed_block``, which returns only x)."""
     y, c = self.cached(
       x_bld,
@@ -251,6 +265,7 @@ class DecoderLayer(nnx.Module):
       rope=seq.rope,
       rope_offset=rope_offset,
       visible=visible,
+      row=row,
     )
     written.append(c)
     return y
@@ -341,7 +356,7 @@ class Decoder(nnx.Module):
     """Layer ``i``'s ``KVCache`` of the stacked caches (``streaming.empty_caches``): row r of
     ``caches[s]``."""
     s, r = self.slot(i)
-    return jax.tree.map(lambda a: a[r], caches[s])
+    return caches[s].row(r)
 
   def with_layer_cache(self, caches, i: int, cache):
     """``caches`` with layer ``i``'s cache replaced by ``cache`` (row r of ``caches[s]``)."""
@@ -480,7 +495,12 @@ class Decoder(nnx.Module):
 
   def _cached_run(self, run, x, seq, layout, caches, rope_offset, rng, ctx):
     """Run ``run`` of the streaming step (:meth:`cached`): as :meth:`_run`, with the run's
-    stacked caches in the scan's carry; returns (x, all caches, {"layer_i": aux})."""
+    stacked caches in the scan's carry; returns (x, all caches, {"layer_i": aux}).
+
+    Layer r of a stack writes its new entries straight into row r of the carried stack
+    (``KVCache.write(row=r)``) and reads its row as slices of it, so the carry (aliased to the
+    step's donated caches) is updated in place; slicing the row out and setting it back made
+    XLA copy one layer's K and V (2 x 33 MB per dense layer of the 8B config's window)."""
     start, period, reps, first, graphdefs, states = self._run_parts(run)
 
     def cycle(x, run_caches, states, r):
@@ -489,13 +509,14 @@ class Decoder(nnx.Module):
         layer = nnx.merge(layer_gd, layer_st)
         router = None if router_gd is None else nnx.merge(router_gd, router_st)
         written: list[Any] = []  # the block runs once, inside routed_block for a MoD layer
-        cache = jax.tree.map(lambda a: a[r], run_caches[j])
-        block = functools.partial(layer.cached_block, cache, written, rope_offset, None)
+        block = functools.partial(
+          layer.cached_block, run_caches[j], written, rope_offset, None, row=r
+        )
         i = start + r * period + j
         x, a = self._route(
           i, self.plan.keep[start + j], block, router, x, seq, layout, rng, ctx, layer
         )
-        new.append(jax.tree.map(lambda a, c: a.at[r].set(c), run_caches[j], written[0]))
+        new.append(written[0])
         auxes.append(a)
       return x, tuple(new), auxes
 
