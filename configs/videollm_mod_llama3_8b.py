@@ -30,9 +30,12 @@ Memory plan (the paper's row is 1200 frames x 10 tokens + 4096 text slots = 16,0
 step trains from pre-extracted SigLIP features (``data.input = "features"``, as VideoLLM-online
 does; ``online`` in the arg runs the frozen tower in the step instead, in bf16, 64 frames at a
 time), attention runs on a kernel (``model.attention = "auto"``: splash on TPU, cuDNN on GPU),
-the 32 layers are one scanned (dense, MoD) cycle rematerialised with ``save_proj`` (every
-projection output is kept, at the MoD layer's compact length; the rest is recomputed: 44.3 /
-55.8 GiB per v5p chip for MoD / dense, against 14.4 / 16.2 GiB with ``full``), the frozen base
+the 32 layers are one scanned (dense, MoD) cycle rematerialised with ``save_proj_except_mlpwo``
+(every projection output but the down projection's is kept, at the MoD layer's compact length;
+the rest is recomputed: 36.3 / 50.5 GiB per v5p chip for MoD / dense, memory ratio 0.719;
+``save_proj`` also keeps the down projection, which only the MoD cycle needs, and skips its
+recomputation, about 7% of MoD's step FLOPs: 39.2 / 50.5 GiB, 0.776; ``full`` 14.4 / 16.2 GiB,
+measured before the adapters were split over fsdp), the frozen base
 weights are bf16 while the LoRA adapters, connector and routers stay float32, and the LM head
 computes logits 512 slots at a time. The global batch is the reference's 64 rows: one row per
 chip on 64 chips (``mod-jax compile --config configs/videollm_mod_llama3_8b.py --topology
@@ -48,7 +51,7 @@ v5e-256 (16 GiB per chip):
       --config.mesh.shape='(1,64,1,4)' --config.train.remat=full
 
 (measured with ``full``: 9.10 GiB per chip for MoD, 8.76 GiB dense, both fit; README has the
-table; the default ``save_proj`` has not been compiled for v5e).
+table; the default policy has not been compiled for v5e).
 ``data.max_frames`` and ``data.max_text`` must be multiples of the context size, and the rows
 must be context-chunked (``mod_jax/model/rows.py``), which the data pipeline does for the
 mesh's context size (``mod_jax/data/packing.py``: a sample continues from one chunk into the
@@ -127,7 +130,7 @@ def get_config(arg: str | None = None):
   t.log_every = 10
   t.checkpoint_every = 500
   t.eval_batches = 64
-  t.remat = "save_proj"  # "full" recomputes everything: 3x less memory, more FLOPs
+  t.remat = "save_proj_except_mlpwo"  # "save_proj": ~7% fewer FLOPs, 3 GiB more for MoD
   t.grad_accum_steps = 1  # 64 rows = one per chip on 64 chips; 8 on 8 devices
   t.ce_chunk = 512
 

@@ -59,7 +59,7 @@ REMAT_POLICIES = {
   ),
   # every projection output (MaxText's "minimal_with_context" without the LoRA internals): the
   # backward pass recomputes only norms, RoPE, SwiGLU's product and attention (its kernel's own
-  # residuals); the 8B config's default
+  # residuals)
   "save_proj": jax.checkpoint_policies.save_only_these_names(
     *_QKV, "context", "out_proj", "mlpwi_0", "mlpwi_1", "mlpwo"
   ),
@@ -67,7 +67,7 @@ REMAT_POLICIES = {
   # needs ``mlpwo`` (its output only joins the residual stream, which the next layer saves), so a
   # dense stack saves the same; a (dense, MoD) cycle saved it twice: the dense layer's [L, d], to
   # rebuild the MoD layer's full-length input (its router reads every token), and the MoD
-  # layer's [C, d], for the router weight's gradient. Without it the backward pass recomputes
+  # layer's [C, d], for the gate's gradient (x + g·(y − x)). Without it the backward pass recomputes
   # the down projection (from the saved ``mlpwi_*``) once per layer of the cycle.
   "save_proj_except_mlpwo": jax.checkpoint_policies.save_only_these_names(
     *_QKV, "context", "out_proj", "mlpwi_0", "mlpwi_1"
