@@ -358,12 +358,6 @@ class Decoder(nnx.Module):
     s, r = self.slot(i)
     return caches[s].row(r)
 
-  def with_layer_cache(self, caches, i: int, cache):
-    """``caches`` with layer ``i``'s cache replaced by ``cache`` (row r of ``caches[s]``)."""
-    s, r = self.slot(i)
-    new = jax.tree.map(lambda a, c: a.at[r].set(c), caches[s], cache)
-    return (*caches[:s], new, *caches[s + 1 :])
-
   @property
   def inv_freq(self) -> tuple[float, ...]:
     """RoPE inverse frequencies (static; every layer has the same)."""
