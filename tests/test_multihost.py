@@ -72,7 +72,6 @@ def start_processes(workdir, tmp_path, tag: str, n: int = 2, devices: int = 2, e
       f"--coordinator_address=localhost:{port}",
       f"--num_processes={n}",
       f"--process_id={i}",
-      f"--compilation_cache_dir={tmp_path / 'xla_cache'}",
       *[f"--config.{k}={v}" for k, v in OVERRIDES.items()],
       *extra,
     ]

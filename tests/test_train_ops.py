@@ -77,7 +77,7 @@ def test_initialize_translates_cluster_spec_and_explicit_args_win(monkeypatch):
   assert distributed.initialize(env={"CLUSTER_SPEC": json.dumps(one)}) == {}  # single process
 
 
-def _cli(workdir, tmp_path, *extra, devices=8):
+def _cli(workdir, *extra, devices=8):
   env = dict(
     os.environ,
     JAX_PLATFORMS="cpu",
@@ -93,7 +93,6 @@ def _cli(workdir, tmp_path, *extra, devices=8):
     os.path.join(ROOT, "configs", "tiny.py"),
     "--workdir",
     str(workdir),
-    f"--compilation_cache_dir={tmp_path / 'xla_cache'}",
     *extra,
   ]
   return subprocess.Popen(
@@ -113,7 +112,7 @@ SIGTERM_FLAGS = (
 @pytest.mark.slow
 def test_sigterm_saves_exits_0_and_resume_equals_uninterrupted(tmp_path):
   wd = tmp_path / "run"
-  proc = _cli(wd, tmp_path, *SIGTERM_FLAGS)
+  proc = _cli(wd, *SIGTERM_FLAGS)
   while not ((wd / "metrics.jsonl").exists() and (wd / "metrics.jsonl").read_text().strip()):
     assert proc.poll() is None, proc.communicate()
     time.sleep(0.2)
@@ -130,7 +129,7 @@ def test_sigterm_saves_exits_0_and_resume_equals_uninterrupted(tmp_path):
     assert "CheckpointManager" not in text and "absl" not in text, text
   assert "CheckpointManager" in (wd / "train.log").read_text()
 
-  proc = _cli(wd, tmp_path, *SIGTERM_FLAGS)
+  proc = _cli(wd, *SIGTERM_FLAGS)
   out, err = proc.communicate(timeout=900)
   assert proc.returncode == 0, (out, err)
   assert f"resumed from the checkpoint at step {saved[0]}" in out

@@ -40,8 +40,8 @@ _PROFILE_STEPS = flags.DEFINE_integer(
 _CACHE_DIR = flags.DEFINE_string(
   "compilation_cache_dir",
   None,
-  "Persistent XLA compilation cache (default WORKDIR/compilation_cache; '' disables): a resumed "
-  "or restarted job skips compiling.",
+  "Persistent XLA compilation cache (default $JAX_COMPILATION_CACHE_DIR if set, else "
+  "WORKDIR/compilation_cache; '' disables): a resumed or restarted job skips compiling.",
 )
 
 
@@ -114,7 +114,9 @@ def main(argv):
   log_path = setup_logging(workdir, jax.process_index(), flags.FLAGS["verbosity"].present > 0)
   cache = _CACHE_DIR.value
   if cache is None:
-    cache = workdir.rstrip("/") + "/compilation_cache"
+    cache = (
+      os.environ.get("JAX_COMPILATION_CACHE_DIR") or workdir.rstrip("/") + "/compilation_cache"
+    )
   if cache:
     jax.config.update("jax_compilation_cache_dir", cache)
   from mod_jax.train.loop import train_and_evaluate
