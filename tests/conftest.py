@@ -9,10 +9,7 @@ user's home), caches every program (thresholds 0), and exports the same settings
 variables, which the subprocesses inherit (``mod_jax/train/main.py`` uses
 ``JAX_COMPILATION_CACHE_DIR`` when set). A cache entry is keyed by the program's HLO, the
 compile options and the jax/XLA versions, so it cannot change a result; the resume-equals-
-uninterrupted and sharded-equals-unsharded tests check that it does not. Under pytest-xdist
-(``-n N``, not installed by the [test] extra) the workers share the directory, beside their own temporary
-folders: a cache file is written once, and a half-written one read by another worker only costs
-that worker a compile (jax warns and compiles; ``jax/_src/compiler.py::_cache_read``).
+uninterrupted and sharded-equals-unsharded tests check that it does not.
 """
 
 import os
@@ -37,11 +34,7 @@ _CACHE_SETTINGS = {  # jax config name -> environment variable (read by jax at i
 @pytest.fixture(scope="session", autouse=True)
 def _compilation_cache(tmp_path_factory):
   """One XLA compilation cache for the session: this process and the subprocesses it starts."""
-  if os.environ.get("PYTEST_XDIST_WORKER"):  # basetemp is <the session's basetemp>/popen-gwN
-    cache_dir = tmp_path_factory.getbasetemp().parent / "jax_compilation_cache"
-    cache_dir.mkdir(exist_ok=True)
-  else:
-    cache_dir = tmp_path_factory.mktemp("jax_compilation_cache")
+  cache_dir = tmp_path_factory.mktemp("jax_compilation_cache")
   values = {
     "jax_compilation_cache_dir": str(cache_dir),
     "jax_persistent_cache_min_compile_time_secs": 0,
