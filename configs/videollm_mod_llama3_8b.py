@@ -32,7 +32,7 @@ does; ``online`` in the arg runs the frozen tower in the step instead, in bf16, 
 time), attention runs on a kernel (``model.attention = "auto"``: splash on TPU, cuDNN on GPU),
 the 32 layers are one scanned (dense, MoD) cycle rematerialised with ``save_proj_except_mlpwo``
 (every projection output but the down projection's is kept, at the MoD layer's compact length;
-the rest is recomputed: 36.3 / 50.5 GiB per v5p chip for MoD / dense, memory ratio 0.719;
+the rest is recomputed: 36.2 / 50.5 GiB per v5p chip for MoD / dense, memory ratio 0.718;
 ``save_proj`` also keeps the down projection, which only the MoD cycle needs, and skips its
 recomputation, about 7% of MoD's step FLOPs: 39.2 / 50.5 GiB, 0.776; ``full`` 14.4 / 16.2 GiB,
 measured before the adapters were split over fsdp), the frozen base
