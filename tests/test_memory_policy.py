@@ -112,7 +112,7 @@ def test_save_proj_saves_only_the_computed_tokens(capsys, remat):
   scan = [
     tuple(int(x) for x in line.split("[")[1].split("]")[0].split(","))
     for line in capsys.readouterr().out.splitlines()
-    if "output of scan" in line and "Decoder._run" in line
+    if "output of scan" in line and "Decoder._repeat" in line  # the layers' scan
   ]
   scan = [shape for shape in scan if len(shape) > 3]  # per-cycle residuals (not the final x)
   by_length = {}

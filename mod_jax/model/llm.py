@@ -497,7 +497,8 @@ class Decoder(nnx.Module):
     XLA copy one layer's K and V (2 x 33 MB per dense layer of the 8B config's window)."""
     start, period, reps, first, graphdefs, states = self._run_parts(run)
 
-    def cycle(x, run_caches, states, r):
+    def cycle(carry, states, r):
+      x, run_caches = carry
       auxes, new = [], []
       for j, ((layer_gd, router_gd), (layer_st, router_st)) in enumerate(zip(graphdefs, states)):
         layer = nnx.merge(layer_gd, layer_st)
@@ -512,25 +513,9 @@ class Decoder(nnx.Module):
         )
         new.append(written[0])
         auxes.append(a)
-      return x, tuple(new), auxes
+      return (x, tuple(new)), auxes
 
-    run_caches = caches[first : first + period]
-    out = {}
-    if self.scan_layers and reps > 1:
-
-      def body(carry, xs):
-        (x, c), (st, r) = carry, xs
-        x, c, auxes = cycle(x, c, st, r)
-        return (x, c), auxes
-
-      (x, run_caches), auxes = jax.lax.scan(
-        body, (x, run_caches), (states, jnp.arange(reps, dtype=jnp.int32))
-      )
-      out = _per_layer(auxes, start, period, reps)
-    else:
-      for r in range(reps):
-        x, run_caches, auxes = cycle(x, run_caches, jax.tree.map(lambda v, r=r: v[r], states), r)
-        out.update({f"layer_{start + r * period + j}": a for j, a in enumerate(auxes) if a})
+    (x, run_caches), out = self._repeat(run, cycle, (x, caches[first : first + period]), states)
     return x, (*caches[:first], *run_caches, *caches[first + period :]), out
 
   def _sequence_routing(self, layout, routable=None):
@@ -639,22 +624,31 @@ class Decoder(nnx.Module):
         auxes.append(a)
       return x, auxes
 
-    scanned = self.scan_layers and reps > 1
     if remat != "none":
-      cycle = jax.checkpoint(cycle, policy=REMAT_POLICIES[remat], prevent_cse=not scanned)
-    if not scanned:
-      out = {}
-      for r in range(reps):
-        x, auxes = cycle(x, jax.tree.map(lambda v, r=r: v[r], states), r)
-        out.update({f"layer_{start + r * period + j}": a for j, a in enumerate(auxes) if a})
-      return x, out
+      prevent_cse = not self._scanned(run)
+      cycle = jax.checkpoint(cycle, policy=REMAT_POLICIES[remat], prevent_cse=prevent_cse)
+    return self._repeat(run, cycle, x, states)
 
-    def body(x, xs):
-      st, r = xs
-      return cycle(x, st, r)
+  def _scanned(self, run) -> bool:
+    """Whether run ``run`` is one ``lax.scan`` (``scan_layers`` and more than one cycle)."""
+    return self.scan_layers and self.runs[run][2] > 1
 
-    x, auxes = jax.lax.scan(body, x, (states, jnp.arange(reps, dtype=jnp.int32)))
-    return x, _per_layer(auxes, start, period, reps)
+  def _repeat(self, run, cycle, carry, states):
+    """``cycle(carry, states of row r, r) -> (carry, auxes per cycle position)`` over the
+    ``reps`` rows of run ``run``'s stacked ``states``: one ``lax.scan`` (:meth:`_scanned`), else
+    an unrolled loop. Returns (carry, {"layer_i": aux}); shared by :meth:`_run` (training) and
+    :meth:`_cached_run` (streaming)."""
+    start, period, reps = self.runs[run]
+    if self._scanned(run):
+      carry, auxes = jax.lax.scan(
+        lambda c, xs: cycle(c, *xs), carry, (states, jnp.arange(reps, dtype=jnp.int32))
+      )
+      return carry, _per_layer(auxes, start, period, reps)
+    out = {}
+    for r in range(reps):
+      carry, auxes = cycle(carry, jax.tree.map(lambda v, r=r: v[r], states), r)
+      out.update({f"layer_{start + r * period + j}": a for j, a in enumerate(auxes) if a})
+    return carry, out
 
   def logits(self, h_btd: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """LM head, float32 [b, t, v] (accumulated in float32). ``rng``: LoRA dropout key."""
